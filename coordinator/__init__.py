@@ -1,0 +1,1 @@
+"""shardkv.coordinator: (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""shardkv.ops: (built in a later issue)."""

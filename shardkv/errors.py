@@ -1,0 +1,25 @@
+"""The exceptions shardkv raises. Bad arguments raise TypeError or ValueError instead."""
+
+
+class Error(Exception):
+    """Base class of every shardkv-specific error."""
+
+
+class CorruptionError(Error):
+    """Stored data failed a check (checksum, structure); the message names the file and offset."""
+
+
+class Closed(Error):
+    """The store (or engine) was used after close()."""
+
+
+class Unavailable(Error):
+    """The part of the store that owns the request cannot serve it right now."""
+
+
+class Conflict(Error):
+    """A precondition of an atomic batch or compare-and-swap did not hold."""
+
+
+class StorageError(Error):
+    """An operating-system error (disk full, I/O error) stopped a write; nothing was acknowledged."""

@@ -1,0 +1,464 @@
+"""ShardEngine: one shard served in-process — a log, a hash index and an ordered key view.
+
+The path of a put: `put` checks its arguments, encodes one record (wal/records.py), appends it
+with one write call (wal/writer.py), points the hash index at it (keyindex.py) and notes a new
+key in the ordered view (sortedkeys.py). A get hashes the key, probes the index and slices the
+value out of the segment's memory map, without taking the lock (see `get`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from typing import Iterable, Iterator
+
+import numpy as np
+from crc32c import crc32c
+
+from shardkv.errors import Closed, CorruptionError, Error
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value
+from shardkv.shards import compaction
+from shardkv.shards.hints import ActiveRecords, write_hint
+from shardkv.shards.keyindex import KeyIndex
+from shardkv.shards.recovery import recover, unmap_all
+from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
+from shardkv.wal import fileio
+from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
+from shardkv.wal.reader import map_file
+from shardkv.wal.records import encode_batch, encode_record
+from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
+
+LOCK_FILE = "LOCK"
+MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
+_RETRY = object()
+
+
+class DirectoryLocked(Error):
+    """Another engine (in this or another process) already has the shard directory open."""
+
+
+class ShardEngine:
+    """One shard of shardkv, served in-process. Thread-safe. Open with `ShardEngine.open()`."""
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        *,
+        shard_id: int = 0,
+        durability: str = "interval",
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        sync_interval: float = 1.0,
+        verify_checksums: bool = True,
+    ) -> "ShardEngine":
+        """Open (creating if needed) the shard stored in `directory` and recover its state.
+
+        durability: "process", "interval" (default) or "fsync" (see wal/writer.py).
+        segment_size: bytes at which the log rolls over to a new segment (default 64 MiB).
+        max_value_size: largest value accepted (default 64 MiB).
+        verify_checksums: check each record's CRC-32C when it is read (default True).
+        Raises CorruptionError if the log is damaged anywhere but a torn tail.
+        """
+        return cls(directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums)
+
+    def __init__(self, directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+        check_durability(durability)
+        _check_int("shard_id", shard_id, 0, 2**32 - 1)
+        _check_int("segment_size", segment_size, 4096, MAX_SEGMENT_SIZE)
+        _check_int("max_value_size", max_value_size, 0, MAX_VALUE_LEN_FORMAT)
+        if isinstance(sync_interval, bool) or not isinstance(sync_interval, (int, float)) or not sync_interval > 0:
+            raise ValueError(f"sync_interval must be a positive number of seconds, not {sync_interval!r}")
+        self.directory = os.fspath(directory)
+        self.shard_id = shard_id
+        self.durability = durability
+        self.segment_size = segment_size
+        self.max_value_size = max_value_size
+        self.verify_checksums = bool(verify_checksums)
+        self._closed = True
+        fileio.make_dir(self.directory)
+        self._lock_fd = _lock_directory(self.directory)
+        try:
+            state = recover(self.directory, shard_id, segment_size)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.recovery = {"records": state.records_read, "torn_bytes": state.torn_bytes, "seconds": state.seconds}
+        self._lock = threading.Lock()
+        self._compaction_lock = threading.Lock()
+        self._version = 0  # odd while the index is being changed; readers retry on a change
+        self._maps = state.maps
+        self._paths = state.paths
+        self._ends = state.ends  # sealed segment -> data length
+        self._active = state.active
+        self._active_records = state.active_records
+        self._seq = state.max_seq
+        self._index = KeyIndex(self._key_at)
+        self._index.load(*state.live)
+        self._sorted = SortedKeys()
+        self._writer = LogWriter(
+            self.directory,
+            shard_id,
+            state.active,
+            state.active_end,
+            durability=durability,
+            segment_size=segment_size,
+            sync_interval=sync_interval,
+            on_seal=self._on_seal,
+        )
+        self._writer.ensure_next_number(state.max_segment)
+        self._closed = False
+
+    # -- reading ---------------------------------------------------------------------------
+    def _key_at(self, location: int, key_len: int) -> bytes:
+        start = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE
+        return self._maps[location >> 32][start : start + key_len]
+
+    def _read(self, key: bytes):
+        """The value of `key` or None. Callers either hold the lock or check `_version`."""
+        index = self._index
+        e = index.find(key, crc32c(key))
+        if e < 0:
+            return None
+        location, key_len, value_len, _ = index.entry(e)
+        offset = location & 0xFFFFFFFF
+        buf = self._maps[location >> 32]
+        value_start = offset + RECORD_HEADER_SIZE + key_len
+        if not self.verify_checksums:
+            return buf[value_start : value_start + value_len]
+        record = buf[offset : value_start + value_len]
+        if crc32c(memoryview(record)[4:]) != int.from_bytes(record[:4], "little"):
+            raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
+        return record[RECORD_HEADER_SIZE + key_len :]
+
+    def get(self, key, default=None):
+        """Return the value of `key`, or `default` if it is absent."""
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN:
+            key = check_key(key)
+        if self._closed:
+            raise Closed("the shard engine is closed")
+        # Lock-free first: the GIL makes each step atomic, and `_version` (odd while a writer
+        # changes the index, bumped again after) tells whether a write overlapped this read.
+        version = self._version
+        if not version & 1:
+            try:
+                value = self._read(key)
+            except (KeyError, IndexError, ValueError, TypeError, CorruptionError):
+                value = _RETRY
+            if value is not _RETRY and self._version == version:
+                return default if value is None else value
+        with self._lock:
+            self._check_open()
+            value = self._read(key)
+        return default if value is None else value
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return self._index.count
+
+    # -- writing ---------------------------------------------------------------------------
+    def put(self, key, value) -> None:
+        """Set `key` to `value`."""
+        key = check_key(key)
+        value = check_value(value, self.max_value_size)
+        with self._lock:
+            self._check_open()
+            seq = self._seq + 1
+            data = encode_record(PUT, key, value, seq)
+            segment, offset = self._append(data)
+            self._seq = seq
+            self._version += 1
+            try:
+                self._active_records.add(offset, PUT, len(key), len(value), seq, 0)
+                if self._index.upsert(key, crc32c(key), (segment << 32) | offset, len(key), len(value), seq):
+                    self._sorted.note_added(key)
+            finally:
+                self._version += 1
+        if self.durability == "fsync":
+            self._writer.sync_upto(segment, offset + len(data))
+
+    def delete(self, key) -> bool:
+        """Remove `key`; return True if it was present."""
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            if self._index.find(key, crc32c(key)) < 0:
+                return False
+            end = self._write_locked([(DELETE, key, b"", 0)])
+        self._make_durable(end)
+        return True
+
+    def cas(self, key, expected, new) -> bool:
+        """Set `key` to `new` only if its value is `expected`; return whether it was set.
+
+        `expected=None`: the key must be absent. `new=None`: delete the key.
+        """
+        key = check_key(key)
+        if expected is not None:
+            expected = check_value(expected, MAX_VALUE_LEN_FORMAT)
+        if new is not None:
+            new = check_value(new, self.max_value_size)
+        with self._lock:
+            self._check_open()
+            current = self._read(key)
+            if current != expected:
+                return False
+            if new is None:
+                if current is None:
+                    return True
+                end = self._write_locked([(DELETE, key, b"", 0)])
+            else:
+                end = self._write_locked([(PUT, key, new, 0)])
+        self._make_durable(end)
+        return True
+
+    def apply(self, ops: Iterable) -> None:
+        """Apply ("put", key, value) and ("delete", key) operations atomically, in order."""
+        batch = self._check_ops(ops)
+        if not batch:
+            return
+        with self._lock:
+            self._check_open()
+            end = self._write_locked(batch)
+        self._make_durable(end)
+
+    def _check_ops(self, ops) -> list:
+        if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
+            raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
+        batch = []
+        size = 0
+        for op in ops:
+            if not isinstance(op, (tuple, list)) or not op:
+                raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
+            kind = op[0]
+            if kind == "put" and len(op) == 3:
+                key, value = check_key(op[1]), check_value(op[2], self.max_value_size)
+                batch.append((PUT, key, value, 0))
+            elif kind == "delete" and len(op) == 2:
+                key, value = check_key(op[1]), b""
+                batch.append((DELETE, key, b"", 0))
+            else:
+                raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value) or ('delete', key)")
+            size += RECORD_HEADER_SIZE + len(key) + len(value)
+            if size > MAX_BATCH_BYTES:
+                raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+        return batch
+
+    def _write_locked(self, batch: list) -> tuple[int, int]:
+        """Append `batch` as one unit and apply it to the index; the caller holds the lock."""
+        seq = self._seq + 1
+        data, relative = encode_batch(batch, seq)
+        segment, offset = self._append(data)
+        self._seq = seq
+        index, sorted_keys, table = self._index, self._sorted, self._active_records
+        self._version += 1
+        try:
+            for (rtype, key, value, expires_at), rel in zip(batch, relative):
+                table.add(offset + rel, rtype, len(key), len(value), seq, expires_at)
+                h = crc32c(key)
+                if rtype == PUT:
+                    if index.upsert(key, h, (segment << 32) | (offset + rel), len(key), len(value), seq):
+                        sorted_keys.note_added(key)
+                elif index.remove(key, h):
+                    sorted_keys.note_removed(key)
+        finally:
+            self._version += 1
+        return segment, offset + len(data)
+
+    def _make_durable(self, end: tuple[int, int]) -> None:
+        if self.durability == "fsync":
+            self._writer.sync_upto(*end)
+
+    def _append(self, data: bytes) -> tuple[int, int]:
+        segment, offset = self._writer.append(data)
+        if segment != self._active:
+            self._start_active(segment)
+        return segment, offset
+
+    def _start_active(self, segment: int) -> None:
+        self._active = segment
+        self._paths[segment] = os.path.join(self.directory, segment_name(segment))
+        self._maps[segment] = map_file(self._paths[segment])
+        self._active_records = ActiveRecords()
+
+    def _on_seal(self, segment: int, end: int) -> None:
+        """Writer callback: `segment` is sealed at `end` bytes; remap it and write its hint."""
+        path = self._paths[segment]
+        self._maps[segment] = buf = map_file(path)  # the old mapping covered the sparse tail
+        self._ends[segment] = end
+        try:
+            write_hint(self.directory, self.shard_id, segment, end, self._active_records, buf)
+        except OSError:
+            pass  # a hint only speeds up open; the segment itself is intact
+        self._active_records = ActiveRecords()
+
+    def _seal_active(self) -> None:
+        """Seal the active segment (for compaction); the caller holds the lock."""
+        if self._writer.seal():
+            self._start_active(self._writer.position[0])
+
+    # -- ordered reads ---------------------------------------------------------------------
+    def _all_keys(self) -> list[bytes]:
+        index = self._index
+        ids = index.live_ids()
+        return [self._key_at(loc, klen) for loc, klen in zip(index.locations[ids].tolist(), index.key_lens[ids].tolist())]
+
+    def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
+        """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
+
+        `prefix` keeps only keys that start with it; `limit` caps the number of items. Each
+        value is read when its key is reached: a key deleted meanwhile is skipped.
+        """
+        start = None if start is None else _check_bound("start", start)
+        stop = None if stop is None else _check_bound("stop", stop)
+        prefix = None if prefix is None else _check_bound("prefix", prefix)
+        if limit is not None:
+            _check_int("limit", limit, 0, None)
+        with self._lock:
+            self._check_open()
+            self._sorted.ensure(self._all_keys)
+            view = self._sorted
+            lo = view.bisect_left(start) if start is not None else 0
+            hi = view.bisect_left(stop) if stop is not None else len(view)
+            if prefix:
+                lo = max(lo, view.bisect_left(prefix))
+                successor = prefix_successor(prefix)
+                if successor is not None:
+                    hi = min(hi, view.bisect_left(successor))
+            arena, offsets = view.snapshot()
+        return self._scan_range(arena, offsets.tolist() if hi - lo > 0 else [], lo, hi, reverse, limit)
+
+    def _scan_range(self, arena, offsets, lo, hi, reverse, limit):
+        positions = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
+        produced = 0
+        for i in positions:
+            if limit is not None and produced >= limit:
+                return
+            key = arena[offsets[i] : offsets[i + 1]]
+            value = self.get(key)
+            if value is not None:
+                produced += 1
+                yield key, value
+
+    def min(self):
+        """(key, value) of the smallest key, or None if the shard is empty."""
+        return next(self.scan(limit=1), None)
+
+    def max(self):
+        """(key, value) of the largest key, or None if the shard is empty."""
+        return next(self.scan(reverse=True, limit=1), None)
+
+    def above(self, key):
+        """(key, value) of the smallest key strictly greater than `key`, or None."""
+        key = check_key(key)
+        for found in self.scan(start=key, limit=2):
+            if found[0] != key:
+                return found
+        return None
+
+    def below(self, key):
+        """(key, value) of the largest key strictly less than `key`, or None."""
+        key = check_key(key)
+        return next(self.scan(stop=key, reverse=True, limit=1), None)
+
+    # -- maintenance -----------------------------------------------------------------------
+    def _space(self) -> dict:
+        index = self._index
+        ids = index.live_ids()
+        live = int((index.key_lens[ids].astype(np.int64) + index.value_lens[ids] + RECORD_HEADER_SIZE).sum())
+        ends = dict(self._ends)
+        ends[self._active] = self._writer.position[1]
+        total = sum(end - SEGMENT_HEADER_SIZE for end in ends.values())
+        return {
+            "keys": index.count,
+            "live_bytes": live,
+            "total_bytes": total,
+            "segments": len(ends),
+            "garbage_ratio": (1 - live / total) if total else 0.0,
+        }
+
+    def stats(self) -> dict:
+        """keys, live_bytes, total_bytes, segments, garbage_ratio, index_bytes, seq, durability."""
+        with self._lock:
+            self._check_open()
+            stats = self._space()
+            stats["index_bytes"] = self._index.nbytes + self._sorted.nbytes
+            stats["seq"] = self._seq
+            stats["durability"] = self.durability
+            stats["recovery"] = dict(self.recovery)
+            return stats
+
+    def compact(self) -> dict:
+        """Rewrite the live records of all sealed segments (and the active one, sealed first)
+        into new segments and drop the old ones. Reads and writes continue meanwhile.
+
+        Returns {"before": space, "after": space, "seconds": ..., ...} with space as in stats().
+        """
+        with self._compaction_lock:
+            return compaction.compact(self)
+
+    def sync(self) -> None:
+        """fsync everything written so far, whatever the durability level."""
+        self._check_open()
+        self._writer.sync()
+
+    def close(self) -> None:
+        """fsync, write the active segment's hint and release the directory. Idempotent."""
+        with self._compaction_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._writer.close()
+                segment, end = self._writer.position
+                try:
+                    write_hint(self.directory, self.shard_id, segment, end, self._active_records, self._maps[segment])
+                except OSError:
+                    pass
+            finally:
+                unmap_all(self._maps)
+                os.close(self._lock_fd)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("the shard engine is closed")
+
+    def __enter__(self) -> "ShardEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} keys"
+        return f"<ShardEngine {self.directory!r} shard {self.shard_id}, {state}>"
+
+
+def _check_int(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be between {low} and {high}, not {value}" if high else f"{name} must be >= {low}, not {value}")
+
+
+def _check_bound(name: str, value) -> bytes:
+    if type(value) is not bytes:
+        if not isinstance(value, (bytearray, memoryview)):
+            raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
+        value = bytes(value)
+    return value
+
+
+def _lock_directory(directory: str) -> int:
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, fileio.FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryLocked(f"{directory} is already open in another ShardEngine") from None
+    return fd

@@ -1,0 +1,225 @@
+"""The hash index of a shard: key -> location of its newest record, in fixed-size entries.
+
+Entries live in parallel numpy arrays (28 bytes each), so that a later step can place them in
+shared memory. A slot table (uint32 entry id + 1; 0 = empty) is probed linearly from the key's
+home slot without wrapping around: the table has an overflow tail and its last slot is always
+empty, which ends every probe. Deletion shifts later entries back (no tombstones).
+
+Keys are not kept in memory: a candidate entry is confirmed by reading its key from the log
+through the `key_at(location, key_len)` callable the owner supplies.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+GOLDEN32 = 0x9E3779B1  # Fibonacci hashing spreads CRC-32C values over the table's top bits
+MAX_LOAD = 0.7
+MIN_BITS = 10
+OVERFLOW = 64
+
+KeyAt = Callable[[int, int], bytes]
+
+
+def make_location(segment: int, offset: int) -> int:
+    """Pack a segment number and an offset into one nonzero 64-bit location."""
+    return (segment << 32) | offset
+
+
+class KeyIndex:
+    """Open-addressing hash index with fixed-size entries (see module docstring)."""
+
+    def __init__(self, key_at: KeyAt, expected: int = 0):
+        self._key_at = key_at
+        self.count = 0
+        self._free: list[int] = []
+        self._allocate_entries(max(1024, expected))
+        self._high = 0  # entry ids below this have been handed out at some time
+        bits = MIN_BITS
+        while (1 << bits) * MAX_LOAD < expected:
+            bits += 1
+        self._set_slots(bits, np.zeros((1 << bits) + OVERFLOW, dtype=np.uint32))
+
+    # -- storage ---------------------------------------------------------------------------
+    def _allocate_entries(self, n: int) -> None:
+        self.locations = np.zeros(n, dtype=np.uint64)  # 0 = free entry
+        self.hashes = np.zeros(n, dtype=np.uint32)
+        self.key_lens = np.zeros(n, dtype=np.uint32)
+        self.value_lens = np.zeros(n, dtype=np.uint32)
+        self.seqs = np.zeros(n, dtype=np.uint64)
+        self._views()
+
+    def _views(self) -> None:
+        # memoryview item access is ~3x faster than numpy scalar indexing on the hot path.
+        self._loc_v = memoryview(self.locations)
+        self._hash_v = memoryview(self.hashes)
+        self._klen_v = memoryview(self.key_lens)
+        self._vlen_v = memoryview(self.value_lens)
+        self._seq_v = memoryview(self.seqs)
+
+    def _grow_entries(self) -> None:
+        old = (self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs)
+        self._allocate_entries(len(old[0]) * 3 // 2 + 1024)
+        for new, previous in zip((self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs), old):
+            new[: len(previous)] = previous
+
+    def _set_slots(self, bits: int, slots: np.ndarray) -> None:
+        self._bits = bits
+        self._shift = 32 - bits
+        self.slots = slots
+        self._slot_v = memoryview(slots)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory held by the slot table and the entry arrays."""
+        return self.slots.nbytes + sum(a.nbytes for a in (self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs))
+
+    def home(self, h: int) -> int:
+        """The home slot of hash `h`."""
+        return ((h * GOLDEN32) & 0xFFFFFFFF) >> self._shift
+
+    # -- lookups ---------------------------------------------------------------------------
+    def find(self, key: bytes, h: int) -> int:
+        """Return the entry id of `key` (whose CRC-32C is `h`), or -1."""
+        slots, hashes = self._slot_v, self._hash_v
+        i = ((h * GOLDEN32) & 0xFFFFFFFF) >> self._shift
+        while True:
+            s = slots[i]
+            if not s:
+                return -1
+            e = s - 1
+            if hashes[e] == h and self._key_at(self._loc_v[e], self._klen_v[e]) == key:
+                return e
+            i += 1
+
+    def entry(self, e: int) -> tuple[int, int, int, int]:
+        """(location, key_len, value_len, seq) of entry `e`."""
+        return self._loc_v[e], self._klen_v[e], self._vlen_v[e], self._seq_v[e]
+
+    # -- updates ---------------------------------------------------------------------------
+    def upsert(self, key: bytes, h: int, location: int, key_len: int, value_len: int, seq: int) -> bool:
+        """Point `key` at a new record; return True if the key was not in the index before."""
+        slots, hashes = self._slot_v, self._hash_v
+        i = ((h * GOLDEN32) & 0xFFFFFFFF) >> self._shift
+        while True:
+            s = slots[i]
+            if not s:
+                break
+            e = s - 1
+            if hashes[e] == h and self._key_at(self._loc_v[e], self._klen_v[e]) == key:
+                self._loc_v[e] = location
+                self._vlen_v[e] = value_len
+                self._seq_v[e] = seq
+                return False
+            i += 1
+        if i >= len(slots) - 1 or self.count + 1 > MAX_LOAD * (1 << self._bits):
+            self._rebuild(self._bits + (self.count + 1 > MAX_LOAD * (1 << self._bits)))
+            return self._insert_new(h, location, key_len, value_len, seq)
+        e = self._new_entry(h, location, key_len, value_len, seq)
+        self._slot_v[i] = e + 1
+        return True
+
+    def _insert_new(self, h: int, location: int, key_len: int, value_len: int, seq: int) -> bool:
+        slots = self._slot_v
+        i = self.home(h)
+        while slots[i]:
+            i += 1
+        if i >= len(slots) - 1:
+            self._rebuild(self._bits)
+            return self._insert_new(h, location, key_len, value_len, seq)
+        e = self._new_entry(h, location, key_len, value_len, seq)
+        slots[i] = e + 1
+        return True
+
+    def _new_entry(self, h: int, location: int, key_len: int, value_len: int, seq: int) -> int:
+        if self._free:
+            e = self._free.pop()
+        else:
+            if self._high == len(self.locations):
+                self._grow_entries()
+            e = self._high
+            self._high += 1
+        self._hash_v[e] = h
+        self._klen_v[e] = key_len
+        self._vlen_v[e] = value_len
+        self._seq_v[e] = seq
+        self._loc_v[e] = location
+        self.count += 1
+        return e
+
+    def remove(self, key: bytes, h: int) -> bool:
+        """Remove `key`; return True if it was present."""
+        slots, hashes = self._slot_v, self._hash_v
+        i = ((h * GOLDEN32) & 0xFFFFFFFF) >> self._shift
+        while True:
+            s = slots[i]
+            if not s:
+                return False
+            e = s - 1
+            if hashes[e] == h and self._key_at(self._loc_v[e], self._klen_v[e]) == key:
+                break
+            i += 1
+        self._loc_v[e] = 0
+        self._free.append(e)
+        self.count -= 1
+        # Backward-shift deletion: move later members of the probe run into the hole.
+        j = i
+        while True:
+            j += 1
+            s = slots[j]
+            if not s:
+                break
+            if self.home(hashes[s - 1]) <= i:
+                slots[i] = s
+                i = j
+        slots[i] = 0
+        return True
+
+    def relocate(self, ids: np.ndarray, old_locations: np.ndarray, new_locations: np.ndarray) -> int:
+        """Move entries that still point at `old_locations` to `new_locations` (compaction swap).
+
+        An entry that changed meanwhile (overwritten, deleted, reused) keeps its newer location.
+        Returns how many entries moved.
+        """
+        still = self.locations[ids] == old_locations
+        self.locations[ids[still]] = new_locations[still]
+        return int(still.sum())
+
+    # -- bulk ------------------------------------------------------------------------------
+    def load(self, hashes, locations, key_lens, value_lens, seqs) -> None:
+        """Replace the contents with these entries (one per distinct key), placed vectorised."""
+        n = len(hashes)
+        self._allocate_entries(max(1024, n + n // 8))
+        self.hashes[:n] = hashes
+        self.locations[:n] = locations
+        self.key_lens[:n] = key_lens
+        self.value_lens[:n] = value_lens
+        self.seqs[:n] = seqs
+        self._high = n
+        self._free = []
+        self.count = n
+        bits = MIN_BITS
+        while (1 << bits) * MAX_LOAD < n:
+            bits += 1
+        self._rebuild(bits)
+
+    def _rebuild(self, bits: int) -> None:
+        """Place every live entry into a fresh slot table of 2**bits home slots."""
+        live = np.flatnonzero(self.locations[: self._high])
+        shift = 32 - bits
+        home = (((self.hashes[live].astype(np.uint64) * GOLDEN32) & 0xFFFFFFFF) >> shift).astype(np.int64)
+        order = np.argsort(home, kind="stable")
+        ranks = np.arange(len(live), dtype=np.int64)
+        # Linear probing without wrap-around, in closed form: in home order, each entry lands at
+        # max(its home, previous position + 1).
+        positions = np.maximum.accumulate(home[order] - ranks) + ranks if len(live) else ranks
+        length = max((1 << bits) + OVERFLOW, (int(positions[-1]) if len(live) else 0) + OVERFLOW)
+        slots = np.zeros(length, dtype=np.uint32)
+        slots[positions] = (live[order] + 1).astype(np.uint32)
+        self._set_slots(bits, slots)
+
+    def live_ids(self) -> np.ndarray:
+        """Entry ids in use."""
+        return np.flatnonzero(self.locations[: self._high])

@@ -1,0 +1,155 @@
+"""Opening a shard's directory: find the segments, repair a torn tail, rebuild the index.
+
+Reads each sealed segment's hint (or the segment itself when the hint is missing or stale, then
+rewrites the hint), reads the active segment past its hint, and keeps for every key the record
+with the highest seq (docs/FORMAT.md, "Compaction commit record").
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from crc32c import crc32c
+
+from shardkv.errors import CorruptionError
+from shardkv.shards.compaction import finish_interrupted_compaction
+from shardkv.shards.hints import ActiveRecords, SegmentRecords, read_hint, write_hint
+from shardkv.wal import fileio
+from shardkv.wal.format import KIND_LOG, PUT, SEGMENT_HEADER_SIZE, TMP_SUFFIX
+from shardkv.wal.reader import map_file, scan_segment
+from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
+from shardkv.wal.writer import cut_tail
+
+
+@dataclass
+class Recovered:
+    """What open() learned from the directory."""
+
+    maps: dict = field(default_factory=dict)  # segment -> read-only mmap of the file
+    paths: dict = field(default_factory=dict)  # segment -> path
+    ends: dict = field(default_factory=dict)  # sealed segment -> data length
+    active: int = 0
+    active_end: int = SEGMENT_HEADER_SIZE
+    active_records: ActiveRecords | None = None
+    max_seq: int = 0
+    max_segment: int = 0
+    live: tuple = ()  # (hashes, locations, key_lens, value_lens, seqs) of the live keys
+    records_read: int = 0
+    torn_bytes: int = 0
+    seconds: float = 0.0
+
+
+def recover(directory: str, shard: int, segment_size: int) -> Recovered:
+    """Open every segment of the shard in `directory` and rebuild its live key set."""
+    started = time.perf_counter()
+    finish_interrupted_compaction(directory)
+    for name in os.listdir(directory):
+        if name.endswith(TMP_SUFFIX):
+            os.unlink(os.path.join(directory, name))
+    numbers = list_segments(directory)
+    state = Recovered()
+    headers = {}
+    for number in numbers:
+        path = os.path.join(directory, f"{number:016x}.log")
+        buf = map_file(path)
+        header = decode_segment_header(buf, path)
+        if header.segment != number or header.shard != shard:
+            raise CorruptionError(f"{path}: header says shard {header.shard} segment {header.segment} at offset 12")
+        state.maps[number], state.paths[number], headers[number] = buf, path, header
+    logs = [n for n in numbers if headers[n].kind == KIND_LOG]
+    state.max_segment = numbers[-1] if numbers else 0
+    if not logs:
+        # A new shard (or one holding only compaction output): start an active log segment.
+        # Otherwise the highest-numbered LOG segment is the active one, even when compaction
+        # output carries higher numbers.
+        number = state.max_segment + 1
+        path = create_segment(directory, number, KIND_LOG, shard, segment_size)
+        state.maps[number], state.paths[number] = map_file(path), path
+        logs.append(number)
+        numbers.append(number)
+        state.max_segment = number
+    state.active = logs[-1]
+
+    tables: list[SegmentRecords] = []
+    segment_of_row: list[np.ndarray] = []
+    for number in numbers:
+        buf = state.maps[number]
+        active = number == state.active
+        table, end = _read_segment(directory, shard, number, buf, state.paths[number], active, state)
+        tables.append(table)
+        segment_of_row.append(np.full(len(table), number, dtype=np.uint64))
+        if active:
+            state.active_end = end
+            state.active_records = ActiveRecords(table)
+        else:
+            state.ends[number] = end
+    rows = SegmentRecords.concat(tables)
+    state.records_read = len(rows)
+    state.max_seq = int(rows.seqs.max()) if len(rows) else 0
+    state.live = _live_keys(rows, np.concatenate(segment_of_row))
+    state.seconds = time.perf_counter() - started
+    return state
+
+
+def _read_segment(directory, shard, number, buf, path, active, state) -> tuple[SegmentRecords, int]:
+    """The record table of one segment and where its data ends."""
+    hinted = read_hint(directory, shard, number, len(buf))
+    if not active:
+        if hinted is not None and hinted[1] == len(buf):
+            return hinted
+        scan = scan_segment(buf, path, active=False)
+        table = SegmentRecords.from_scan(scan)
+        _rewrite_hint(directory, shard, number, scan.end, table, buf)
+        return table, scan.end
+    start = hinted[1] if hinted is not None else SEGMENT_HEADER_SIZE
+    scan = scan_segment(buf, path, active=True, start=start)
+    if scan.torn_bytes:
+        state.torn_bytes = scan.torn_bytes
+        state.maps[number].close()
+        cut_tail(path, scan.end, len(buf))
+        state.maps[number] = map_file(path)
+    table = SegmentRecords.from_scan(scan)
+    if hinted is not None:
+        table = SegmentRecords.concat([hinted[0], table])
+    return table, scan.end
+
+
+def _rewrite_hint(directory, shard, number, end, table: SegmentRecords, buf) -> None:
+    try:
+        write_hint(directory, shard, number, end, ActiveRecords(table), buf)
+    except OSError:
+        pass  # a hint is an optimisation; the segment stays readable without it
+
+
+def _live_keys(rows: SegmentRecords, segments: np.ndarray) -> tuple:
+    """Arrays describing, for each key, its newest record if that record is a PUT."""
+    if not len(rows):
+        empty = np.zeros(0, dtype=np.uint64)
+        return (np.zeros(0, dtype=np.uint32), empty, np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32), empty)
+    order = np.argsort(rows.seqs, kind="stable")  # file order breaks ties within a batch
+    keys = rows.keys
+    ordered_keys = [keys[i] for i in order.tolist()]
+    newest = dict(zip(ordered_keys, range(len(ordered_keys))))  # later rows overwrite earlier
+    picked = order[np.fromiter(newest.values(), dtype=np.int64, count=len(newest))]
+    is_put = rows.types[picked] == PUT
+    picked = picked[is_put]
+    live_keys = [k for k, put in zip(newest.keys(), is_put.tolist()) if put]
+    hashes = np.fromiter(map(crc32c, live_keys), dtype=np.uint32, count=len(live_keys))
+    locations = (segments[picked] << np.uint64(32)) | rows.offsets[picked].astype(np.uint64)
+    return hashes, locations, rows.key_lens[picked], rows.value_lens[picked], rows.seqs[picked]
+
+
+def unmap_all(maps: dict) -> None:
+    """Close every mapping (at engine close)."""
+    for buf in maps.values():
+        try:
+            buf.close()
+        except (BufferError, ValueError):
+            pass
+
+
+__all__ = ["Recovered", "recover", "unmap_all", "fileio", "mmap"]

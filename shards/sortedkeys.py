@@ -1,0 +1,155 @@
+"""The ordered view of a shard's keys, for scans, min/max and neighbours.
+
+Keys are kept sorted in one bytes arena with an offsets array (key bytes + 8 bytes per key, no
+Python object per key). Changes since the last merge wait in two small sets; an ordered read
+merges them first. If the sets grow past a quarter of the arena the view is dropped and rebuilt
+lazily on the next ordered read, so writes never pay for a large merge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+MIN_PENDING_LIMIT = 65536
+
+
+class SortedKeys:
+    """Sorted set of keys, built and merged lazily (see module docstring)."""
+
+    def __init__(self):
+        self.built = False
+        self._arena = b""
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._offsets_v = memoryview(self._offsets)
+        self._added: set[bytes] = set()
+        self._removed: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the arena and offsets (pending sets not counted)."""
+        return len(self._arena) + self._offsets.nbytes
+
+    def drop(self) -> None:
+        """Forget everything; the next ordered read rebuilds from the index."""
+        self.__init__()
+
+    # -- change tracking (called by the engine for keys that appear or disappear) ------------
+    def note_added(self, key: bytes) -> None:
+        """Record that `key` is now present (it was absent before)."""
+        if not self.built:
+            return
+        if key in self._removed:
+            self._removed.discard(key)
+        else:
+            self._added.add(key)
+        self._check_pending()
+
+    def note_removed(self, key: bytes) -> None:
+        """Record that `key` is now absent (it was present before)."""
+        if not self.built:
+            return
+        if key in self._added:
+            self._added.discard(key)
+        else:
+            self._removed.add(key)
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        if len(self._added) + len(self._removed) > max(MIN_PENDING_LIMIT, len(self) // 4):
+            self.drop()
+
+    # -- building --------------------------------------------------------------------------
+    def ensure(self, all_keys: Callable[[], Iterable[bytes]]) -> None:
+        """Make the arena current: build it from `all_keys()` or merge pending changes."""
+        if not self.built:
+            self._set(sorted(all_keys()))
+            self.built = True
+        elif self._added or self._removed:
+            self._merge()
+
+    def _set(self, keys: list[bytes]) -> None:
+        lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        self._arena = b"".join(keys)
+        self._offsets = offsets
+        self._offsets_v = memoryview(offsets)
+        self._added = set()
+        self._removed = set()
+
+    def _merge(self) -> None:
+        removed, added = self._removed, sorted(self._added)
+        if removed:
+            keep = np.ones(len(self), dtype=bool)
+            for key in removed:
+                i = self.bisect_left(key)
+                keep[i] = False
+            lengths = np.diff(self._offsets)
+            arena = np.frombuffer(self._arena, dtype=np.uint8)[np.repeat(keep, lengths)].tobytes()
+            offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+            np.cumsum(lengths[keep], out=offsets[1:])
+            self._arena, self._offsets = arena, offsets
+            self._offsets_v = memoryview(offsets)
+            self._removed = set()
+        if added:
+            positions = [self.bisect_left(key) for key in added]
+            pieces = []
+            previous = 0
+            offsets_v = self._offsets_v
+            for position, key in zip(positions, added):
+                pieces.append(self._arena[offsets_v[previous] : offsets_v[position]])
+                pieces.append(key)
+                previous = position
+            pieces.append(self._arena[offsets_v[previous] :])
+            lengths = np.insert(np.diff(self._offsets), positions, [len(k) for k in added])
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            self._arena, self._offsets = b"".join(pieces), offsets
+            self._offsets_v = memoryview(offsets)
+            self._added = set()
+
+    # -- reading (after ensure) -------------------------------------------------------------
+    def key_at(self, i: int) -> bytes:
+        """The i-th smallest key."""
+        return self._arena[self._offsets_v[i] : self._offsets_v[i + 1]]
+
+    def bisect_left(self, key: bytes) -> int:
+        """Index of the first key >= `key`."""
+        lo, hi = 0, len(self)
+        arena, offsets = self._arena, self._offsets_v
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if arena[offsets[mid] : offsets[mid + 1]] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def bisect_right(self, key: bytes) -> int:
+        """Index of the first key > `key`."""
+        lo, hi = 0, len(self)
+        arena, offsets = self._arena, self._offsets_v
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key < arena[offsets[mid] : offsets[mid + 1]]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def snapshot(self) -> tuple[bytes, np.ndarray]:
+        """The current arena and offsets; both are replaced, never mutated, by later merges."""
+        return self._arena, self._offsets
+
+
+def prefix_successor(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with `prefix` (None: no such key)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
