@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import shardkv
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from benchmarks import engine as engine_bench  # noqa: PLC0415 (benchmarks/ is not installed)
+    # benchmarks/ sits beside shardkv/ in a source checkout (the README installs it editable).
+    checkout = Path(shardkv.__file__).resolve().parent.parent
+    if (checkout / "benchmarks" / "engine.py").exists() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks import engine as engine_bench  # noqa: PLC0415
 
     argv = ["--quick"] if args.quick else []
     if args.keys:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import threading
 from typing import Iterable, Iterator
 
@@ -17,10 +18,11 @@ import numpy as np
 from crc32c import crc32c
 
 from shardkv.errors import Closed, CorruptionError, Error
+from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value
 from shardkv.shards import compaction
 from shardkv.shards.hints import ActiveRecords, write_hint
-from shardkv.shards.keyindex import KeyIndex
+from shardkv.shards.keyindex import GOLDEN32, KeyIndex
 from shardkv.shards.recovery import recover, unmap_all
 from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
 from shardkv.wal import fileio
@@ -32,6 +34,7 @@ from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter
 LOCK_FILE = "LOCK"
 MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
 _RETRY = object()
+_unpack_crc = struct.Struct("<I").unpack_from
 
 
 class DirectoryLocked(Error):
@@ -87,6 +90,10 @@ class ShardEngine:
             os.close(self._lock_fd)
             raise
         self.recovery = {"records": state.records_read, "torn_bytes": state.torn_bytes, "seconds": state.seconds}
+        log = get_logger("shardkv.shard", shard=shard_id, directory=self.directory)
+        if state.torn_bytes:
+            log.warning("torn tail truncated", segment=state.active, bytes=state.torn_bytes, end=state.active_end)
+        log.info("recovered", records=state.records_read, keys=len(state.live[0]), seconds=round(state.seconds, 4))
         self._lock = threading.Lock()
         self._compaction_lock = threading.Lock()
         self._version = 0  # odd while the index is being changed; readers retry on a change
@@ -118,21 +125,37 @@ class ShardEngine:
         return self._maps[location >> 32][start : start + key_len]
 
     def _read(self, key: bytes):
-        """The value of `key` or None. Callers either hold the lock or check `_version`."""
+        """The value of `key` or None. Callers either hold the lock or check `_version`.
+
+        The index probe is inlined here (see KeyIndex.find) because this is the hottest path.
+        """
         index = self._index
-        e = index.find(key, crc32c(key))
-        if e < 0:
-            return None
-        location, key_len, value_len, _ = index.entry(e)
-        offset = location & 0xFFFFFFFF
-        buf = self._maps[location >> 32]
-        value_start = offset + RECORD_HEADER_SIZE + key_len
-        if not self.verify_checksums:
-            return buf[value_start : value_start + value_len]
-        record = buf[offset : value_start + value_len]
-        if crc32c(memoryview(record)[4:]) != int.from_bytes(record[:4], "little"):
-            raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
-        return record[RECORD_HEADER_SIZE + key_len :]
+        h = crc32c(key)
+        slots, hashes = index._slot_v, index._hash_v
+        i = ((h * GOLDEN32) & 0xFFFFFFFF) >> index._shift
+        key_len = len(key)
+        while True:
+            s = slots[i]
+            if not s:
+                return None
+            e = s - 1
+            if hashes[e] == h and index._klen_v[e] == key_len:
+                location = index._loc_v[e]
+                offset = location & 0xFFFFFFFF
+                buf = self._maps[location >> 32]
+                key_start = offset + RECORD_HEADER_SIZE
+                value_start = key_start + key_len
+                value_end = value_start + index._vlen_v[e]
+                if self.verify_checksums:
+                    # One slice from header_crc on: the stored crc covers exactly these bytes.
+                    record = buf[offset + 4 : value_end]
+                    if record.startswith(key, RECORD_HEADER_SIZE - 4):
+                        if crc32c(record) != _unpack_crc(buf, offset)[0]:
+                            raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
+                        return record[RECORD_HEADER_SIZE - 4 + key_len :]
+                elif buf[key_start:value_start] == key:
+                    return buf[value_start:value_end]
+            i += 1
 
     def get(self, key, default=None):
         """Return the value of `key`, or `default` if it is absent."""
@@ -232,21 +255,26 @@ class ShardEngine:
             raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
         batch = []
         size = 0
+        max_value = self.max_value_size
         for op in ops:
-            if not isinstance(op, (tuple, list)) or not op:
-                raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
-            kind = op[0]
-            if kind == "put" and len(op) == 3:
-                key, value = check_key(op[1]), check_value(op[2], self.max_value_size)
+            if type(op) is tuple and len(op) == 3 and op[0] == "put" and type(op[1]) is bytes and type(op[2]) is bytes:
+                key, value = op[1], op[2]  # the common case, checked inline
+                if not 0 < len(key) <= MAX_KEY_LEN or len(value) > max_value:
+                    key, value = check_key(key), check_value(value, max_value)
                 batch.append((PUT, key, value, 0))
-            elif kind == "delete" and len(op) == 2:
+            elif not isinstance(op, (tuple, list)) or not op:
+                raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
+            elif op[0] == "put" and len(op) == 3:
+                key, value = check_key(op[1]), check_value(op[2], max_value)
+                batch.append((PUT, key, value, 0))
+            elif op[0] == "delete" and len(op) == 2:
                 key, value = check_key(op[1]), b""
                 batch.append((DELETE, key, b"", 0))
             else:
                 raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value) or ('delete', key)")
             size += RECORD_HEADER_SIZE + len(key) + len(value)
-            if size > MAX_BATCH_BYTES:
-                raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+        if size > MAX_BATCH_BYTES:
+            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
         return batch
 
     def _write_locked(self, batch: list) -> tuple[int, int]:
@@ -255,14 +283,18 @@ class ShardEngine:
         data, relative = encode_batch(batch, seq)
         segment, offset = self._append(data)
         self._seq = seq
-        index, sorted_keys, table = self._index, self._sorted, self._active_records
+        index, sorted_keys = self._index, self._sorted
+        base = segment << 32
+        offsets = [offset + rel for rel in relative]
         self._version += 1
         try:
-            for (rtype, key, value, expires_at), rel in zip(batch, relative):
-                table.add(offset + rel, rtype, len(key), len(value), seq, expires_at)
+            self._active_records.add_batch(
+                offsets, [op[0] for op in batch], [len(op[1]) for op in batch], [len(op[2]) for op in batch], seq
+            )
+            for (rtype, key, value, _), record_offset in zip(batch, offsets):
                 h = crc32c(key)
                 if rtype == PUT:
-                    if index.upsert(key, h, (segment << 32) | (offset + rel), len(key), len(value), seq):
+                    if index.upsert(key, h, base | record_offset, len(key), len(value), seq):
                         sorted_keys.note_added(key)
                 elif index.remove(key, h):
                     sorted_keys.note_removed(key)
@@ -331,7 +363,7 @@ class ShardEngine:
                 if successor is not None:
                     hi = min(hi, view.bisect_left(successor))
             arena, offsets = view.snapshot()
-        return self._scan_range(arena, offsets.tolist() if hi - lo > 0 else [], lo, hi, reverse, limit)
+        return self._scan_range(arena, memoryview(offsets), lo, hi, reverse, limit)
 
     def _scan_range(self, arena, offsets, lo, hi, reverse, limit):
         positions = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)

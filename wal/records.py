@@ -11,7 +11,6 @@ from shardkv.wal.format import (
     MAX_KEY_LEN,
     MAX_VALUE_LEN_FORMAT,
     PUT,
-    RECORD_CRCS,
     RECORD_FIELDS,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
@@ -19,7 +18,6 @@ from shardkv.wal.format import (
 )
 
 _pack_fields = RECORD_FIELDS.pack
-_pack_crcs = RECORD_CRCS.pack
 _unpack_header = RECORD_HEADER.unpack_from
 
 
@@ -43,9 +41,8 @@ class RecordHeader(NamedTuple):
 def encode_record(rtype: int, key: bytes, value: bytes, seq: int, batch_left: int = 0, expires_at: int = 0) -> bytes:
     """Return the bytes of one record. The caller has validated key and value."""
     fields = _pack_fields(rtype, 0, 0, len(key), len(value), batch_left, seq, expires_at)
-    header_crc = crc32c(fields)
-    crc = crc32c(value, crc32c(key, crc32c(fields, crc32c(header_crc.to_bytes(4, "little")))))
-    return b"".join((_pack_crcs(crc, header_crc), fields, key, value))
+    body = b"".join((crc32c(fields).to_bytes(4, "little"), fields, key, value))
+    return crc32c(body).to_bytes(4, "little") + body
 
 
 def encode_batch(ops: Sequence[tuple[int, bytes, bytes, int]], seq: int) -> tuple[bytes, list[int]]:
@@ -59,10 +56,12 @@ def encode_batch(ops: Sequence[tuple[int, bytes, bytes, int]], seq: int) -> tupl
     left = len(ops)
     for rtype, key, value, expires_at in ops:
         left -= 1
-        record = encode_record(rtype, key, value, seq, left, expires_at)
+        fields = _pack_fields(rtype, 0, 0, len(key), len(value), left, seq, expires_at)
+        body = b"".join((crc32c(fields).to_bytes(4, "little"), fields, key, value))
+        parts.append(crc32c(body).to_bytes(4, "little"))
+        parts.append(body)
         offsets.append(position)
-        position += len(record)
-        parts.append(record)
+        position += 4 + len(body)
     return b"".join(parts), offsets
 
 
