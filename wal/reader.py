@@ -99,9 +99,11 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
     expect_left = expect_seq = None
     allow_tx = scan.header.kind == KIND_DECISIONS
     while True:
-        if expect_left is None and offset == size:
-            scan.end = offset
-            return scan
+        if expect_left is None:
+            batch_start, pending = offset, 0  # a new batch starts here, whether or not it reads
+            if offset == size:
+                scan.end = offset
+                return scan
         header = decode_header(buf, offset)
         if header is None and active and expect_left is None and _all_zero_from(buf, offset):
             scan.end = offset  # the unwritten, sparse rest of the active segment
@@ -126,9 +128,6 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
             raise CorruptionError(f"{path}: batch numbering broken at offset {offset}")
         if header.type not in DATA_RECORD_TYPES and not allow_tx:
             raise CorruptionError(f"{path}: record type {header.type} not supported in a shard log at offset {offset}")
-        if expect_left is None:
-            batch_start = offset
-            pending = 0
         scan.offsets.append(offset)
         scan.types.append(header.type)
         scan.key_lens.append(header.key_len)
