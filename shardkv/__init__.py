@@ -4,9 +4,12 @@ from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageErro
 
 __version__ = "0.1.0"
 
+from shardkv.client import Client, open  # noqa: E402,A004
+
 DURABILITY_LEVELS = ("process", "interval", "fsync")
 
 __all__ = [
+    "Client",
     "Closed",
     "Conflict",
     "CorruptionError",
@@ -15,4 +18,5 @@ __all__ = [
     "StorageError",
     "Unavailable",
     "__version__",
+    "open",
 ]

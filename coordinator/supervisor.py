@@ -1,0 +1,362 @@
+"""The supervisor: creates a cluster's shared memory, starts the coordinator and the shard
+workers, restarts any that die (with backoff), and takes everything down again.
+
+`python -m shardkv.coordinator.supervisor DIR [--shards N] [--durability D] [--embedded]`.
+One per data directory (flock on run/supervisor.lock). An embedded supervisor (started by
+`shardkv.open()`) stops by itself a few seconds after its last client is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import posix_ipc
+
+from shardkv.coordinator.manifest import resolve_shards, write_manifest
+from shardkv.errors import CorruptionError
+from shardkv.ipc.layout import (
+    DEFAULT_LEASES,
+    DEFAULT_SLOT_SIZE,
+    PROC_DOWN,
+    PROC_QUARANTINED,
+    PROC_RESTARTING,
+    PROC_STARTING,
+    PROC_UP,
+    READY,
+    STOPPING,
+    ControlBlock,
+    control_size,
+    name_prefix,
+    names,
+    process_start_time,
+)
+from shardkv.log import configure_service_logging, get_logger
+from shardkv.wal import fileio
+
+RUN_DIR = "run"
+CLUSTER_FILE = "cluster.json"
+SUPERVISOR_LOCK = "supervisor.lock"
+EXIT_ALREADY_RUNNING = 3
+EXIT_BAD_CONFIG = 4
+EXIT_CORRUPT = 65
+IDLE_TIMEOUT = 3.0
+MAX_BACKOFF = 5.0
+DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
+
+
+def run_dir(directory: str) -> str:
+    """The folder of a store's runtime files."""
+    return os.path.join(directory, RUN_DIR)
+
+
+def lease_path(directory: str, lease: int) -> str:
+    """The lock file of client lease `lease`."""
+    return os.path.join(run_dir(directory), f"lease-{lease}.lock")
+
+
+def lock_is_held(path: str) -> bool:
+    """True if some process holds an flock on `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def read_cluster_file(directory: str) -> dict | None:
+    """The description of the cluster last started on `directory`, or None."""
+    try:
+        with open(os.path.join(run_dir(directory), CLUSTER_FILE), "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def remove_leftovers(directory: str) -> list[str]:
+    """Kill processes and unlink shared objects left by a killed cluster of `directory`.
+
+    The caller holds the supervisor lock, so no live cluster can own them.
+    """
+    removed = []
+    old = read_cluster_file(directory)
+    for pid, start_time in (old or {}).get("children", []):
+        if pid and process_start_time(pid) == start_time:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                removed.append(f"pid {pid}")
+            except ProcessLookupError:
+                pass
+    prefix = name_prefix(directory)[1:]
+    for entry in os.listdir("/dev/shm"):
+        try:
+            if entry.startswith(prefix):
+                posix_ipc.unlink_shared_memory("/" + entry)
+                removed.append(entry)
+            elif entry.startswith("sem." + prefix):
+                posix_ipc.unlink_semaphore("/" + entry[4:])
+                removed.append(entry)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+class Supervisor:
+    """Runs one cluster; see the module docstring."""
+
+    def __init__(self, directory: str, shards: int | None, durability: str, embedded: bool, leases: int = DEFAULT_LEASES, slot_size: int = DEFAULT_SLOT_SIZE):
+        self.directory = os.path.realpath(directory)
+        self.durability = durability
+        self.embedded = embedded
+        self.leases = leases
+        self.slot_size = slot_size
+        self.requested_shards = shards
+        self.children: list[subprocess.Popen | None] = []
+        self.restart_at: list[float] = []
+        self.backoff: list[float] = []
+        self.stopping = False
+        self.objects: list = []
+        self.log = get_logger("shardkv.supervisor", directory=self.directory)
+
+    # -- start -----------------------------------------------------------------------------
+    def acquire(self) -> bool:
+        """Take the directory's supervisor lock; False if another supervisor holds it."""
+        fileio.make_dir(self.directory)
+        fileio.make_dir(run_dir(self.directory))
+        self.lock_fd = os.open(os.path.join(run_dir(self.directory), SUPERVISOR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            return False
+        return True
+
+    def start(self) -> None:
+        """Create the shared objects and start every process; return when all serve."""
+        self.shards, exists = resolve_shards(self.directory, self.requested_shards)
+        if not exists:
+            write_manifest(self.directory, self.shards)
+        leftovers = remove_leftovers(self.directory)
+        if leftovers:
+            self.log.warning("removed leftovers of a killed cluster", removed=leftovers)
+        for lease in range(self.leases):
+            path = lease_path(self.directory, lease)
+            if not os.path.exists(path):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self.cluster = secrets.token_hex(4)
+        self.names = names(self.directory, self.cluster, self.shards, self.leases)
+        control = self._create_memory(self.names["control"], control_size(self.shards, self.leases))
+        ControlBlock.write_header(control, self.shards, self.leases, self.slot_size, os.getpid())
+        self.control = ControlBlock(control, self.shards, self.leases)
+        for name in self.names["rings"]:
+            self._create_memory(name, self.leases * self.slot_size)
+        for name in self.names["wake"] + self.names["done"]:
+            self.objects.append(("sem", name, posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)))
+        self.config = {
+            "directory": self.directory,
+            "shards": self.shards,
+            "leases": self.leases,
+            "slot_size": self.slot_size,
+            "durability": self.durability,
+            "names": self.names,
+            "supervisor_pid": os.getpid(),
+            "max_message": DEFAULT_MAX_MESSAGE,
+            "log_dir": os.path.join(self.directory, "logs"),
+        }
+        self.children = [None] * (self.shards + 1)
+        self.restart_at = [0.0] * (self.shards + 1)
+        self.backoff = [0.1] * (self.shards + 1)
+        for index in range(self.shards + 1):
+            self._spawn(index)
+        self._write_cluster_file()
+        deadline = time.monotonic() + 120
+        while not all(self.control.procs["state"] == PROC_UP):
+            self._reap()
+            if any(self.control.procs["state"] == PROC_QUARANTINED):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not come up within 120 s")
+            time.sleep(0.01)
+        self.control.state = READY
+        self._write_cluster_file()
+        self.log.info("cluster ready", shards=self.shards, cluster=self.cluster, pid=os.getpid())
+
+    def _create_memory(self, name: str, size: int):
+        import mmap  # noqa: PLC0415
+
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        buf = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        self.objects.append(("shm", name, buf))
+        return buf
+
+    def _spawn(self, index: int) -> None:
+        module = "shardkv.coordinator.coordinator" if index == 0 else "shardkv.shards.worker"
+        config = dict(self.config, shard=index - 1)
+        entry = self.control.procs[index]
+        entry["state"] = PROC_STARTING
+        entry["generation"] += 1
+        role = "coordinator" if index == 0 else f"shard-{index - 1:03d}"
+        env = dict(os.environ, SHARDKV_ROLE=role)
+        self.children[index] = subprocess.Popen([sys.executable, "-m", module, json.dumps(config)], close_fds=True, env=env, stdin=subprocess.DEVNULL)
+        entry["pid"] = self.children[index].pid
+        entry["started_at"] = time.time()
+
+    def _write_cluster_file(self) -> None:
+        children = [[p.pid, process_start_time(p.pid)] for p in self.children if p is not None]
+        info = {
+            "cluster": self.cluster,
+            "names": self.names,
+            "shards": self.shards,
+            "leases": self.leases,
+            "slot_size": self.slot_size,
+            "durability": self.durability,
+            "embedded": self.embedded,
+            "pid": os.getpid(),
+            "start_time": process_start_time(os.getpid()),
+            "children": children,
+            "ready": self.control.state == READY,
+        }
+        fileio.write_file_atomically(run_dir(self.directory), CLUSTER_FILE, json.dumps(info).encode())
+
+    # -- watching --------------------------------------------------------------------------
+    def _reap(self) -> None:
+        """Notice children that exited and schedule their restart (or quarantine)."""
+        now = time.monotonic()
+        changed = False
+        for index, child in enumerate(self.children):
+            entry = self.control.procs[index]
+            if child is not None:
+                code = child.poll()
+                if code is None:
+                    if entry["state"] == PROC_UP and now - self.restart_at[index] > 30:
+                        self.backoff[index] = 0.1  # it has been up a while: forget old failures
+                    continue
+                self.children[index] = None
+                entry["pid"] = 0
+                if self.stopping:
+                    entry["state"] = PROC_DOWN
+                    continue
+                reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                if code == EXIT_CORRUPT:
+                    entry["state"] = PROC_QUARANTINED
+                    self.log.error("shard quarantined", process=index, reason=reason)
+                    continue
+                entry["state"] = PROC_RESTARTING
+                self.restart_at[index] = now + self.backoff[index]
+                self.log.warning("process died; restarting", process=index, reason=reason, backoff=self.backoff[index])
+                self.backoff[index] = min(MAX_BACKOFF, self.backoff[index] * 2)
+            elif entry["state"] == PROC_RESTARTING and now >= self.restart_at[index] and not self.stopping:
+                entry["restarts"] += 1
+                self._spawn(index)
+                self.restart_at[index] = now
+                changed = True
+        if changed:
+            self._write_cluster_file()
+
+    def live_leases(self) -> int:
+        """How many client leases are held right now."""
+        return sum(lock_is_held(lease_path(self.directory, lease)) for lease in range(self.leases))
+
+    def run(self) -> None:
+        """Watch the children until asked to stop (or, embedded, until idle)."""
+        idle_since = time.monotonic()
+        next_lease_check = 0.0
+        while not self.stopping:
+            self._reap()
+            now = time.monotonic()
+            if self.embedded and now >= next_lease_check:
+                next_lease_check = now + 0.5
+                if self.live_leases():
+                    idle_since = now
+                elif now - idle_since > IDLE_TIMEOUT:
+                    self.log.info("no clients left; stopping")
+                    break
+            time.sleep(0.05)
+
+    # -- stop ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL), unlink every shared object."""
+        self.stopping = True
+        if hasattr(self, "control"):
+            self.control.state = STOPPING
+        for kind, name, obj in self.objects:
+            if kind == "sem" and "-wake" in name:
+                obj.release()
+        for child in self.children:
+            if child is not None:
+                child.terminate()
+        deadline = time.monotonic() + 15
+        for child in self.children:
+            if child is not None:
+                try:
+                    child.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        self.control = None
+        for kind, name, obj in self.objects:
+            try:
+                if kind == "shm":
+                    posix_ipc.unlink_shared_memory(name)
+                    try:
+                        obj.close()
+                    except BufferError:
+                        pass
+                else:
+                    obj.unlink()
+                    obj.close()
+            except posix_ipc.ExistentialError:
+                pass
+        self.objects = []
+        fileio.unlink(run_dir(self.directory), CLUSTER_FILE)
+        self.log.info("stopped")
+        os.close(self.lock_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the supervisor process."""
+    parser = argparse.ArgumentParser(prog="shardkv-supervisor")
+    parser.add_argument("directory")
+    parser.add_argument("--shards", type=int, default=None)
+    parser.add_argument("--durability", default="interval")
+    parser.add_argument("--embedded", action="store_true")
+    args = parser.parse_args(argv)
+    supervisor = Supervisor(args.directory, args.shards, args.durability, args.embedded)
+    if not supervisor.acquire():
+        print(f"a cluster is already running on {supervisor.directory}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    configure_service_logging(os.path.join(supervisor.directory, "logs"), "supervisor")
+
+    def request_stop(signum, frame):
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        try:
+            supervisor.start()
+        except (ValueError, CorruptionError) as exc:
+            print(f"shardkv: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        supervisor.run()
+    finally:
+        supervisor.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

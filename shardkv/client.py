@@ -1,0 +1,509 @@
+"""The client: `shardkv.open(directory)` returns a dict-like store served by a cluster of
+shard worker processes (docs/IPC.md). One client object may be used from many threads; a
+forked child that uses an inherited client takes a lease of its own on first use.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fcntl
+import heapq
+import json
+import mmap
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import MutableMapping
+from typing import Iterator
+
+import posix_ipc
+from crc32c import crc32c
+
+from shardkv.coordinator.manifest import resolve_shards
+from shardkv.coordinator.supervisor import (
+    EXIT_ALREADY_RUNNING,
+    EXIT_BAD_CONFIG,
+    SUPERVISOR_LOCK,
+    lease_path,
+    lock_is_held,
+    read_cluster_file,
+    run_dir,
+)
+from shardkv.errors import Closed, CorruptionError, Unavailable
+from shardkv.ipc import messages as m
+from shardkv.ipc.layout import (
+    FLAG_MORE,
+    PROC_QUARANTINED,
+    PROC_STATE_NAMES,
+    READY,
+    SLOT_HEADER_SIZE,
+    SLOT_REQUEST,
+    SLOT_RESPONSE,
+    SLOT_STATE,
+    ControlBlock,
+    Ring,
+    process_start_time,
+    read_frame,
+    write_frame,
+)
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value
+from shardkv.wal.writer import check_durability
+
+SCAN_PAGE = 1000
+REQUEST_TIMEOUT = 600.0
+RETRY_TIMEOUT = 30.0
+_UNSET = object()
+
+
+def open(directory, shards: int | None = None, durability: str = "interval", *, start_timeout: float = 60.0) -> "Client":  # noqa: A001
+    """Attach to the cluster serving `directory`, starting one (embedded) if none is running.
+
+    shards: the number of shard workers of a new store (default: CPU cores); an existing store
+    keeps the number it was created with, and asking for another one is a ValueError.
+    durability: "process", "interval" (default) or "fsync" for this client's writes.
+    """
+    return Client(directory, shards, durability, start_timeout)
+
+
+def _map_shared(name: str) -> mmap.mmap:
+    shm = posix_ipc.SharedMemory(name)
+    try:
+        return mmap.mmap(shm.fd, shm.size)
+    finally:
+        shm.close_fd()
+
+
+class Client(MutableMapping):
+    """A connection to one store; see `shardkv.open`."""
+
+    def __init__(self, directory, shards, durability, start_timeout):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+        if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)):
+            raise TypeError(f"shards must be an int or None, not {type(shards).__name__}")
+        if shards is not None and not 1 <= shards <= 1024:
+            raise ValueError(f"shards must be between 1 and 1024, not {shards}")
+        self.durability = check_durability(durability)
+        self.directory = os.path.realpath(os.fspath(directory))
+        self._requested_shards = shards
+        self._flags = m.FLAG_FSYNC if durability == "fsync" else 0
+        self._closed = True
+        self._lease_fd = -1
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._attach(start_timeout)
+
+    # -- attaching -------------------------------------------------------------------------
+    def _attach(self, timeout: float) -> None:
+        info = self._find_or_start(timeout)
+        self._info = info
+        self.shards = info["shards"]
+        names = info["names"]
+        self._control_buf = _map_shared(names["control"])
+        self._control = ControlBlock(self._control_buf, info["shards"], info["leases"])
+        self._map = memoryview(self._control.shard_map)
+        self._ring_bufs = [_map_shared(name) for name in names["rings"]]
+        self._rings = [Ring(buf, info["leases"], info["slot_size"]) for buf in self._ring_bufs]
+        self._wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
+        self._take_lease(info)
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._request_id = random.getrandbits(62)
+        self._closed = False
+
+    def _find_or_start(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        lock = os.path.join(run_dir(self.directory), SUPERVISOR_LOCK)
+        spawned = None
+        while True:
+            if lock_is_held(lock):
+                info = read_cluster_file(self.directory)
+                if info is not None and info.get("ready"):
+                    if self._requested_shards is not None and self._requested_shards != info["shards"]:
+                        raise ValueError(f"{self.directory} has {info['shards']} shards, not {self._requested_shards}; shards is fixed at creation")
+                    return info
+            elif spawned is None or spawned.poll() is not None:
+                if spawned is not None and spawned.returncode not in (0, EXIT_ALREADY_RUNNING):
+                    message = _read_tail(os.path.join(self.directory, "logs", "supervisor.stderr"))
+                    if spawned.returncode == EXIT_BAD_CONFIG:
+                        raise ValueError(message or "the cluster refused to start")
+                    raise Unavailable(f"the cluster failed to start (exit {spawned.returncode}): {message}")
+                resolve_shards(self.directory, self._requested_shards)  # a clear ValueError before spawning
+                spawned = self._spawn_supervisor()
+            if time.monotonic() > deadline:
+                raise Unavailable(f"no cluster came up on {self.directory} within {timeout} s")
+            time.sleep(0.01)
+
+    def _spawn_supervisor(self) -> subprocess.Popen:
+        logs = os.path.join(self.directory, "logs")
+        os.makedirs(logs, mode=0o700, exist_ok=True)
+        command = [sys.executable, "-m", "shardkv.coordinator.supervisor", self.directory, "--embedded"]
+        if self._requested_shards is not None:
+            command += ["--shards", str(self._requested_shards)]
+        with builtins.open(os.path.join(logs, "supervisor.stderr"), "ab") as err:
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, close_fds=True)
+
+    def _take_lease(self, info: dict) -> None:
+        for lease in range(info["leases"]):
+            fd = os.open(lease_path(self.directory, lease), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            break
+        else:
+            raise Unavailable(f"all {info['leases']} client leases of {self.directory} are in use")
+        self._lease_fd, self._lease = fd, lease
+        entry = self._control.leases[lease]
+        entry["pid"], entry["start_time"] = os.getpid(), process_start_time(os.getpid())
+        self._done = posix_ipc.Semaphore(info["names"]["done"][lease])
+        # A dead previous owner may have left a request in flight: let the workers answer it.
+        deadline = time.monotonic() + 10
+        for ring in self._rings:
+            slot = ring.slot(lease)
+            while SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_REQUEST and time.monotonic() < deadline:
+                time.sleep(0.001)
+        while True:
+            try:
+                self._done.acquire(0)
+            except posix_ipc.BusyError:
+                break
+
+    def _check(self) -> None:
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        if os.getpid() != self._pid:
+            self._reattach_after_fork()
+
+    def _reattach_after_fork(self) -> None:
+        # The inherited lease lock belongs to the parent: closing our copy of the descriptor
+        # keeps the parent's lock (flock follows the open file, which the parent still holds).
+        os.close(self._lease_fd)
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._take_lease(self._info)
+
+    # -- one request -----------------------------------------------------------------------
+    def _next_id(self) -> int:
+        self._request_id = (self._request_id + 1) & 0xFFFFFFFFFFFFFFFF
+        return self._request_id
+
+    def _call(self, shard: int, message: bytes, read: bool):
+        """Send `message` to `shard`; return (status, body). Reads are retried after a restart."""
+        with self._lock:
+            self._check()
+            deadline = time.monotonic() + RETRY_TIMEOUT
+            while True:
+                try:
+                    return m.parse_response(self._exchange(shard, message))
+                except Unavailable:
+                    if not read or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
+    def _exchange(self, shard: int, message: bytes) -> bytes:
+        ring = self._rings[shard]
+        slot = ring.slot(self._lease)
+        request_id = self._next_id()
+        view, total, pos, capacity = memoryview(message), len(message), 0, ring.capacity
+        while True:
+            chunk = view[pos : pos + capacity]
+            pos += len(chunk)
+            more = pos < total
+            write_frame(slot, SLOT_REQUEST, FLAG_MORE if more else 0, request_id, chunk, total)
+            self._wake[shard].release()
+            self._wait(shard, slot, request_id)
+            _, flags, _, frame_len, response_total = read_frame(slot)
+            if not (more and frame_len == 0 and response_total == 0):
+                break  # the final answer (or an error that ended the message early)
+        parts = [bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])]
+        while flags & FLAG_MORE:
+            write_frame(slot, SLOT_REQUEST, 0, request_id, b"", 0)
+            self._wake[shard].release()
+            self._wait(shard, slot, request_id)
+            _, flags, _, frame_len, _ = read_frame(slot)
+            parts.append(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _wait(self, shard: int, slot, request_id: int) -> None:
+        """Block until `slot` holds the response to `request_id`."""
+        started = time.monotonic()
+        next_check = started + 1.0
+        while True:
+            if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_RESPONSE and read_frame(slot)[2] == request_id:
+                return
+            try:
+                self._done.acquire(0.2)
+                continue
+            except posix_ipc.BusyError:
+                pass
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                self._check_cluster(shard, now - started)
+
+    def _check_cluster(self, shard: int, waited: float) -> None:
+        if self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
+            raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
+        if not lock_is_held(os.path.join(run_dir(self.directory), SUPERVISOR_LOCK)):
+            raise Unavailable(f"the cluster serving {self.directory} is not running")
+        if waited > REQUEST_TIMEOUT:
+            raise Unavailable(f"shard {shard} did not answer within {REQUEST_TIMEOUT} s")
+
+    def _call_many(self, messages: dict[int, bytes]) -> dict[int, tuple[int, memoryview]]:
+        """Send one read message to each of several shards at once; return their answers."""
+        if len(messages) == 1:
+            shard, message = next(iter(messages.items()))
+            return {shard: self._call(shard, message, read=True)}
+        with self._lock:
+            self._check()
+            answers = {}
+            pending = {}
+            for shard, message in messages.items():
+                ring = self._rings[shard]
+                if len(message) > ring.capacity:
+                    answers[shard] = None  # too big for one frame: sent on its own below
+                    continue
+                slot = ring.slot(self._lease)
+                request_id = self._next_id()
+                write_frame(slot, SLOT_REQUEST, 0, request_id, message, len(message))
+                self._wake[shard].release()
+                pending[shard] = (slot, request_id)
+            for shard, (slot, request_id) in pending.items():
+                self._wait(shard, slot, request_id)
+                _, flags, _, frame_len, _ = read_frame(slot)
+                if flags & FLAG_MORE:
+                    answers[shard] = None  # a long answer: fetched again on its own
+                    continue
+                try:
+                    answers[shard] = m.parse_response(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
+                except Unavailable:
+                    answers[shard] = None
+            for shard, answer in answers.items():
+                if answer is None:
+                    answers[shard] = self._call(shard, messages[shard], read=True)
+            return answers
+
+    def shard_of(self, key: bytes) -> int:
+        """The shard that owns `key` (through the coordinator's shard map)."""
+        return self._map[crc32c(key) >> 20]
+
+    # -- the API ---------------------------------------------------------------------------
+    def get(self, key, default=None):
+        """The value of `key`, or `default` if it is absent."""
+        key = check_key(key)
+        status, body = self._call(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
+        return default if status == m.NOT_FOUND else bytes(body)
+
+    def put(self, key, value) -> None:
+        """Set `key` to `value`."""
+        key, value = check_key(key), check_value(value, DEFAULT_MAX_VALUE_SIZE)
+        self._call(self.shard_of(key), m.request(m.PUT, self._flags, m.blob(key), m.blob(value)), read=False)
+
+    def delete(self, key) -> bool:
+        """Remove `key`; True if it was present."""
+        key = check_key(key)
+        _, body = self._call(self.shard_of(key), m.request(m.DELETE, self._flags, m.blob(key)), read=False)
+        return body[0] == 1
+
+    def cas(self, key, expected, new) -> bool:
+        """Set `key` to `new` if its value is `expected` (None: absent); `new=None` deletes."""
+        key = check_key(key)
+        expected = None if expected is None else check_value(expected, 2**31 - 1)
+        new = None if new is None else check_value(new, DEFAULT_MAX_VALUE_SIZE)
+        message = m.request(m.CAS, self._flags, m.blob(key), m.optional(expected), m.optional(new))
+        _, body = self._call(self.shard_of(key), message, read=False)
+        return body[0] == 1
+
+    def get_many(self, keys) -> list:
+        """The values of `keys` (None for a missing one), in order."""
+        keys = [check_key(k) for k in keys]
+        by_shard: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_shard.setdefault(self.shard_of(key), []).append(i)
+        if not keys:
+            self._check()
+            return []
+        answers = self._call_many({s: m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in idx])) for s, idx in by_shard.items()})
+        values = [None] * len(keys)
+        for shard, idx in by_shard.items():
+            for i, value in zip(idx, m.decode_optionals(answers[shard][1])):
+                values[i] = value
+        return values
+
+    def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs with start <= key < stop, in key order across all shards."""
+        start = None if start is None else _bound("start", start)
+        stop = None if stop is None else _bound("stop", stop)
+        prefix = None if prefix is None else _bound("prefix", prefix)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        self._check()
+        return self._scan(start, stop, bool(reverse), prefix, limit)
+
+    def _scan(self, start, stop, reverse, prefix, limit):
+        page = SCAN_PAGE if limit is None else max(1, min(SCAN_PAGE, limit))
+        streams = [self._scan_shard(s, start, stop, reverse, prefix, page) for s in range(self.shards)]
+        merged = heapq.merge(*streams, key=lambda item: item[0], reverse=reverse)
+        for produced, item in enumerate(merged):
+            if limit is not None and produced >= limit:
+                return
+            yield item
+
+    def _scan_shard(self, shard, start, stop, reverse, prefix, page):
+        while True:
+            _, body = self._call(shard, m.encode_scan(start, stop, reverse, prefix, page), read=True)
+            items, more = m.decode_items(body)
+            yield from items
+            if not more or not items:
+                return
+            if reverse:
+                stop = items[-1][0]
+            else:
+                start = items[-1][0] + b"\x00"  # the smallest key after the last one
+
+    def min(self):
+        """(key, value) of the smallest key, or None."""
+        return next(self.scan(limit=1), None)
+
+    def max(self):
+        """(key, value) of the largest key, or None."""
+        return next(self.scan(reverse=True, limit=1), None)
+
+    def above(self, key):
+        """(key, value) of the smallest key strictly after `key`, or None."""
+        return next(self.scan(start=check_key(key) + b"\x00", limit=1), None)
+
+    def below(self, key):
+        """(key, value) of the largest key strictly before `key`, or None."""
+        return next(self.scan(stop=check_key(key), reverse=True, limit=1), None)
+
+    def __len__(self) -> int:
+        answers = self._call_many({s: m.request(m.LEN) for s in range(self.shards)})
+        return sum(int.from_bytes(body, "little") for _, body in answers.values())
+
+    def __getitem__(self, key):
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self.get(key) is not None
+        except TypeError:
+            return False
+
+    def __iter__(self):
+        return (key for key, _ in self.scan())
+
+    def stats(self) -> dict:
+        """Per-shard engine statistics and their totals."""
+        answers = self._call_many({s: m.request(m.STATS) for s in range(self.shards)})
+        shards = [json.loads(bytes(answers[s][1])) for s in range(self.shards)]
+        totals = {k: sum(s[k] for s in shards) for k in ("keys", "live_bytes", "total_bytes", "segments")}
+        totals["garbage_ratio"] = 1 - totals["live_bytes"] / totals["total_bytes"] if totals["total_bytes"] else 0.0
+        return {"shards": shards, **totals}
+
+    def health(self) -> dict:
+        """Supervisor, coordinator and every shard worker: role, shard, pid, state, restarts."""
+        self._check()
+        return health_from_control(self._control, self._info)
+
+    def sync(self) -> None:
+        """fsync every shard's log."""
+        self._call_many({s: m.request(m.SYNC) for s in range(self.shards)})
+
+    def compact(self, shard: int | None = None) -> list[dict]:
+        """Compact one shard or all of them online; return each compaction's figures."""
+        targets = range(self.shards) if shard is None else [shard]
+        return [json.loads(bytes(self._call(s, m.request(m.COMPACT), read=False)[1])) for s in targets]
+
+    # -- closing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give the lease back and unmap everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() == self._pid:
+            entry = self._control.leases[self._lease]
+            entry["pid"], entry["start_time"] = 0, 0
+            os.close(self._lease_fd)
+        self._done.close()
+        for sem in self._wake:
+            sem.close()
+        for ring in self._rings:
+            ring.release()
+        self._map.release()
+        self._control = None
+        for buf in self._ring_bufs + [self._control_buf]:
+            try:
+                buf.close()
+            except BufferError:
+                pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shardkv.Client {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
+
+
+def health_from_control(control: ControlBlock, info: dict) -> dict:
+    """The health object (also printed by `shardkv status --json`)."""
+    now = time.time()
+    processes = []
+    for index, entry in enumerate(control.procs):
+        state = PROC_STATE_NAMES.get(int(entry["state"]), "unknown")
+        processes.append(
+            {
+                "role": "coordinator" if index == 0 else "shard",
+                "shard": None if index == 0 else index - 1,
+                "pid": int(entry["pid"]) or None,
+                "state": state,
+                "restarts": int(entry["restarts"]),
+                "uptime": round(now - float(entry["started_at"]), 3) if state == "up" else 0.0,
+                "requests": int(entry["requests"]),
+            }
+        )
+    states = {p["state"] for p in processes}
+    overall = "healthy" if states == {"up"} and control.state == READY else ("down" if states <= {"down"} else "degraded")
+    return {
+        "status": overall,
+        "supervisor": {"role": "supervisor", "pid": info["pid"], "state": "up" if control.state == READY else "starting"},
+        "coordinator": processes[0],
+        "shards": processes[1:],
+    }
+
+
+def _bound(name: str, value) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
+
+
+def _read_tail(path: str) -> str:
+    """The last line of a log file ("" if there is none)."""
+    try:
+        with builtins.open(path, "rb") as f:
+            lines = f.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

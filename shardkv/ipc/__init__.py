@@ -1,0 +1,1 @@
+"""shardkv.ipc: the shared-memory layout and messages between clients and workers (docs/IPC.md)."""

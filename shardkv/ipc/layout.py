@@ -1,0 +1,152 @@
+"""Constants and views of the shared memory described in docs/IPC.md."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import numpy as np
+from crc32c import crc32c
+
+VERSION = 1
+HASH_SLOTS = 4096
+DEFAULT_LEASES = 64
+DEFAULT_SLOT_SIZE = 128 * 1024
+
+CTL_MAGIC = b"SHKVCTL\n"
+CTL_HEADER = struct.Struct("<8sHHHHIIII32x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid
+CTL_STATE = struct.Struct("<I")
+CTL_STATE_OFFSET = 16
+CTL_MAP_VERSION_OFFSET = 20
+STARTING, READY, STOPPING = 0, 1, 2
+
+PROC_DTYPE = np.dtype([("pid", "<u4"), ("state", "<u4"), ("generation", "<u4"), ("restarts", "<u4"), ("started_at", "<f8"), ("requests", "<u8")])
+PROC_DOWN, PROC_STARTING, PROC_UP, PROC_RESTARTING, PROC_QUARANTINED = 0, 1, 2, 3, 4
+PROC_STATE_NAMES = {0: "down", 1: "starting", 2: "up", 3: "restarting", 4: "quarantined"}
+LEASE_DTYPE = np.dtype([("pid", "<u4"), ("reserved", "<u4"), ("start_time", "<u8")])
+
+SLOT_HEADER_SIZE = 64
+SLOT_STATE = struct.Struct("<I")
+SLOT_FIELDS = struct.Struct("<IQIIQ")  # at offset 4: flags, request_id, frame_len, reserved, total_len
+SLOT_EMPTY, SLOT_REQUEST, SLOT_RESPONSE = 0, 1, 2
+FLAG_MORE = 1
+
+
+def key_slot(key: bytes) -> int:
+    """The hash slot of `key`: the top 12 bits of its CRC-32C (stable across processes)."""
+    return crc32c(key) >> 20
+
+
+def control_size(shards: int, leases: int) -> int:
+    """Bytes of the control block for `shards` workers and `leases` leases."""
+    return CTL_HEADER.size + 2 * HASH_SLOTS + PROC_DTYPE.itemsize * (shards + 1) + LEASE_DTYPE.itemsize * leases
+
+
+def names(directory: str, cluster: str, shards: int, leases: int) -> dict:
+    """The POSIX names of every shared object of a cluster (see docs/IPC.md, "Names")."""
+    prefix = f"{name_prefix(directory)}-{cluster}"
+    return {
+        "prefix": prefix,
+        "control": f"{prefix}-ctl",
+        "rings": [f"{prefix}-ring{s}" for s in range(shards)],
+        "wake": [f"{prefix}-wake{s}" for s in range(shards)],
+        "done": [f"{prefix}-done{lease}" for lease in range(leases)],
+    }
+
+
+def name_prefix(directory: str) -> str:
+    """'/shardkv-<dirhash>': the part of every name shared by all clusters of `directory`."""
+    digest = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:12]
+    return f"/shardkv-{digest}"
+
+
+class ControlBlock:
+    """Views of the control block in `buf` (a shared mmap)."""
+
+    def __init__(self, buf, shards: int, leases: int):
+        self.buf = buf
+        offset = CTL_HEADER.size
+        self.shard_map = np.frombuffer(buf, dtype="<u2", count=HASH_SLOTS, offset=offset)
+        offset += 2 * HASH_SLOTS
+        self.procs = np.frombuffer(buf, dtype=PROC_DTYPE, count=shards + 1, offset=offset)
+        offset += PROC_DTYPE.itemsize * (shards + 1)
+        self.leases = np.frombuffer(buf, dtype=LEASE_DTYPE, count=leases, offset=offset)
+
+    @staticmethod
+    def read_header(buf) -> dict:
+        """The header fields of a control block, checked."""
+        magic, version, shards, leases, slots, state, map_version, slot_size, pid = CTL_HEADER.unpack_from(buf)
+        if magic != CTL_MAGIC or version != VERSION or slots != HASH_SLOTS:
+            raise ValueError("not a shardkv control block of this version")
+        return {"shards": shards, "leases": leases, "state": state, "map_version": map_version, "slot_size": slot_size, "supervisor_pid": pid}
+
+    @staticmethod
+    def write_header(buf, shards: int, leases: int, slot_size: int, supervisor_pid: int) -> None:
+        """Initialise the header (state STARTING)."""
+        CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid)
+
+    @property
+    def state(self) -> int:
+        return CTL_STATE.unpack_from(self.buf, CTL_STATE_OFFSET)[0]
+
+    @state.setter
+    def state(self, value: int) -> None:
+        CTL_STATE.pack_into(self.buf, CTL_STATE_OFFSET, value)
+
+    @property
+    def map_version(self) -> int:
+        return CTL_STATE.unpack_from(self.buf, CTL_MAP_VERSION_OFFSET)[0]
+
+    @map_version.setter
+    def map_version(self, value: int) -> None:
+        CTL_STATE.pack_into(self.buf, CTL_MAP_VERSION_OFFSET, value)
+
+
+class Ring:
+    """Views of one worker's ring in `buf`: `leases` slots of `slot_size` bytes."""
+
+    def __init__(self, buf, leases: int, slot_size: int):
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.leases = leases
+        self.slot_size = slot_size
+        self.capacity = slot_size - SLOT_HEADER_SIZE
+        # The state words of all slots as one strided array: a worker finds ready slots in one step.
+        self.states = np.ndarray((leases,), dtype="<u4", buffer=buf, offset=0, strides=(slot_size,))
+
+    def slot(self, lease: int) -> memoryview:
+        """The bytes of slot `lease`."""
+        start = lease * self.slot_size
+        return self.view[start : start + self.slot_size]
+
+    def release(self) -> None:
+        """Drop the views so the mapping can be closed."""
+        self.states = None
+        self.view.release()
+
+
+def write_frame(slot: memoryview, state: int, flags: int, request_id: int, payload, total_len: int) -> None:
+    """Fill a slot: payload and header first, `state` last (the reader polls `state`)."""
+    n = len(payload)
+    slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + n] = payload
+    SLOT_FIELDS.pack_into(slot, 4, flags, request_id, n, 0, total_len)
+    SLOT_STATE.pack_into(slot, 0, state)
+
+
+def read_frame(slot: memoryview) -> tuple[int, int, int, int, int]:
+    """(state, flags, request_id, frame_len, total_len) of a slot (not yet validated)."""
+    state = SLOT_STATE.unpack_from(slot, 0)[0]
+    flags, request_id, frame_len, _, total_len = SLOT_FIELDS.unpack_from(slot, 4)
+    return state, flags, request_id, frame_len, total_len
+
+
+def process_start_time(pid: int) -> int:
+    """The start time of process `pid` in clock ticks since boot (0 if it does not exist)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])

@@ -1,0 +1,179 @@
+"""Request and response messages between clients and shard workers (docs/IPC.md, "Messages").
+
+Every request starts with `op` (u8) and `flags` (u8). A worker decodes untrusted bytes with
+`Reader`, which checks every length against what is left, so a malformed message raises
+MessageError (a ValueError) instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from shardkv.errors import CorruptionError, Error, StorageError, Unavailable
+
+PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT = range(1, 13)
+OP_NAMES = {PING: "PING", GET: "GET", PUT: "PUT", DELETE: "DELETE", CAS: "CAS", APPLY: "APPLY", GET_MANY: "GET_MANY", SCAN: "SCAN", LEN: "LEN", STATS: "STATS", SYNC: "SYNC", COMPACT: "COMPACT"}
+READ_OPS = frozenset((PING, GET, GET_MANY, SCAN, LEN, STATS))
+FLAG_FSYNC = 1
+
+OK, NOT_FOUND, ERROR = 0, 1, 2
+ERR_VALUE, ERR_TYPE, ERR_CORRUPTION, ERR_UNAVAILABLE, ERR_STORAGE, ERR_OTHER = 1, 2, 3, 4, 5, 6
+_ERROR_KINDS = {ERR_VALUE: ValueError, ERR_TYPE: TypeError, ERR_CORRUPTION: CorruptionError, ERR_UNAVAILABLE: Unavailable, ERR_STORAGE: StorageError, ERR_OTHER: Error}
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class MessageError(ValueError):
+    """A message does not follow the format (it came from a buggy or hostile peer)."""
+
+
+class Reader:
+    """Bounds-checked decoding of a message."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+
+    def _take(self, n: int):
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise MessageError(f"message truncated: field of {n} bytes at offset {self.pos} of {len(self.buf)}")
+        chunk = self.buf[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u32(self) -> int:
+        return _U32.unpack(self._take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack(self._take(8))[0]
+
+    def blob(self) -> bytes:
+        return bytes(self._take(self.u32()))
+
+    def optional(self) -> bytes | None:
+        present = self.u8()
+        if present > 1:
+            raise MessageError(f"bad presence byte {present} at offset {self.pos - 1}")
+        return self.blob() if present else None
+
+    def count(self, min_item: int) -> int:
+        """A list length, checked against the bytes left (each item needs `min_item` bytes)."""
+        n = self.u32()
+        if n * min_item > len(self.buf) - self.pos:
+            raise MessageError(f"list of {n} items cannot fit in the {len(self.buf) - self.pos} bytes left")
+        return n
+
+    def end(self) -> None:
+        if self.pos != len(self.buf):
+            raise MessageError(f"{len(self.buf) - self.pos} unexpected bytes at the end of the message")
+
+
+def blob(data: bytes) -> bytes:
+    """Encode a bytes field."""
+    return _U32.pack(len(data)) + data
+
+
+def optional(data: bytes | None) -> bytes:
+    """Encode an optional bytes field."""
+    return b"\x00" if data is None else b"\x01" + _U32.pack(len(data)) + data
+
+
+def blob_list(items) -> bytes:
+    """Encode a list of bytes fields."""
+    return b"".join([_U32.pack(len(items))] + [_U32.pack(len(x)) + x for x in items])
+
+
+# -- requests (client side) -------------------------------------------------------------------
+def request(op: int, flags: int = 0, *fields: bytes) -> bytes:
+    """A request: op, flags and already-encoded fields."""
+    return bytes((op, flags)) + b"".join(fields)
+
+
+def encode_apply(ops: list[tuple[int, bytes, bytes]], flags: int) -> bytes:
+    """An APPLY request from (type, key, value) tuples (type 1 put, 2 delete)."""
+    parts = [bytes((APPLY, flags)), _U32.pack(len(ops))]
+    for rtype, key, value in ops:
+        parts.append(bytes((rtype,)))
+        parts.append(_U32.pack(len(key)) + key)
+        parts.append(_U32.pack(len(value)) + value)
+    return b"".join(parts)
+
+
+def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
+    """A SCAN request for one page."""
+    return request(SCAN, 0, optional(start), optional(stop), bytes((1 if reverse else 0,)), optional(prefix), _U32.pack(limit))
+
+
+# -- responses --------------------------------------------------------------------------------
+def ok(body: bytes = b"") -> bytes:
+    """An OK response."""
+    return b"\x00" + body
+
+
+def not_found() -> bytes:
+    """A NOT_FOUND response."""
+    return b"\x01"
+
+
+def error_response(exc: BaseException) -> bytes:
+    """An ERROR response describing `exc`."""
+    kind = ERR_OTHER
+    for code, cls in _ERROR_KINDS.items():
+        if type(exc) is cls or (code != ERR_OTHER and isinstance(exc, cls)):
+            kind = code
+            break
+    message = f"{exc}" if kind != ERR_OTHER else f"{type(exc).__name__}: {exc}"
+    return bytes((ERROR, kind)) + message.encode("utf-8", "replace")[:4096]
+
+
+def parse_response(message) -> tuple[int, memoryview]:
+    """(status, body) of a response; raises the error an ERROR response carries."""
+    if not message:
+        raise MessageError("empty response")
+    status = message[0]
+    if status == ERROR:
+        kind = message[1] if len(message) > 1 else ERR_OTHER
+        text = bytes(message[2:]).decode("utf-8", "replace")
+        raise _ERROR_KINDS.get(kind, Error)(text)
+    if status not in (OK, NOT_FOUND):
+        raise MessageError(f"unknown response status {status}")
+    return status, memoryview(message)[1:]
+
+
+def encode_items(items: list[tuple[bytes, bytes]], more: bool) -> bytes:
+    """A SCAN response body."""
+    parts = [_U32.pack(len(items))]
+    for key, value in items:
+        parts.append(_U32.pack(len(key)) + key)
+        parts.append(_U32.pack(len(value)) + value)
+    parts.append(b"\x01" if more else b"\x00")
+    return b"".join(parts)
+
+
+def decode_items(body) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """(items, more) of a SCAN response body."""
+    reader = Reader(body)
+    items = [(reader.blob(), reader.blob()) for _ in range(reader.count(8))]
+    more = reader.u8() == 1
+    reader.end()
+    return items, more
+
+
+def encode_optionals(values: list[bytes | None]) -> bytes:
+    """A GET_MANY response body."""
+    return b"".join([_U32.pack(len(values))] + [optional(v) for v in values])
+
+
+def decode_optionals(body) -> list[bytes | None]:
+    """The values of a GET_MANY response body."""
+    reader = Reader(body)
+    values = [reader.optional() for _ in range(reader.count(1))]
+    reader.end()
+    return values

@@ -1,0 +1,283 @@
+"""A shard worker process: serves one ShardEngine to clients through its shared-memory ring.
+
+Started by the supervisor as `python -m shardkv.shards.worker CONFIG_JSON`. Each wake-up it
+answers every slot holding a request (docs/IPC.md); write requests that asked for durability
+"fsync" share one fsync per pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import mmap
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import posix_ipc
+
+from shardkv.errors import Closed, CorruptionError, Unavailable
+from shardkv.ipc import messages as m
+from shardkv.ipc.layout import (
+    FLAG_MORE,
+    PROC_UP,
+    SLOT_HEADER_SIZE,
+    SLOT_REQUEST,
+    SLOT_RESPONSE,
+    STOPPING,
+    ControlBlock,
+    Ring,
+    read_frame,
+    write_frame,
+)
+from shardkv.log import configure_service_logging, get_logger
+from shardkv.shards.engine import ShardEngine
+
+EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
+SCAN_PAGE_BYTES = 1 << 20
+WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY))
+
+
+def shard_directory(directory: str, shard: int) -> str:
+    """Where shard `shard` of the store in `directory` keeps its files."""
+    return os.path.join(directory, f"shard-{shard:03d}")
+
+
+def attach_shared_memory(name: str) -> mmap.mmap:
+    """Map an existing shared-memory object read-write."""
+    shm = posix_ipc.SharedMemory(name)
+    try:
+        return mmap.mmap(shm.fd, shm.size)
+    finally:
+        shm.close_fd()
+
+
+class Worker:
+    """Serves one shard; see the module docstring."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.shard = config["shard"]
+        self.max_message = config["max_message"]
+        self.log = get_logger("shardkv.worker", shard=self.shard)
+        names = config["names"]
+        self.control_buf = attach_shared_memory(names["control"])
+        self.control = ControlBlock(self.control_buf, config["shards"], config["leases"])
+        self.ring_buf = attach_shared_memory(names["rings"][self.shard])
+        self.ring = Ring(self.ring_buf, config["leases"], config["slot_size"])
+        self.wake = posix_ipc.Semaphore(names["wake"][self.shard])
+        self.done = [posix_ipc.Semaphore(name) for name in names["done"]]
+        self.incoming: dict[int, tuple[int, int, bytearray]] = {}
+        self.outgoing: dict[int, tuple[int, memoryview, int]] = {}
+        self.stopping = False
+        self.engine = None
+
+    # -- life cycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        started = time.monotonic()
+        try:
+            self.engine = ShardEngine.open(
+                shard_directory(self.config["directory"], self.shard), shard_id=self.shard, durability=self.config["durability"]
+            )
+        except CorruptionError as exc:
+            self.log.error("shard quarantined: log is corrupt", error=str(exc))
+            return EXIT_CORRUPT
+        self.log.info("started", pid=os.getpid(), recovery=self.engine.recovery, seconds=round(time.monotonic() - started, 3))
+        self._abandon_stale_requests()
+        entry = self.control.procs[1 + self.shard]
+        entry["state"] = PROC_UP
+        try:
+            self._serve()
+        finally:
+            self.engine.close()
+            self.log.info("stopped", requests=int(entry["requests"]))
+        return 0
+
+    def _abandon_stale_requests(self) -> None:
+        """Requests left by a previous generation of this worker may have been applied already:
+        answer them Unavailable rather than apply them twice."""
+        for lease in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
+            slot = self.ring.slot(lease)
+            request_id = read_frame(slot)[2]
+            self._respond(lease, request_id, m.error_response(Unavailable("the shard worker restarted; the request may or may not have been applied")))
+            self.done[lease].release()
+
+    def _serve(self) -> None:
+        supervisor = self.config["supervisor_pid"]
+        entry = self.control.procs[1 + self.shard]
+        for tick in itertools.count():
+            try:
+                self.wake.acquire(1.0)
+            except posix_ipc.BusyError:
+                pass
+            except posix_ipc.SignalError:
+                pass
+            if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
+                return
+            ready = np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist()
+            if not ready:
+                continue
+            replies = []
+            sync = False
+            for lease in ready:
+                reply, wants_sync = self._handle(lease)
+                if reply is not None:
+                    replies.append((lease, *reply))
+                    sync = sync or wants_sync
+            if sync:
+                try:
+                    self.engine.sync()
+                except Exception as exc:  # a failed fsync must never be acknowledged
+                    replies = [(lease, rid, m.error_response(exc)) for lease, rid, _ in replies]
+            for lease, request_id, response in replies:
+                self._respond(lease, request_id, response)
+                self.done[lease].release()
+            entry["requests"] += len(ready)
+
+    # -- frames ----------------------------------------------------------------------------
+    def _handle(self, lease: int):
+        """Take the frame in slot `lease`; return ((request_id, response), wants_sync) or (None, False)."""
+        slot = self.ring.slot(lease)
+        _, flags, request_id, frame_len, total_len = read_frame(slot)
+        if frame_len > self.ring.capacity or total_len > self.max_message:
+            self.incoming.pop(lease, None)
+            return (request_id, m.error_response(ValueError(f"frame of {frame_len} bytes (message {total_len}) is over the limits"))), False
+        if frame_len == 0 and total_len == 0:
+            pending = self.outgoing.get(lease)
+            if pending is not None and pending[0] == request_id:
+                return (request_id, None), False  # the next frame of a long response
+            return (request_id, m.error_response(ValueError("empty request"))), False
+        self.outgoing.pop(lease, None)
+        payload = slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]
+        partial = self.incoming.pop(lease, None)
+        if partial is not None and partial[0] == request_id:
+            if partial[1] != total_len:
+                return (request_id, m.error_response(ValueError("frame does not continue the message in progress"))), False
+            buffer = partial[2]
+            buffer += payload
+        else:
+            buffer = bytearray(payload)  # a new message (a partial one of another request is dropped)
+        if len(buffer) > total_len or (not flags & FLAG_MORE and len(buffer) != total_len):
+            return (request_id, m.error_response(ValueError(f"frames add up to {len(buffer)} bytes, not {total_len}"))), False
+        if flags & FLAG_MORE:
+            self.incoming[lease] = (request_id, total_len, buffer)
+            return (request_id, b""), False  # acknowledge: send the next frame
+        wants_sync = len(buffer) > 1 and bool(buffer[1] & m.FLAG_FSYNC) and buffer[0] in WRITE_OPS
+        return (request_id, self._dispatch(bytes(buffer))), wants_sync
+
+    def _respond(self, lease: int, request_id: int, response) -> None:
+        """Write `response` (None: the next frame of the pending long response) into the slot."""
+        slot = self.ring.slot(lease)
+        capacity = self.ring.capacity
+        if response is None:
+            _, rest, total = self.outgoing.pop(lease)
+        elif response == b"":
+            write_frame(slot, SLOT_RESPONSE, 0, request_id, b"", 0)
+            return
+        else:
+            rest, total = memoryview(response), len(response)
+        frame, rest = rest[:capacity], rest[capacity:]
+        if len(rest):
+            self.outgoing[lease] = (request_id, rest, total)
+        write_frame(slot, SLOT_RESPONSE, FLAG_MORE if len(rest) else 0, request_id, frame, total)
+
+    # -- requests --------------------------------------------------------------------------
+    def _dispatch(self, message: bytes) -> bytes:
+        try:
+            return self._execute(message)
+        except (ValueError, TypeError, CorruptionError, Unavailable) as exc:
+            return m.error_response(exc)
+        except Closed as exc:
+            return m.error_response(Unavailable(str(exc)))
+        except Exception as exc:  # keep serving everyone else
+            self.log.error("request failed", error=repr(exc), op=message[0] if message else None)
+            return m.error_response(exc)
+
+    def _execute(self, message: bytes) -> bytes:
+        reader = m.Reader(message)
+        op = reader.u8()
+        reader.u8()  # flags: handled by the caller
+        engine = self.engine
+        if op == m.GET:
+            key = reader.blob()
+            reader.end()
+            value = engine.get(key)
+            return m.not_found() if value is None else m.ok(value)
+        if op == m.PUT:
+            key, value = reader.blob(), reader.blob()
+            reader.end()
+            engine.put(key, value)
+            return m.ok()
+        if op == m.DELETE:
+            key = reader.blob()
+            reader.end()
+            return m.ok(b"\x01" if engine.delete(key) else b"\x00")
+        if op == m.CAS:
+            key, expected, new = reader.blob(), reader.optional(), reader.optional()
+            reader.end()
+            return m.ok(b"\x01" if engine.cas(key, expected, new) else b"\x00")
+        if op == m.APPLY:
+            ops = []
+            for _ in range(reader.count(9)):
+                kind, key, value = reader.u8(), reader.blob(), reader.blob()
+                if kind == 1:
+                    ops.append(("put", key, value))
+                elif kind == 2 and not value:
+                    ops.append(("delete", key))
+                else:
+                    raise m.MessageError(f"bad APPLY operation type {kind}")
+            reader.end()
+            engine.apply(ops)
+            return m.ok()
+        if op == m.GET_MANY:
+            keys = [reader.blob() for _ in range(reader.count(4))]
+            reader.end()
+            return m.ok(m.encode_optionals([engine.get(key) for key in keys]))
+        if op == m.SCAN:
+            start, stop, reverse, prefix, limit = reader.optional(), reader.optional(), reader.u8(), reader.optional(), reader.u32()
+            reader.end()
+            items, size, more = [], 0, False
+            for key, value in engine.scan(start=start, stop=stop, reverse=bool(reverse), prefix=prefix):
+                if len(items) >= limit or (items and size + len(key) + len(value) > SCAN_PAGE_BYTES):
+                    more = True
+                    break
+                items.append((key, value))
+                size += len(key) + len(value) + 8
+            return m.ok(m.encode_items(items, more))
+        if op == m.LEN:
+            reader.end()
+            return m.ok(len(engine).to_bytes(8, "little"))
+        if op in (m.STATS, m.COMPACT):
+            reader.end()
+            result = engine.stats() if op == m.STATS else engine.compact()
+            return m.ok(json.dumps(result).encode())
+        if op == m.SYNC:
+            reader.end()
+            engine.sync()
+            return m.ok()
+        if op == m.PING:
+            reader.end()
+            return m.ok()
+        raise m.MessageError(f"unknown op {op}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m shardkv.shards.worker CONFIG_JSON`."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(argv[0])
+    configure_service_logging(config["log_dir"], f"shard-{config['shard']:03d}")
+    worker = Worker(config)
+
+    def stop(signum, frame):
+        worker.stopping = True
+        worker.wake.release()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
