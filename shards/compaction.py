@@ -131,6 +131,18 @@ def compact(engine) -> dict:
     """
     started = time.perf_counter()
     directory, shard = engine.directory, engine.shard_id
+    commit_path = os.path.join(directory, COMPACTION_FILE)
+    if os.path.exists(commit_path):
+        # An earlier compaction committed but could not finish. Finish it on disk. If its swap
+        # never happened in memory, this engine still reads the old segments (mapped even once
+        # unlinked) and never the new ones: those become deletion-only inputs of this
+        # compaction, so no older record of theirs outlives a DELETE dropped below.
+        with open(commit_path, "rb") as f:
+            decoded = decode_commit(f.read())
+        if engine._unfinished_compaction != "swapped" and decoded is not None:
+            engine._orphan_segments.extend(decoded[1])
+        finish_interrupted_compaction(directory)
+        engine._unfinished_compaction = None
     with engine._lock:
         engine._check_open()
         before = engine._space()
@@ -174,11 +186,13 @@ def compact(engine) -> dict:
         if current is not None:
             current.finish()
         # Commit point: from here on the new segments are the truth.
-        fileio.write_file_atomically(directory, COMPACTION_FILE, encode_commit(inputs, [o.number for o in outputs]))
+        orphans = list(engine._orphan_segments)
+        fileio.write_file_atomically(directory, COMPACTION_FILE, encode_commit(inputs + orphans, [o.number for o in outputs]))
     except BaseException:
         for output in outputs:
             output.discard()
         raise
+    engine._unfinished_compaction = "committed"
     for output in outputs:
         fileio.rename(directory, os.path.basename(output.tmp_path), segment_name(output.number))
     fileio.fsync_dir(directory)
@@ -196,11 +210,13 @@ def compact(engine) -> dict:
                 del engine._maps[number], engine._paths[number], engine._ends[number]
         finally:
             engine._version += 1
+        engine._unfinished_compaction = "swapped"
         after = engine._space()
-    for number in inputs:
+    for number in inputs + orphans:
         fileio.unlink(directory, segment_name(number))
         fileio.unlink(directory, hint_name(number))
     fileio.fsync_dir(directory)
+    engine._orphan_segments = [n for n in engine._orphan_segments if n not in orphans]
     for output in outputs:
         try:
             write_hint(directory, shard, output.number, output.end, output.table, new_maps[output.number])
@@ -208,6 +224,7 @@ def compact(engine) -> dict:
             pass  # optional: open reads the segment instead
     fileio.unlink(directory, COMPACTION_FILE)
     fileio.fsync_dir(directory)
+    engine._unfinished_compaction = None
     return {
         "before": before,
         "after": after,

@@ -96,6 +96,8 @@ class ShardEngine:
         log.info("recovered", records=state.records_read, keys=len(state.live[0]), seconds=round(state.seconds, 4))
         self._lock = threading.Lock()
         self._compaction_lock = threading.Lock()
+        self._unfinished_compaction = None  # "committed"/"swapped" while a failed one awaits cleanup
+        self._orphan_segments: list[int] = []  # on disk, never mapped: deleted by the next compaction
         self._version = 0  # odd while the index is being changed; readers retry on a change
         self._maps = state.maps
         self._paths = state.paths
@@ -155,6 +157,10 @@ class ShardEngine:
                         return record[RECORD_HEADER_SIZE - 4 + key_len :]
                 elif buf[key_start:value_start] == key:
                     return buf[value_start:value_end]
+                if self.verify_checksums and crc32c(buf[offset + 4 : value_end]) != _unpack_crc(buf, offset)[0]:
+                    # Same hash and length but another key: genuine collisions are rare, a
+                    # damaged key must not read as "missing".
+                    raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
             i += 1
 
     def get(self, key, default=None):
@@ -243,6 +249,7 @@ class ShardEngine:
     def apply(self, ops: Iterable) -> None:
         """Apply ("put", key, value) and ("delete", key) operations atomically, in order."""
         batch = self._check_ops(ops)
+        self._check_open()
         if not batch:
             return
         with self._lock:

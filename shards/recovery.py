@@ -109,9 +109,8 @@ def _read_segment(directory, shard, number, buf, path, active, state) -> tuple[S
     scan = scan_segment(buf, path, active=True, start=start)
     if scan.torn_bytes:
         state.torn_bytes = scan.torn_bytes
-        state.maps[number].close()
         cut_tail(path, scan.end, len(buf))
-        state.maps[number] = map_file(path)
+        state.maps[number] = map_file(path)  # the old mapping is dropped, not closed: views may remain
     table = SegmentRecords.from_scan(scan)
     if hinted is not None:
         table = SegmentRecords.concat([hinted[0], table])

@@ -1,0 +1,1 @@
+"""Benchmarks for shardkv (run as `python -m benchmarks.<name>` from the repository root)."""
