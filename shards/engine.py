@@ -205,7 +205,7 @@ class ShardEngine:
             try:
                 self._active_records.add(offset, PUT, len(key), len(value), seq, 0)
                 if self._index.upsert(key, crc32c(key), (segment << 32) | offset, len(key), len(value), seq):
-                    self._sorted.note_added(key)
+                    self._sorted.note_added(key, self._index.last_entry)
             finally:
                 self._version += 1
         if self.durability == "fsync":
@@ -302,7 +302,7 @@ class ShardEngine:
                 h = crc32c(key)
                 if rtype == PUT:
                     if index.upsert(key, h, base | record_offset, len(key), len(value), seq):
-                        sorted_keys.note_added(key)
+                        sorted_keys.note_added(key, index.last_entry)
                 elif index.remove(key, h):
                     sorted_keys.note_removed(key)
         finally:
@@ -342,10 +342,11 @@ class ShardEngine:
             self._start_active(self._writer.position[0])
 
     # -- ordered reads ---------------------------------------------------------------------
-    def _all_keys(self) -> list[bytes]:
+    def _all_keys(self) -> list[tuple[bytes, int]]:
         index = self._index
         ids = index.live_ids()
-        return [self._key_at(loc, klen) for loc, klen in zip(index.locations[ids].tolist(), index.key_lens[ids].tolist())]
+        key_at = self._key_at
+        return [(key_at(loc, klen), e) for loc, klen, e in zip(index.locations[ids].tolist(), index.key_lens[ids].tolist(), ids.tolist())]
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
@@ -369,20 +370,54 @@ class ShardEngine:
                 successor = prefix_successor(prefix)
                 if successor is not None:
                     hi = min(hi, view.bisect_left(successor))
-            arena, offsets = view.snapshot()
-        return self._scan_range(arena, memoryview(offsets), lo, hi, reverse, limit)
+            arena, offsets, eids = view.snapshot()
+        return self._scan_range(arena, memoryview(offsets), memoryview(eids), lo, hi, reverse, limit)
 
-    def _scan_range(self, arena, offsets, lo, hi, reverse, limit):
+    def _scan_range(self, arena, offsets, eids, lo, hi, reverse, limit):
         positions = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
         produced = 0
+        by_entry = self._value_by_entry
         for i in positions:
             if limit is not None and produced >= limit:
                 return
             key = arena[offsets[i] : offsets[i + 1]]
-            value = self.get(key)
+            value = by_entry(key, eids[i])
+            if value is _RETRY:
+                value = self.get(key)
             if value is not None:
                 produced += 1
                 yield key, value
+
+    def _value_by_entry(self, key: bytes, e: int):
+        """The value of `key` read through index entry `e` (a hint), or _RETRY if `e` no
+        longer holds `key` or a write overlapped the read."""
+        version = self._version
+        if version & 1 or self._closed:
+            return _RETRY
+        index = self._index
+        try:
+            location = index._loc_v[e]
+            key_len = len(key)
+            if not location or index._klen_v[e] != key_len:
+                return _RETRY
+            offset = location & 0xFFFFFFFF
+            buf = self._maps[location >> 32]
+            value_start = offset + RECORD_HEADER_SIZE + key_len
+            value_end = value_start + index._vlen_v[e]
+            if self.verify_checksums:
+                record = buf[offset + 4 : value_end]
+                if not record.startswith(key, RECORD_HEADER_SIZE - 4):
+                    return _RETRY
+                if crc32c(record) != _unpack_crc(buf, offset)[0]:
+                    return _RETRY  # get() re-reads under the lock and raises if it is real
+                value = record[RECORD_HEADER_SIZE - 4 + key_len :]
+            else:
+                if buf[offset + RECORD_HEADER_SIZE : value_start] != key:
+                    return _RETRY
+                value = buf[value_start:value_end]
+        except (IndexError, KeyError, ValueError):
+            return _RETRY
+        return value if self._version == version else _RETRY
 
     def min(self):
         """(key, value) of the smallest key, or None if the shard is empty."""

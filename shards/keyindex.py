@@ -34,6 +34,7 @@ class KeyIndex:
     def __init__(self, key_at: KeyAt, expected: int = 0):
         self._key_at = key_at
         self.count = 0
+        self.last_entry = -1  # the entry id given to the most recent new key
         self._free: list[int] = []
         self._allocate_entries(max(1024, expected))
         self._high = 0  # entry ids below this have been handed out at some time
@@ -147,6 +148,7 @@ class KeyIndex:
         self._seq_v[e] = seq
         self._loc_v[e] = location
         self.count += 1
+        self.last_entry = e
         return e
 
     def remove(self, key: bytes, h: int) -> bool:

@@ -1,7 +1,8 @@
 """The ordered view of a shard's keys, for scans, min/max and neighbours.
 
-Keys are kept sorted in one bytes arena with an offsets array (key bytes + 8 bytes per key, no
-Python object per key). Changes since the last merge wait in two small sets; an ordered read
+Keys are kept sorted in one bytes arena with an offsets array, beside the index entry id of
+each key (key bytes + 16 bytes per key, no Python object per key). Entry ids are hints: a
+reader checks that the entry still holds the key before using it. Changes since the last merge wait in two small sets; an ordered read
 merges them first. If the sets grow past a quarter of the arena the view is dropped and rebuilt
 lazily on the next ordered read, so writes never pay for a large merge.
 """
@@ -23,30 +24,29 @@ class SortedKeys:
         self._arena = b""
         self._offsets = np.zeros(1, dtype=np.int64)
         self._offsets_v = memoryview(self._offsets)
-        self._added: set[bytes] = set()
-        self._removed: set[bytes] = set()
+        self._eids = np.zeros(0, dtype=np.int64)
+        self._added: dict[bytes, int] = {}  # key -> entry id, keys not in the arena (or replacing one in `_removed`)
+        self._removed: set[bytes] = set()  # keys in the arena that are gone
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the arena and offsets (pending sets not counted)."""
-        return len(self._arena) + self._offsets.nbytes
+        """Memory held by the arena, offsets and entry ids, plus an estimate of pending changes."""
+        pending = sum(len(k) + 49 for k in self._added) + sum(len(k) + 41 for k in self._removed)
+        return len(self._arena) + self._offsets.nbytes + self._eids.nbytes + pending
 
     def drop(self) -> None:
         """Forget everything; the next ordered read rebuilds from the index."""
         self.__init__()
 
     # -- change tracking (called by the engine for keys that appear or disappear) ------------
-    def note_added(self, key: bytes) -> None:
-        """Record that `key` is now present (it was absent before)."""
+    def note_added(self, key: bytes, eid: int) -> None:
+        """Record that `key` is now present (it was absent before), held by index entry `eid`."""
         if not self.built:
             return
-        if key in self._removed:
-            self._removed.discard(key)
-        else:
-            self._added.add(key)
+        self._added[key] = eid  # if the arena still has it (in `_removed`), the merge replaces it
         self._check_pending()
 
     def note_removed(self, key: bytes) -> None:
@@ -54,7 +54,7 @@ class SortedKeys:
         if not self.built:
             return
         if key in self._added:
-            self._added.discard(key)
+            del self._added[key]
         else:
             self._removed.add(key)
         self._check_pending()
@@ -64,26 +64,29 @@ class SortedKeys:
             self.drop()
 
     # -- building --------------------------------------------------------------------------
-    def ensure(self, all_keys: Callable[[], Iterable[bytes]]) -> None:
-        """Make the arena current: build it from `all_keys()` or merge pending changes."""
+    def ensure(self, all_keys: Callable[[], Iterable[tuple[bytes, int]]]) -> None:
+        """Make the arena current: build it from `all_keys()` ((key, eid) pairs) or merge pending changes."""
         if not self.built:
-            self._set(sorted(all_keys()))
+            pairs = sorted(all_keys())
+            self._set([k for k, _ in pairs], np.fromiter((e for _, e in pairs), dtype=np.int64, count=len(pairs)))
             self.built = True
         elif self._added or self._removed:
             self._merge()
 
-    def _set(self, keys: list[bytes]) -> None:
+    def _set(self, keys: list[bytes], eids: np.ndarray) -> None:
         lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
         offsets = np.zeros(len(keys) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         self._arena = b"".join(keys)
         self._offsets = offsets
         self._offsets_v = memoryview(offsets)
-        self._added = set()
+        self._eids = eids
+        self._added = {}
         self._removed = set()
 
     def _merge(self) -> None:
         removed, added = self._removed, sorted(self._added)
+        added_eids = [self._added[k] for k in added]
         if removed:
             keep = np.ones(len(self), dtype=bool)
             for key in removed:
@@ -95,6 +98,7 @@ class SortedKeys:
             np.cumsum(lengths[keep], out=offsets[1:])
             self._arena, self._offsets = arena, offsets
             self._offsets_v = memoryview(offsets)
+            self._eids = self._eids[keep]
             self._removed = set()
         if added:
             positions = [self.bisect_left(key) for key in added]
@@ -111,7 +115,8 @@ class SortedKeys:
             np.cumsum(lengths, out=offsets[1:])
             self._arena, self._offsets = b"".join(pieces), offsets
             self._offsets_v = memoryview(offsets)
-            self._added = set()
+            self._eids = np.insert(self._eids, positions, added_eids)
+            self._added = {}
 
     # -- reading (after ensure) -------------------------------------------------------------
     def key_at(self, i: int) -> bytes:
@@ -142,9 +147,9 @@ class SortedKeys:
                 lo = mid + 1
         return lo
 
-    def snapshot(self) -> tuple[bytes, np.ndarray]:
-        """The current arena and offsets; both are replaced, never mutated, by later merges."""
-        return self._arena, self._offsets
+    def snapshot(self) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """The current arena, offsets and entry ids; later merges replace them, never mutate them."""
+        return self._arena, self._offsets, self._eids
 
 
 def prefix_successor(prefix: bytes) -> bytes | None:
