@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import MutableMapping
 from typing import Iterator
 
@@ -53,6 +54,16 @@ from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value
 from shardkv.wal.writer import check_durability
 
 SCAN_PAGE = 1000
+_LIVE_CLIENTS: "weakref.WeakValueDictionary[int, Client]" = weakref.WeakValueDictionary()  # a Mapping is unhashable
+
+
+def _mark_forked() -> None:
+    # A child sees every inherited client as forked: it takes a lease of its own on next use.
+    for client in list(_LIVE_CLIENTS.values()):
+        client._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
 REQUEST_TIMEOUT = 600.0
 RETRY_TIMEOUT = 30.0
 _UNSET = object()
@@ -110,8 +121,10 @@ class Client(MutableMapping):
         self._take_lease(info)
         self._lock = threading.RLock()
         self._pid = os.getpid()
+        self._forked = False
         self._request_id = random.getrandbits(62)
         self._closed = False
+        _LIVE_CLIENTS[id(self)] = self
 
     def _find_or_start(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -175,7 +188,7 @@ class Client(MutableMapping):
     def _check(self) -> None:
         if self._closed:
             raise Closed("the shardkv client is closed")
-        if os.getpid() != self._pid:
+        if self._forked:
             self._reattach_after_fork()
 
     def _reattach_after_fork(self) -> None:
@@ -184,6 +197,7 @@ class Client(MutableMapping):
         os.close(self._lease_fd)
         self._lock = threading.RLock()
         self._pid = os.getpid()
+        self._forked = False
         self._take_lease(self._info)
 
     # -- one request -----------------------------------------------------------------------
@@ -437,7 +451,7 @@ class Client(MutableMapping):
         if self._closed:
             return
         self._closed = True
-        if os.getpid() == self._pid:
+        if not self._forked:
             entry = self._control.leases[self._lease]
             entry["pid"], entry["start_time"] = 0, 0
             os.close(self._lease_fd)

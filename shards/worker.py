@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import signal
+import struct
 import sys
 import time
 
@@ -22,10 +23,12 @@ from shardkv.errors import Closed, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     FLAG_MORE,
+    PROC_DTYPE,
     PROC_UP,
     SLOT_HEADER_SIZE,
     SLOT_REQUEST,
     SLOT_RESPONSE,
+    SLOT_STATE,
     STOPPING,
     ControlBlock,
     Ring,
@@ -35,6 +38,8 @@ from shardkv.ipc.layout import (
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.shards.engine import ShardEngine
 
+_U32 = struct.Struct("<I")
+_COUNTER = struct.Struct("<Q")
 EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
 SCAN_PAGE_BYTES = 1 << 20
 WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY))
@@ -73,6 +78,7 @@ class Worker:
         self.outgoing: dict[int, tuple[int, memoryview, int]] = {}
         self.stopping = False
         self.engine = None
+        self.requests_offset = self.control.procs_offset + (1 + self.shard) * PROC_DTYPE.itemsize + PROC_DTYPE.fields["requests"][1]
 
     # -- life cycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -106,19 +112,24 @@ class Worker:
 
     def _serve(self) -> None:
         supervisor = self.config["supervisor_pid"]
-        entry = self.control.procs[1 + self.shard]
-        for tick in itertools.count():
+        states, leases = self.ring.states, self.control.leases
+        slot_state = [self.ring.slot(lease) for lease in range(self.ring.leases)]
+        unpack_state = SLOT_STATE.unpack_from
+        active: list[int] = []  # leases held by a client, refreshed when a wake-up finds nothing there
+        served = 0
+        while True:
             try:
                 self.wake.acquire(1.0)
-            except posix_ipc.BusyError:
-                pass
-            except posix_ipc.SignalError:
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
                 pass
             if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
                 return
-            ready = np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist()
+            ready = [lease for lease in active if unpack_state(slot_state[lease], 0)[0] == SLOT_REQUEST]
             if not ready:
-                continue
+                active = np.flatnonzero(leases["pid"]).tolist()
+                ready = np.flatnonzero(states == SLOT_REQUEST).tolist()
+                if not ready:
+                    continue
             replies = []
             sync = False
             for lease in ready:
@@ -134,7 +145,8 @@ class Worker:
             for lease, request_id, response in replies:
                 self._respond(lease, request_id, response)
                 self.done[lease].release()
-            entry["requests"] += len(ready)
+            served += len(ready)
+            _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
 
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, lease: int):
@@ -149,7 +161,11 @@ class Worker:
             if pending is not None and pending[0] == request_id:
                 return (request_id, None), False  # the next frame of a long response
             return (request_id, m.error_response(ValueError("empty request"))), False
-        self.outgoing.pop(lease, None)
+        if self.outgoing:
+            self.outgoing.pop(lease, None)
+        if not flags & FLAG_MORE and frame_len == total_len and lease not in self.incoming:
+            message = bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])  # the common case: one frame
+            return (request_id, self._dispatch(message)), frame_len > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
         payload = slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]
         partial = self.incoming.pop(lease, None)
         if partial is not None and partial[0] == request_id:
@@ -196,6 +212,19 @@ class Worker:
             return m.error_response(exc)
 
     def _execute(self, message: bytes) -> bytes:
+        op = message[0]
+        if op == m.GET and len(message) >= 6:
+            # The hottest request, decoded inline: op, flags, u32 length, key.
+            key_len = _U32.unpack_from(message, 2)[0]
+            if 6 + key_len == len(message):
+                value = self.engine.get(message[6:])
+                return m.NOT_FOUND_RESPONSE if value is None else b"\x00" + value
+        elif op == m.PUT and len(message) >= 10:
+            key_len = _U32.unpack_from(message, 2)[0]
+            value_at = 6 + key_len
+            if value_at + 4 <= len(message) and value_at + 4 + _U32.unpack_from(message, value_at)[0] == len(message):
+                self.engine.put(message[6:value_at], message[value_at + 4 :])
+                return m.OK_RESPONSE
         reader = m.Reader(message)
         op = reader.u8()
         reader.u8()  # flags: handled by the caller

@@ -69,6 +69,7 @@ class ControlBlock:
         offset = CTL_HEADER.size
         self.shard_map = np.frombuffer(buf, dtype="<u2", count=HASH_SLOTS, offset=offset)
         offset += 2 * HASH_SLOTS
+        self.procs_offset = offset
         self.procs = np.frombuffer(buf, dtype=PROC_DTYPE, count=shards + 1, offset=offset)
         offset += PROC_DTYPE.itemsize * (shards + 1)
         self.leases = np.frombuffer(buf, dtype=LEASE_DTYPE, count=leases, offset=offset)

@@ -112,6 +112,10 @@ def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
 
 
 # -- responses --------------------------------------------------------------------------------
+OK_RESPONSE = b"\x00"
+NOT_FOUND_RESPONSE = b"\x01"
+
+
 def ok(body: bytes = b"") -> bytes:
     """An OK response."""
     return b"\x00" + body
