@@ -47,7 +47,8 @@ SUPERVISOR_LOCK = "supervisor.lock"
 EXIT_ALREADY_RUNNING = 3
 EXIT_BAD_CONFIG = 4
 EXIT_CORRUPT = 65
-IDLE_TIMEOUT = 3.0
+IDLE_TIMEOUT = 3.0  # an embedded cluster stops this long after its last client is gone
+FIRST_CLIENT_TIMEOUT = 30.0  # ... or this long after starting if no client ever came
 MAX_BACKOFF = 5.0
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
@@ -275,6 +276,7 @@ class Supervisor:
         """Watch the children until asked to stop (or, embedded, until idle)."""
         idle_since = time.monotonic()
         next_lease_check = 0.0
+        seen_client = False
         while not self.stopping:
             self._reap()
             now = time.monotonic()
@@ -282,7 +284,8 @@ class Supervisor:
                 next_lease_check = now + 0.5
                 if self.live_leases():
                     idle_since = now
-                elif now - idle_since > IDLE_TIMEOUT:
+                    seen_client = True
+                elif now - idle_since > (IDLE_TIMEOUT if seen_client else FIRST_CLIENT_TIMEOUT):
                     self.log.info("no clients left; stopping")
                     break
             time.sleep(0.05)
