@@ -336,12 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory")
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--durability", default="interval")
-    parser.add_argument("--embedded", action="store_true")
+    parser.add_argument("--embedded", action="store_true", help="stop a few seconds after the last client is gone")
+    parser.add_argument("--foreground", action="store_true", help="do not detach (default: detach once the directory is locked)")
     args = parser.parse_args(argv)
     supervisor = Supervisor(args.directory, args.shards, args.durability, args.embedded)
     if not supervisor.acquire():
         print(f"a cluster is already running on {supervisor.directory}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    try:
+        resolve_shards(supervisor.directory, args.shards)
+    except (ValueError, CorruptionError) as exc:
+        print(f"shardkv: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if not args.foreground and os.fork() > 0:
+        # The parent reports success to whoever started it and exits; the child (which keeps the
+        # directory lock) is reparented to init, so no caller is left with a zombie to reap.
+        os._exit(0)
     configure_service_logging(os.path.join(supervisor.directory, "logs"), "supervisor")
 
     def request_stop(signum, frame):

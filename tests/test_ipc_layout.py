@@ -1,0 +1,94 @@
+"""docs/IPC.md against shardkv/ipc: the tables and the constants must agree."""
+
+import re
+from pathlib import Path
+
+from shardkv.ipc import layout
+from shardkv.ipc import messages as m
+
+DOC = (Path(__file__).resolve().parent.parent / "docs" / "IPC.md").read_text()
+
+
+def table_after(heading_text: str) -> list[list[str]]:
+    """Rows (cells) of the first markdown table after the line containing `heading_text`."""
+    lines = DOC[DOC.index(heading_text) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not set(cells[0]) <= set("-: "):
+            rows.append(cells)
+    return rows[1:]
+
+
+def sizes(rows) -> list[tuple[int, int]]:
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def contiguous_total(rows) -> int:
+    position = 0
+    for offset, size in sizes(rows):
+        assert offset == position, f"gap or overlap at offset {offset}"
+        position += size
+    return position
+
+
+def test_control_header_matches_doc():
+    rows = table_after("## Control block")
+    assert contiguous_total(rows) == layout.CTL_HEADER.size == 64
+    assert f"`{layout.CTL_MAGIC.decode().strip()}\\n`" in rows[0][3]
+    assert layout.CTL_STATE_OFFSET == next(int(r[0]) for r in rows if r[2] == "state")
+    assert layout.CTL_MAP_VERSION_OFFSET == next(int(r[0]) for r in rows if r[2] == "map_version")
+
+
+def test_process_entry_matches_doc():
+    rows = table_after("**Process table**")
+    assert contiguous_total(rows) == layout.PROC_DTYPE.itemsize == 32
+    for offset, size, name in ((int(r[0]), int(r[1]), r[2]) for r in rows):
+        field_dtype, field_offset = layout.PROC_DTYPE.fields[name]
+        assert (field_offset, field_dtype.itemsize) == (offset, size), name
+
+
+def test_process_states_match_doc():
+    row = next(r for r in table_after("**Process table**") if r[2] == "state")
+    for code, name in layout.PROC_STATE_NAMES.items():
+        assert f"{code} {name}" in row[3]
+
+
+def test_slot_header_matches_doc():
+    rows = table_after("## Ring")
+    assert contiguous_total(rows) == layout.SLOT_HEADER_SIZE == 64
+    assert layout.SLOT_STATE.size + layout.SLOT_FIELDS.size <= 64
+    offsets = {r[2]: int(r[0]) for r in rows}
+    assert offsets["flags"] == 4 and offsets["request_id"] == 8 and offsets["frame_len"] == 16 and offsets["total_len"] == 24
+
+
+def test_lease_entry_size_matches_doc():
+    assert "16 bytes" in DOC[DOC.index("**Lease table**") :].splitlines()[0]
+    assert layout.LEASE_DTYPE.itemsize == 16
+
+
+def test_op_codes_match_doc():
+    rows = table_after("## Messages")
+    documented = {r[0]: int(r[1]) for r in rows}
+    assert documented == {name: code for code, name in m.OP_NAMES.items()}
+
+
+def test_key_slot_is_top_bits_of_crc32c():
+    from crc32c import crc32c
+
+    assert "crc32c(key) >> 20" in DOC
+    for key in (b"a", b"key001", bytes(range(256))):
+        assert layout.key_slot(key) == crc32c(key) >> 20 < layout.HASH_SLOTS
+
+
+def test_names_are_prefixed_and_distinct(tmp_path):
+    a = layout.names(str(tmp_path), "0000abcd", 3, 4)
+    b = layout.names(str(tmp_path / "x"), "0000abcd", 3, 4)
+    all_a = [a["control"], *a["rings"], *a["wake"], *a["done"]]
+    assert len(set(all_a)) == len(all_a) == 1 + 3 + 3 + 4
+    assert all(n.startswith(layout.name_prefix(str(tmp_path)) + "-0000abcd-") for n in all_a)
+    assert re.fullmatch(r"/shardkv-[0-9a-f]{12}", layout.name_prefix(str(tmp_path)))
+    assert a["control"] != b["control"]
