@@ -7,6 +7,7 @@ import stat
 import threading
 
 import pytest
+from crc32c import crc32c
 
 import shardkv
 from shardkv.limits import MAX_KEY_LEN
@@ -437,6 +438,28 @@ def test_second_open_of_same_directory_is_locked(tmp_path):
         assert_matches(second, {b"k": b"v", b"k2": b"v2"})
 
 
+def test_directory_lock_holds_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    child = (
+        "import sys\n"
+        "from shardkv.shards import DirectoryLocked, ShardEngine\n"
+        "try:\n"
+        "    ShardEngine.open(sys.argv[1]).close()\n"
+        "except DirectoryLocked:\n"
+        "    print('locked')\n"
+        "else:\n"
+        "    print('opened')\n"
+    )
+    with open_engine(tmp_path) as e:
+        e.put(b"k", b"v")
+        run = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert run.stdout.strip() == "locked", run.stderr
+    run = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "opened", run.stderr
+
+
 def test_failed_open_releases_the_lock(tmp_path):
     with open_engine(tmp_path) as e:
         e.put(b"k", b"v")
@@ -632,3 +655,65 @@ def test_concurrent_readers_and_writers(tmp_path):
             th.join()
         assert not errors, errors[0]
         assert e.stats()["segments"] > 2
+
+
+# -- hash collisions ---------------------------------------------------------------------------
+def _colliding_key(key: bytes, prefix: bytes) -> bytes:
+    """A key as long as `key`, starting with `prefix`, whose CRC-32C equals that of `key`.
+
+    For a fixed length CRC-32C is affine in the message bits, so the last 4 bytes can be solved
+    for over GF(2)."""
+    free = len(key) - len(prefix)
+    assert free == 4
+    base = prefix + bytes(4)
+    c0 = crc32c(base)
+    basis: list[tuple[int, int]] = []  # (crc effect, bit mask of the last 4 bytes), reduced
+    for j in range(32):
+        flipped = bytearray(base)
+        flipped[len(prefix) + j // 8] ^= 1 << (j % 8)
+        vec, mask = crc32c(bytes(flipped)) ^ c0, 1 << j
+        for bvec, bmask in basis:
+            if vec ^ bvec < vec:
+                vec, mask = vec ^ bvec, mask ^ bmask
+        if vec:
+            basis.append((vec, mask))
+            basis.sort(reverse=True)
+    want, mask = crc32c(key) ^ c0, 0
+    for bvec, bmask in basis:
+        if want ^ bvec < want:
+            want, mask = want ^ bvec, mask ^ bmask
+    assert want == 0, "no solution"
+    forged = prefix + mask.to_bytes(4, "little")
+    assert crc32c(forged) == crc32c(key) and forged != key
+    return forged
+
+
+@pytest.mark.parametrize("verify_checksums", [True, False])
+def test_keys_with_the_same_crc32c(tmp_path, verify_checksums):
+    """The index hashes keys with CRC-32C; keys that collide (same hash, same length) are told
+    apart by the key bytes in the log, and an intact colliding record is not "corruption"."""
+    k1 = b"alpha-key"
+    k2 = _colliding_key(k1, b"beta-")
+    k3 = _colliding_key(k1, b"gamma")
+    assert len({k1, k2, k3}) == 3 and crc32c(k1) == crc32c(k2) == crc32c(k3)
+    with open_engine(tmp_path, verify_checksums=verify_checksums) as e:
+        e.put(k1, b"1")
+        assert e.get(k2) is None and k2 not in e
+        assert e.delete(k2) is False
+        assert e.cas(k2, b"1", b"x") is False
+        e.put(k2, b"2")
+        e.apply([("put", k3, b"3")])
+        assert (e.get(k1), e.get(k2), e.get(k3)) == (b"1", b"2", b"3")
+        assert e.delete(k1) is True
+        assert (e.get(k1), e.get(k2), e.get(k3)) == (None, b"2", b"3")
+        e.put(k1, b"1b")
+        assert e.cas(k3, b"3", b"3b") is True
+        model = {k1: b"1b", k2: b"2", k3: b"3b"}
+        assert_matches(e, model)
+        e.compact()
+        assert_matches(e, model)
+    with open_engine(tmp_path, verify_checksums=verify_checksums) as e:
+        assert_matches(e, model)
+        assert e.delete(k2) is True
+        del model[k2]
+        assert_matches(e, model)

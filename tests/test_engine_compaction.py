@@ -222,16 +222,13 @@ def test_compaction_with_concurrent_writers_and_readers(tmp_path):
 STEPS = ("create_exclusive", "write_file_atomically", "rename", "unlink", "fsync_dir")
 
 
-def test_crash_at_every_step_of_compaction(tmp_path, monkeypatch):
-    """Copy the directory as a crash would leave it before every file operation compaction
-    makes (and at the end); every copy must open with exactly the same contents."""
-    source = tmp_path / "shard"
-    e = open_engine(source)
-    model = _churn(e, rounds=8, n_keys=30, seed=2)
+def _snapshot_every_step(monkeypatch, source, target_dir) -> list[tuple[str, str]]:
+    """Patch fileio so that the directory is copied (as a crash would leave it) before each
+    file operation; returns the list that fills with (step, copy)."""
     snapshots: list[tuple[str, str]] = []
 
     def snapshot(step: str) -> None:
-        target = tmp_path / f"crash-{len(snapshots):03d}"
+        target = target_dir / f"crash-{len(snapshots):03d}"
         copy_dir(source, target)
         snapshots.append((step, str(target)))
 
@@ -243,9 +240,54 @@ def test_crash_at_every_step_of_compaction(tmp_path, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(fileio, name, wrapped)
+    return snapshots
+
+
+def _inject(monkeypatch, failure: str) -> None:
+    """Make one step of the next compaction fail: its commit, an output rename, an input unlink."""
+    if failure == "commit":
+        real_write = fileio.write_file_atomically
+
+        def write_file_atomically(directory, name, data):
+            if name == COMPACTION_FILE:
+                raise OSError(28, "No space left on device (injected)")
+            return real_write(directory, name, data)
+
+        monkeypatch.setattr(fileio, "write_file_atomically", write_file_atomically)
+    elif failure == "rename":
+        real_rename = fileio.rename
+
+        def rename(directory, old, new):
+            if old.endswith(".log.tmp"):
+                raise OSError(5, "Input/output error (injected)")
+            return real_rename(directory, old, new)
+
+        monkeypatch.setattr(fileio, "rename", rename)
+    else:
+        real_unlink = fileio.unlink
+
+        def unlink(directory, name, missing_ok=True):
+            if name.endswith(".log"):
+                raise OSError(5, "Input/output error (injected)")
+            return real_unlink(directory, name, missing_ok)
+
+        monkeypatch.setattr(fileio, "unlink", unlink)
+
+
+def test_crash_at_every_step_of_compaction(tmp_path, monkeypatch):
+    """Copy the directory as a crash would leave it before every file operation compaction
+    makes (and at the end); every copy must open with exactly the same contents."""
+    source = tmp_path / "shard"
+    e = open_engine(source)
+    model = _churn(e, rounds=8, n_keys=30, seed=2)
+    inputs = set(segment_numbers(source))  # the active segment is sealed and compacted too
+    snapshots = _snapshot_every_step(monkeypatch, source, tmp_path)
     e.compact()
     monkeypatch.undo()
-    snapshot("after compaction")
+    snapshots.append(("after compaction", copy_dir(source, tmp_path / "crash-after")))
+    new_active = e._writer.position[0]
+    outputs = set(segment_numbers(source)) - {new_active}
+    assert outputs and not outputs & inputs
     crash(e)
 
     steps = [step for step, _ in snapshots]
@@ -255,7 +297,54 @@ def test_crash_at_every_step_of_compaction(tmp_path, monkeypatch):
         with open_engine(directory) as reopened:
             assert_matches(reopened, model)
             assert not _leftovers(directory), step
+            live = set(segment_numbers(directory)) - {new_active}
+            assert live == inputs or live == outputs, f"{step}: a mix of old and new segments: {sorted(live)}"
         with open_engine(directory) as reopened:  # and recovery left it consistent
+            assert_matches(reopened, model)
+
+
+@pytest.mark.parametrize("failure", ["commit", "rename", "unlink"])
+def test_crash_at_every_step_of_the_compaction_after_a_failed_one(tmp_path, monkeypatch, failure):
+    """A compaction fails at `failure`; the engine goes on (deletes, overwrites, new keys, segment
+    rolls), then compacts again. A crash before any file operation of that second compaction
+    must leave a directory that opens with exactly the acknowledged data: no deleted key back."""
+    source = tmp_path / "shard"
+    e = open_engine(source)
+    model = _churn(e, rounds=6, n_keys=30, seed=6)
+    _inject(monkeypatch, failure)
+    with pytest.raises(OSError):
+        e.compact()
+    monkeypatch.undo()
+    assert_matches(e, model)
+    for i in range(30):
+        key = b"key%03d" % i
+        if i % 3 == 0:
+            e.delete(key)
+            model.pop(key, None)
+        elif i % 3 == 1:
+            e.put(key, b"after-failure" * 5)
+            model[key] = b"after-failure" * 5
+    e.apply([("delete", b"batch1"), ("put", b"fresh", b"1")])
+    model.pop(b"batch1", None)
+    model[b"fresh"] = b"1"
+
+    snapshots = _snapshot_every_step(monkeypatch, source, tmp_path)
+    e.compact()
+    monkeypatch.undo()
+    assert_matches(e, model)
+    e.put(b"after-second", b"2")
+    model[b"after-second"] = b"2"
+    e.close()
+    assert len(snapshots) > 10
+    with open_engine(source) as reopened:
+        assert_matches(reopened, model)
+    del model[b"after-second"]
+    for step, directory in snapshots:
+        with open_engine(directory) as reopened:
+            assert reopened.get(b"key000") is None, f"{step}: a deleted key came back"
+            assert_matches(reopened, model)
+            assert not _leftovers(directory), step
+        with open_engine(directory) as reopened:
             assert_matches(reopened, model)
 
 

@@ -424,3 +424,62 @@ def test_leftover_tmp_files_and_uncommitted_compaction_are_removed(tmp_path):
     with open_engine(tmp_path) as e:
         assert_matches(e, model)
     assert set(os.listdir(tmp_path)) == names_before
+
+
+# -- a real crash ------------------------------------------------------------------------------------
+CHILD_WRITER = """
+import sys
+from shardkv.shards import ShardEngine
+e = ShardEngine.open(sys.argv[1], durability="process", segment_size=8192)
+i = 0
+while True:
+    e.apply([("put", b"b%06d-%d" % (i, j), b"%d" % i * (i % 40)) for j in range(3)])
+    if i % 7 == 0:
+        e.delete(b"b%06d-1" % i)
+    sys.stdout.write(f"{i}\\n")
+    sys.stdout.flush()
+    i += 1
+"""
+
+
+def test_sigkill_keeps_every_acknowledged_write(tmp_path):
+    """kill -9 a process that is writing: every acknowledged batch is there after reopen, and
+    the batches present are a prefix of those written, each one whole."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    acknowledged = -1
+    try:
+        for line in child.stdout:
+            acknowledged = int(line)
+            if acknowledged >= 400:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        rest = child.stdout.read()
+        child.wait()
+    lines = [int(x) for x in rest.split()]
+    acknowledged = max([acknowledged] + lines)
+    assert acknowledged >= 400
+
+    with open_engine(tmp_path, segment_size=8192) as e:
+        present = dict(e.scan())
+        assert e.stats()["segments"] > 3
+    batches = {}
+    for key, value in present.items():
+        i = int(key[1:7])
+        batches.setdefault(i, {})[key] = value
+    last = max(batches)
+    assert last >= acknowledged
+    assert sorted(batches) == list(range(last + 1)), "the batches present are not a prefix"
+    for i, got in batches.items():
+        full = {b"b%06d-%d" % (i, j): b"%d" % i * (i % 40) for j in range(3)}
+        without = {k: v for k, v in full.items() if k != b"b%06d-1" % i}
+        if i % 7:
+            assert got == full, i
+        elif i < last or i <= acknowledged:  # its delete was acknowledged, or a later batch is there
+            assert got == without, i
+        else:  # the delete right after the last batch may or may not have landed
+            assert got in (full, without), i
