@@ -440,10 +440,29 @@ class Client(MutableMapping):
         """fsync every shard's log."""
         self._call_many({s: m.request(m.SYNC) for s in range(self.shards)})
 
-    def compact(self, shard: int | None = None) -> list[dict]:
-        """Compact one shard or all of them online; return each compaction's figures."""
-        targets = range(self.shards) if shard is None else [shard]
-        return [json.loads(bytes(self._call(s, m.request(m.COMPACT), read=False)[1])) for s in targets]
+    def compact(self, shard: int | None = None, wait: bool = True, progress=None) -> list[dict]:
+        """Compact one shard or all of them online (reads and writes go on meanwhile).
+
+        With `wait`, return each shard's result ({"before": ..., "after": ..., "seconds": ...})
+        once all are done; `progress(done, total)` is called while waiting.
+        """
+        if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int)):
+            raise TypeError(f"shard must be an int or None, not {type(shard).__name__}")
+        if shard is not None and not 0 <= shard < self.shards:
+            raise ValueError(f"shard must be between 0 and {self.shards - 1}, not {shard}")
+        targets = list(range(self.shards)) if shard is None else [shard]
+        for s in targets:
+            self._call(s, m.request(m.COMPACT), read=False)
+        if not wait:
+            return []
+        while True:
+            answers = self._call_many({s: m.request(m.STATS) for s in targets})
+            states = {s: json.loads(bytes(answers[s][1]))["compaction"] for s in targets}
+            if progress is not None:
+                progress(sum(c["done"] for c in states.values()), sum(c["total"] for c in states.values()))
+            if not any(c["running"] for c in states.values()):
+                return [states[s]["last"] for s in targets]
+            time.sleep(0.1)
 
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -162,6 +162,7 @@ def compact(engine) -> dict:
 
     outputs: list[_Output] = []
     new_locations = np.zeros(len(ids), dtype=np.uint64)
+    engine._compaction_progress = (0, len(ids))
     capacity = engine.segment_size
     try:
         current = None
@@ -183,6 +184,8 @@ def compact(engine) -> dict:
                 outputs.append(current)
             offset_out = current.add(record, header.key_len, header.value_len, header.seq, header.expires_at)
             new_locations[i] = (current.number << 32) | offset_out
+            if i % 4096 == 0:
+                engine._compaction_progress = (i, len(ids))
         if current is not None:
             current.finish()
         # Commit point: from here on the new segments are the truth.

@@ -12,6 +12,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -98,6 +99,8 @@ class ShardEngine:
         self._compaction_lock = threading.Lock()
         self._unfinished_compaction = None  # "committed"/"swapped" while a failed one awaits cleanup
         self._orphan_segments: list[int] = []  # on disk, never mapped: deleted by the next compaction
+        self._compaction_progress = (0, 0)  # (records copied, records to copy) of the running one
+        self._last_compaction: dict | None = None
         self._version = 0  # odd while the index is being changed; readers retry on a change
         self._maps = state.maps
         self._paths = state.paths
@@ -464,6 +467,10 @@ class ShardEngine:
             stats["index_bytes"] = self._index.nbytes + self._sorted.nbytes
             stats["seq"] = self._seq
             stats["durability"] = self.durability
+            stats["last_fsync_age"] = round(max(0.0, time.time() - self._writer.last_sync), 3)
+            running = self._compaction_lock.locked()
+            done, total = self._compaction_progress if running else (0, 0)
+            stats["compaction"] = {"running": running, "done": done, "total": total, "last": self._last_compaction}
             stats["recovery"] = dict(self.recovery)
             return stats
 
@@ -474,7 +481,9 @@ class ShardEngine:
         Returns {"before": space, "after": space, "seconds": ..., ...} with space as in stats().
         """
         with self._compaction_lock:
-            return compaction.compact(self)
+            result = compaction.compact(self)
+            self._last_compaction = result
+            return result
 
     def sync(self) -> None:
         """fsync everything written so far, whatever the durability level."""

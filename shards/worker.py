@@ -14,6 +14,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 
 import numpy as np
@@ -78,6 +79,10 @@ class Worker:
         self.outgoing: dict[int, tuple[int, memoryview, int]] = {}
         self.stopping = False
         self.engine = None
+        self.compact_threshold = config.get("compact_threshold", 0.5)
+        self.compact_min_bytes = config.get("compact_min_bytes", 64 << 20)
+        self.compactor: threading.Thread | None = None
+        self.next_compaction_check = 0.0
         self.requests_offset = self.control.procs_offset + (1 + self.shard) * PROC_DTYPE.itemsize + PROC_DTYPE.fields["requests"][1]
 
     # -- life cycle ------------------------------------------------------------------------
@@ -97,6 +102,8 @@ class Worker:
         try:
             self._serve()
         finally:
+            if self.compactor is not None:
+                self.compactor.join()
             self.engine.close()
             self.log.info("stopped", requests=int(entry["requests"]))
         return 0
@@ -124,6 +131,7 @@ class Worker:
                 pass
             if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
                 return
+            self._maybe_compact()
             ready = [lease for lease in active if unpack_state(slot_state[lease], 0)[0] == SLOT_REQUEST]
             if not ready:
                 active = np.flatnonzero(leases["pid"]).tolist()
@@ -147,6 +155,36 @@ class Worker:
                 self.done[lease].release()
             served += len(ready)
             _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
+
+    def _maybe_compact(self) -> None:
+        """Start a background compaction when garbage passes the threshold (checked every 10 s)."""
+        now = time.monotonic()
+        if now < self.next_compaction_check or (self.compactor is not None and self.compactor.is_alive()):
+            return
+        self.next_compaction_check = now + 10
+        space = self.engine.stats()
+        if space["total_bytes"] >= self.compact_min_bytes and space["garbage_ratio"] >= self.compact_threshold:
+            self._start_compaction()
+
+    def _start_compaction(self) -> bool:
+        """Start a compaction in a background thread unless one is running; True if started."""
+        if (self.compactor is not None and self.compactor.is_alive()) or self.engine._compaction_lock.locked():
+            return False
+        self.compactor = threading.Thread(target=self._compact_in_background, name="shardkv-compactor", daemon=True)
+        self.compactor.start()
+        return True
+
+    def _compact_in_background(self) -> None:
+        try:
+            result = self.engine.compact()
+            self.log.info(
+                "compacted",
+                bytes_before=result["before"]["total_bytes"],
+                bytes_after=result["after"]["total_bytes"],
+                seconds=round(result["seconds"], 3),
+            )
+        except Exception as exc:  # the next check tries again; requests are unaffected
+            self.log.error("compaction failed", error=repr(exc))
 
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, lease: int):
@@ -280,8 +318,10 @@ class Worker:
             return m.ok(len(engine).to_bytes(8, "little"))
         if op in (m.STATS, m.COMPACT):
             reader.end()
-            result = engine.stats() if op == m.STATS else engine.compact()
-            return m.ok(json.dumps(result).encode())
+            if op == m.STATS:
+                return m.ok(json.dumps(engine.stats()).encode())
+            started = self._start_compaction()  # in the background: requests go on being served
+            return m.ok(json.dumps({"started": started}).encode())
         if op == m.SYNC:
             reader.end()
             engine.sync()

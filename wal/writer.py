@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable
 
 from shardkv.errors import Closed, StorageError
@@ -73,6 +74,7 @@ class LogWriter:
         self._capacity = max(os.fstat(self._fd).st_size, end)
         self._next_number = segment + 1
         self._synced = (segment, end)
+        self.last_sync = time.time()  # wall-clock time of the last completed fsync
         self._failure: BaseException | None = None
         self._closed = False
         self._stop = threading.Event()
@@ -185,6 +187,7 @@ class LogWriter:
             finally:
                 os.close(fd)
             self._synced = max(self._synced, target)
+            self.last_sync = time.time()
 
     def sync(self) -> None:
         """fsync everything written so far."""
