@@ -87,13 +87,11 @@ def read_cluster_file(directory: str) -> dict | None:
         return None
 
 
-def remove_leftovers(directory: str) -> list[str]:
-    """Kill processes and unlink shared objects left by a killed cluster of `directory`.
-
-    The caller holds the supervisor lock, so no live cluster can own them.
+def remove_leftovers(directory: str, old: dict | None) -> list[str]:
+    """Kill processes and unlink shared objects left by a killed cluster of `directory`
+    (`old`: its cluster.json). The caller holds the supervisor lock, so no live cluster owns them.
     """
     removed = []
-    old = read_cluster_file(directory)
     for pid, start_time in (old or {}).get("children", []):
         if pid and process_start_time(pid) == start_time:
             try:
@@ -143,6 +141,10 @@ class Supervisor:
         except BlockingIOError:
             os.close(self.lock_fd)
             return False
+        # A killed predecessor's description must not lure clients while this cluster starts;
+        # its pids and names are kept for remove_leftovers().
+        self.previous = read_cluster_file(self.directory)
+        fileio.unlink(run_dir(self.directory), CLUSTER_FILE)
         return True
 
     def start(self) -> None:
@@ -150,7 +152,7 @@ class Supervisor:
         self.shards, exists = resolve_shards(self.directory, self.requested_shards)
         if not exists:
             write_manifest(self.directory, self.shards)
-        leftovers = remove_leftovers(self.directory)
+        leftovers = remove_leftovers(self.directory, self.previous)
         if leftovers:
             self.log.warning("removed leftovers of a killed cluster", removed=leftovers)
         for lease in range(self.leases):
@@ -285,6 +287,9 @@ class Supervisor:
                 if self.live_leases():
                     idle_since = now
                     seen_client = True
+                elif not seen_client and self.control.attaches:
+                    seen_client = True  # a client came and went between two checks
+                    idle_since = now
                 elif now - idle_since > (IDLE_TIMEOUT if seen_client else FIRST_CLIENT_TIMEOUT):
                     self.log.info("no clients left; stopping")
                     break

@@ -108,7 +108,25 @@ class Client(MutableMapping):
 
     # -- attaching -------------------------------------------------------------------------
     def _attach(self, timeout: float) -> None:
-        info = self._find_or_start(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._find_or_start(max(0.0, deadline - time.monotonic()))
+            try:
+                self._map_cluster(info)
+                break
+            except posix_ipc.ExistentialError:
+                # The cluster described stopped (or was killed) after we read its description.
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"no cluster came up on {self.directory} within {timeout} s") from None
+                time.sleep(0.01)
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._forked = False
+        self._request_id = random.getrandbits(62)
+        self._closed = False
+        _LIVE_CLIENTS[id(self)] = self
+
+    def _map_cluster(self, info: dict) -> None:
         self._info = info
         self.shards = info["shards"]
         names = info["names"]
@@ -119,12 +137,6 @@ class Client(MutableMapping):
         self._rings = [Ring(buf, info["leases"], info["slot_size"]) for buf in self._ring_bufs]
         self._wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
         self._take_lease(info)
-        self._lock = threading.RLock()
-        self._pid = os.getpid()
-        self._forked = False
-        self._request_id = random.getrandbits(62)
-        self._closed = False
-        _LIVE_CLIENTS[id(self)] = self
 
     def _find_or_start(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -172,6 +184,7 @@ class Client(MutableMapping):
         self._lease_fd, self._lease = fd, lease
         entry = self._control.leases[lease]
         entry["pid"], entry["start_time"] = os.getpid(), process_start_time(os.getpid())
+        self._control.note_attach()
         self._done = posix_ipc.Semaphore(info["names"]["done"][lease])
         # A dead previous owner may have left a request in flight: let the workers answer it.
         deadline = time.monotonic() + 10
@@ -262,8 +275,8 @@ class Client(MutableMapping):
     def _check_cluster(self, shard: int, waited: float) -> None:
         if self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
             raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
-        if not lock_is_held(os.path.join(run_dir(self.directory), SUPERVISOR_LOCK)):
-            raise Unavailable(f"the cluster serving {self.directory} is not running")
+        if process_start_time(self._info["pid"]) != self._info["start_time"]:
+            raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
         if waited > REQUEST_TIMEOUT:
             raise Unavailable(f"shard {shard} did not answer within {REQUEST_TIMEOUT} s")
 
@@ -303,6 +316,8 @@ class Client(MutableMapping):
 
     def shard_of(self, key: bytes) -> int:
         """The shard that owns `key` (through the coordinator's shard map)."""
+        if self._closed:
+            raise Closed("the shardkv client is closed")
         return self._map[crc32c(key) >> 20]
 
     # -- the API ---------------------------------------------------------------------------

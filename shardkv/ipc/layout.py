@@ -15,10 +15,11 @@ DEFAULT_LEASES = 64
 DEFAULT_SLOT_SIZE = 128 * 1024
 
 CTL_MAGIC = b"SHKVCTL\n"
-CTL_HEADER = struct.Struct("<8sHHHHIIII32x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid
+CTL_HEADER = struct.Struct("<8sHHHHIIIII28x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid, attaches
 CTL_STATE = struct.Struct("<I")
 CTL_STATE_OFFSET = 16
 CTL_MAP_VERSION_OFFSET = 20
+CTL_ATTACHES_OFFSET = 32
 STARTING, READY, STOPPING = 0, 1, 2
 
 PROC_DTYPE = np.dtype([("pid", "<u4"), ("state", "<u4"), ("generation", "<u4"), ("restarts", "<u4"), ("started_at", "<f8"), ("requests", "<u8")])
@@ -77,7 +78,7 @@ class ControlBlock:
     @staticmethod
     def read_header(buf) -> dict:
         """The header fields of a control block, checked."""
-        magic, version, shards, leases, slots, state, map_version, slot_size, pid = CTL_HEADER.unpack_from(buf)
+        magic, version, shards, leases, slots, state, map_version, slot_size, pid, _ = CTL_HEADER.unpack_from(buf)
         if magic != CTL_MAGIC or version != VERSION or slots != HASH_SLOTS:
             raise ValueError("not a shardkv control block of this version")
         return {"shards": shards, "leases": leases, "state": state, "map_version": map_version, "slot_size": slot_size, "supervisor_pid": pid}
@@ -85,7 +86,7 @@ class ControlBlock:
     @staticmethod
     def write_header(buf, shards: int, leases: int, slot_size: int, supervisor_pid: int) -> None:
         """Initialise the header (state STARTING)."""
-        CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid)
+        CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid, 0)
 
     @property
     def state(self) -> int:
@@ -94,6 +95,15 @@ class ControlBlock:
     @state.setter
     def state(self, value: int) -> None:
         CTL_STATE.pack_into(self.buf, CTL_STATE_OFFSET, value)
+
+    @property
+    def attaches(self) -> int:
+        """How many clients have attached (a hint: concurrent bumps may merge)."""
+        return CTL_STATE.unpack_from(self.buf, CTL_ATTACHES_OFFSET)[0]
+
+    def note_attach(self) -> None:
+        """Called by a client when it takes a lease."""
+        CTL_STATE.pack_into(self.buf, CTL_ATTACHES_OFFSET, (self.attaches + 1) & 0xFFFFFFFF or 1)
 
     @property
     def map_version(self) -> int:
