@@ -116,13 +116,14 @@ def remove_leftovers(directory: str, old: dict | None) -> list[str]:
 class Supervisor:
     """Runs one cluster; see the module docstring."""
 
-    def __init__(self, directory: str, shards: int | None, durability: str, embedded: bool, leases: int = DEFAULT_LEASES, slot_size: int = DEFAULT_SLOT_SIZE):
+    def __init__(self, directory: str, shards: int | None, durability: str, embedded: bool, leases: int = DEFAULT_LEASES, slot_size: int = DEFAULT_SLOT_SIZE, compaction: dict | None = None):
         self.directory = os.path.realpath(directory)
         self.durability = durability
         self.embedded = embedded
         self.leases = leases
         self.slot_size = slot_size
         self.requested_shards = shards
+        self.compaction = compaction or {}
         self.children: list[subprocess.Popen | None] = []
         self.restart_at: list[float] = []
         self.backoff: list[float] = []
@@ -178,6 +179,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "max_message": DEFAULT_MAX_MESSAGE,
             "log_dir": os.path.join(self.directory, "logs"),
+            **self.compaction,
         }
         self.children = [None] * (self.shards + 1)
         self.restart_at = [0.0] * (self.shards + 1)
@@ -343,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--durability", default="interval")
     parser.add_argument("--embedded", action="store_true", help="stop a few seconds after the last client is gone")
     parser.add_argument("--foreground", action="store_true", help="do not detach (default: detach once the directory is locked)")
+    parser.add_argument("--compact-threshold", type=float, default=0.5, help="garbage ratio at which a shard compacts itself")
+    parser.add_argument("--compact-min-bytes", type=int, default=64 << 20, help="smallest log worth compacting automatically")
+    parser.add_argument("--compact-check-interval", type=float, default=10.0, help="seconds between a worker's garbage checks")
     args = parser.parse_args(argv)
-    supervisor = Supervisor(args.directory, args.shards, args.durability, args.embedded)
+    compaction = {"compact_threshold": args.compact_threshold, "compact_min_bytes": args.compact_min_bytes, "compact_check_interval": args.compact_check_interval}
+    supervisor = Supervisor(args.directory, args.shards, args.durability, args.embedded, compaction=compaction)
     if not supervisor.acquire():
         print(f"a cluster is already running on {supervisor.directory}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

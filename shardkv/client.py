@@ -258,7 +258,7 @@ class Client(MutableMapping):
     def _wait(self, shard: int, slot, request_id: int) -> None:
         """Block until `slot` holds the response to `request_id`."""
         started = time.monotonic()
-        next_check = started + 1.0
+        next_check = started + 0.2
         while True:
             if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_RESPONSE and read_frame(slot)[2] == request_id:
                 return

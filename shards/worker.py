@@ -81,6 +81,7 @@ class Worker:
         self.engine = None
         self.compact_threshold = config.get("compact_threshold", 0.5)
         self.compact_min_bytes = config.get("compact_min_bytes", 64 << 20)
+        self.compact_check_interval = config.get("compact_check_interval", 10.0)
         self.compactor: threading.Thread | None = None
         self.next_compaction_check = 0.0
         self.requests_offset = self.control.procs_offset + (1 + self.shard) * PROC_DTYPE.itemsize + PROC_DTYPE.fields["requests"][1]
@@ -157,11 +158,11 @@ class Worker:
             _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
 
     def _maybe_compact(self) -> None:
-        """Start a background compaction when garbage passes the threshold (checked every 10 s)."""
+        """Start a background compaction when garbage passes the threshold (checked now and then)."""
         now = time.monotonic()
         if now < self.next_compaction_check or (self.compactor is not None and self.compactor.is_alive()):
             return
-        self.next_compaction_check = now + 10
+        self.next_compaction_check = now + self.compact_check_interval
         space = self.engine.stats()
         if space["total_bytes"] >= self.compact_min_bytes and space["garbage_ratio"] >= self.compact_threshold:
             self._start_compaction()
