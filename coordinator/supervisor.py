@@ -21,6 +21,17 @@ import time
 import posix_ipc
 
 from shardkv.coordinator.manifest import resolve_shards, write_manifest
+from shardkv.coordinator.runfiles import (  # noqa: F401 (re-exported for callers of this module)
+    CLUSTER_FILE,
+    EXIT_ALREADY_RUNNING,
+    EXIT_BAD_CONFIG,
+    RUN_DIR,
+    SUPERVISOR_LOCK,
+    lease_path,
+    lock_is_held,
+    read_cluster_file,
+    run_dir,
+)
 from shardkv.errors import CorruptionError
 from shardkv.ipc.layout import (
     DEFAULT_LEASES,
@@ -40,51 +51,13 @@ from shardkv.ipc.layout import (
 )
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio
+from shardkv.wal.writer import check_durability
 
-RUN_DIR = "run"
-CLUSTER_FILE = "cluster.json"
-SUPERVISOR_LOCK = "supervisor.lock"
-EXIT_ALREADY_RUNNING = 3
-EXIT_BAD_CONFIG = 4
 EXIT_CORRUPT = 65
 IDLE_TIMEOUT = 3.0  # an embedded cluster stops this long after its last client is gone
 FIRST_CLIENT_TIMEOUT = 30.0  # ... or this long after starting if no client ever came
 MAX_BACKOFF = 5.0
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
-
-
-def run_dir(directory: str) -> str:
-    """The folder of a store's runtime files."""
-    return os.path.join(directory, RUN_DIR)
-
-
-def lease_path(directory: str, lease: int) -> str:
-    """The lock file of client lease `lease`."""
-    return os.path.join(run_dir(directory), f"lease-{lease}.lock")
-
-
-def lock_is_held(path: str) -> bool:
-    """True if some process holds an flock on `path`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def read_cluster_file(directory: str) -> dict | None:
-    """The description of the cluster last started on `directory`, or None."""
-    try:
-        with open(os.path.join(run_dir(directory), CLUSTER_FILE), "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def remove_leftovers(directory: str, old: dict | None) -> list[str]:
@@ -189,6 +162,8 @@ class Supervisor:
         self._write_cluster_file()
         deadline = time.monotonic() + 120
         while not all(self.control.procs["state"] == PROC_UP):
+            if self.stopping:
+                return  # asked to stop while starting: main() tears down
             self._reap()
             if any(self.control.procs["state"] == PROC_QUARANTINED):
                 break
@@ -355,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a cluster is already running on {supervisor.directory}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
     try:
+        check_durability(args.durability)
         resolve_shards(supervisor.directory, args.shards)
     except (ValueError, CorruptionError) as exc:
         print(f"shardkv: {exc}", file=sys.stderr)
@@ -373,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             supervisor.start()
+            if supervisor.stopping:
+                return 0
         except (ValueError, CorruptionError) as exc:
             print(f"shardkv: {exc}", file=sys.stderr)
             return EXIT_BAD_CONFIG

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import shardkv
-from shardkv.coordinator.supervisor import (
+from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
     EXIT_BAD_CONFIG,
     SUPERVISOR_LOCK,
@@ -50,7 +50,7 @@ EXIT_USAGE = 2
 START_TIMEOUT = 120.0  # the supervisor itself gives up after 120 s
 STOP_TIMEOUT = 30.0
 SUPERVISOR_LOG = "supervisor.stderr"
-DURABILITY_CHOICES = ("process", "interval", "fsync")
+DURABILITY_CHOICES = shardkv.DURABILITY_LEVELS
 
 _HEX_LITERAL = re.compile(r"[xX]'([0-9A-Fa-f]*)'")
 

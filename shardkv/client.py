@@ -24,7 +24,7 @@ import posix_ipc
 from crc32c import crc32c
 
 from shardkv.coordinator.manifest import resolve_shards
-from shardkv.coordinator.supervisor import (
+from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
     EXIT_BAD_CONFIG,
     SUPERVISOR_LOCK,
@@ -145,9 +145,13 @@ class Client(MutableMapping):
         while True:
             if lock_is_held(lock):
                 info = read_cluster_file(self.directory)
-                if info is not None and info.get("ready"):
+                # Trust the description only if the supervisor it names is alive (pid and start
+                # time): a killed cluster's file can outlive it until its successor removes it.
+                if info is not None and info.get("ready") and process_start_time(info["pid"]) == info["start_time"]:
                     if self._requested_shards is not None and self._requested_shards != info["shards"]:
                         raise ValueError(f"{self.directory} has {info['shards']} shards, not {self._requested_shards}; shards is fixed at creation")
+                    if spawned is not None:
+                        _reap(spawned)
                     return info
             elif spawned is None or spawned.poll() is not None:
                 if spawned is not None and spawned.returncode not in (0, EXIT_ALREADY_RUNNING):
@@ -545,6 +549,14 @@ def _bound(name: str, value) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
+
+
+def _reap(process: subprocess.Popen) -> None:
+    """Collect the supervisor's starter, which exits as soon as the supervisor detaches."""
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _read_tail(path: str) -> str:

@@ -10,7 +10,7 @@ import posix_ipc
 import pytest
 
 import shardkv
-from shardkv.coordinator.supervisor import read_cluster_file
+from shardkv.coordinator.runfiles import read_cluster_file
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     FLAG_MORE,

@@ -153,11 +153,16 @@ def read_frame(slot: memoryview) -> tuple[int, int, int, int, int]:
 
 
 def process_start_time(pid: int) -> int:
-    """The start time of process `pid` in clock ticks since boot (0 if it does not exist)."""
+    """The start time of process `pid` in clock ticks since boot (0 if it does not exist or has
+    exited: a zombie nobody reaped still has a /proc entry, but it serves nobody)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return 0
-    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    # The command name (field 2) may contain spaces, so split after its ')': then the state is
+    # field 3 and the start time field 22.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return 0
+    return int(fields[19])
