@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 import shardkv
+from shardkv.ops.salvage import salvage_store
+from shardkv.ops.status import collect_status, exit_code, render_prometheus, render_table
+from shardkv.ops.verify import verify_store
 from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
     EXIT_BAD_CONFIG,
@@ -383,19 +386,74 @@ def _health_table(health: dict) -> str:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     directory = _realdir(args.directory)
-    health = read_health(directory)
-    if health is None:
-        if args.json:
-            print(json.dumps({"status": "not running", "directory": directory}))
+    while True:
+        if read_health(directory) is None:
+            output, code = (json.dumps({"status": "not running", "directory": directory}) if args.json else f"not running: {directory}"), EXIT_USAGE
         else:
-            print(f"not running: {directory}")
+            with shardkv.open(directory) as db:
+                status = collect_status(db, sample_seconds=0.25)
+            code = exit_code(status)
+            if args.json or args.format == "json":
+                output = json.dumps(dict(status, directory=directory), indent=2)
+            elif args.format == "prometheus":
+                output = render_prometheus(status).rstrip("\n")
+            else:
+                output = f"{directory}\n{render_table(status)}"
+        if not args.watch:
+            print(output)
+            return code
+        sys.stdout.write("\x1b[H\x1b[2J" + output + "\n")  # redraw in place
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    directory = _realdir(args.directory)
+    if read_health(directory) is None:
+        print(f"not running: {directory} (start it, or open it, to compact online)", file=sys.stderr)
         return EXIT_USAGE
-    if args.json:
-        print(json.dumps(dict(health, directory=directory), indent=2))
-    else:
-        print(f"{directory}")
-        print(_health_table(health))
-    return {"healthy": EXIT_OK, "down": EXIT_USAGE}.get(health.get("status"), EXIT_FAIL)
+    with shardkv.open(directory) as db:
+        progress = _Progress("compacting", 1)
+
+        def show(done: int, total: int) -> None:
+            progress.total = max(1, total)
+            progress.update(min(done, total))
+
+        results = db.compact(args.shard, progress=show)
+        progress.clear()
+    shards = range(len(results)) if args.shard is None else [args.shard]
+    for shard, result in zip(shards, results):
+        if result is None:
+            continue
+        before, after = result["before"], result["after"]
+        print(
+            f"shard {shard}: {before['total_bytes']:,} -> {after['total_bytes']:,} bytes "
+            f"(garbage {before['garbage_ratio']:.0%} -> {after['garbage_ratio']:.0%}) in {result['seconds']:.2f} s"
+        )
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_store(_realdir(args.directory))
+    for problem in report["problems"]:
+        print(problem)
+    for tail in report["torn_tails"]:
+        print(f"note: {tail}")
+    verdict = "ok" if report["ok"] else f"{len(report['problems'])} corrupt place(s)"
+    print(f"{report['segments']} segments, {report['records']:,} records: {verdict}")
+    return EXIT_OK if report["ok"] else EXIT_FAIL
+
+
+def _cmd_salvage(args: argparse.Namespace) -> int:
+    source = _realdir(args.directory)
+    if read_health(source) is not None:
+        print(f"{source} is being served by a running cluster: stop it first", file=sys.stderr)
+        return EXIT_USAGE
+    report = salvage_store(source, _realdir(args.destination))
+    for problem in report["problems"]:
+        print(f"not saved: {problem}")
+    print(f"saved {report['keys']:,} keys ({report['records_read']:,} records read) into {args.destination}; {report['bytes_lost']:,} bytes could not be read")
+    return EXIT_OK if not report["problems"] else EXIT_FAIL
 
 
 # -- commands: data ---------------------------------------------------------------------------
@@ -640,8 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--foreground", action="store_true", help="run the supervisor in this process until SIGTERM/SIGINT")
     stop = command("stop", _cmd_stop, "stop the cluster serving DIR")
     stop.add_argument("--timeout", type=float, default=STOP_TIMEOUT, help=f"seconds to wait (default {STOP_TIMEOUT:g})")
-    status = command("status", _cmd_status, "show the processes of the cluster serving DIR (exit 0 healthy, 1 degraded, 2 down)")
-    status.add_argument("--json", action="store_true", help="print health() as JSON")
+    status = command("status", _cmd_status, "show every process and shard of the cluster serving DIR (exit 0 healthy, 1 degraded, 2 down)")
+    status.add_argument("--json", action="store_true", help="print the status (the object db.health() returns) as JSON")
+    status.add_argument("--format", choices=("table", "json", "prometheus"), default="table", help="output format (default: table)")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS", help="refresh in place every SECONDS (default 2)")
+    compact = command("compact", _cmd_compact, "compact the cluster serving DIR online, with progress")
+    compact.add_argument("--shard", type=int, default=None, metavar="N", help="only shard N")
+    command("verify", _cmd_verify, "check every record of every segment of DIR without changing anything (exit 1 if corrupt)")
+    salvage = command("salvage", _cmd_salvage, "copy every record that can still be read from DIR into a new store NEWDIR")
+    salvage.add_argument("destination", metavar="NEWDIR")
 
     command("get", _cmd_get, "print the value of KEY", data=True).add_argument("key", metavar="KEY")
     put = command("put", _cmd_put, "set KEY to VALUE", data=True, write=True)

@@ -451,9 +451,14 @@ class Client(MutableMapping):
         return {"shards": shards, **totals}
 
     def health(self) -> dict:
-        """Supervisor, coordinator and every shard worker: role, shard, pid, state, restarts."""
+        """The object `shardkv status DIR --json` prints: overall status; supervisor,
+        coordinator and every shard worker (role, shard, pid, state, restarts, uptime,
+        requests, ops_per_second); for shards also keys, live_bytes, total_bytes,
+        garbage_ratio, segments, waiting, last_fsync_age, in_doubt, compacting."""
+        from shardkv.ops.status import collect_status  # noqa: PLC0415
+
         self._check()
-        return health_from_control(self._control, self._info)
+        return collect_status(self, sample_seconds=0.0)
 
     def sync(self) -> None:
         """fsync every shard's log."""

@@ -222,8 +222,13 @@ def test_start_status_stop(tmp_path):
 
         table = run_cli("status", directory)
         assert table.returncode == 0
-        assert table.stdout.splitlines()[1].split() == ["ROLE", "SHARD", "PID", "STATE", "RESTARTS", "UPTIME"]
-        assert "status: healthy" in table.stdout
+        lines = table.stdout.splitlines()
+        assert lines[1] == "status: healthy"
+        assert lines[2].split()[:6] == ["role", "shard", "pid", "state", "uptime", "restarts"]
+        assert {"keys", "garbage", "waiting", "ops/s", "fsync", "doubt"} <= set(lines[2].split())
+        assert [line.split()[0] for line in lines[3:]] == ["supervisor", "coordinator", "shard", "shard"]
+        prometheus = run_cli("status", directory, "--format", "prometheus")
+        assert prometheus.returncode == 0 and 'shardkv_up{role="shard",shard="1"} 1' in prometheus.stdout
 
         stopped = run_cli("stop", directory)
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
@@ -279,3 +284,25 @@ def test_cluster_bench_runs(capsys, monkeypatch, tmp_path):
         assert f"  {phase} " in out
     assert "PROBLEM" not in out
     assert list(tmp_path.iterdir()) == []  # the temporary store is gone
+
+
+def test_verify_and_salvage_commands(tmp_path, capsys):
+    from shardkv.shards import ShardEngine
+
+    source = tmp_path / "src"
+    with ShardEngine.open(source, segment_size=4096) as engine:
+        for i in range(100):
+            engine.put(b"k%03d" % i, b"v" * 40)
+    assert cli.main(["verify", str(source)]) == 0
+    assert "ok" in capsys.readouterr().out
+    segment = sorted(p for p in source.iterdir() if p.suffix == ".log")[1]
+    data = bytearray(segment.read_bytes())
+    data[100] ^= 1
+    segment.write_bytes(bytes(data))
+    assert cli.main(["verify", str(source)]) == 1
+    out = capsys.readouterr().out
+    assert str(segment) in out and "offset" in out
+    assert cli.main(["salvage", str(source), str(tmp_path / "dst")]) == 1  # something was lost
+    out = capsys.readouterr().out
+    assert "saved 99 keys" in out
+    assert cli.main(["verify", str(tmp_path / "dst")]) == 0
