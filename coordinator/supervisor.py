@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         # The parent reports success to whoever started it and exits; the child (which keeps the
         # directory lock) is reparented to init, so no caller is left with a zombie to reap.
         os._exit(0)
-    configure_service_logging(os.path.join(supervisor.directory, "logs"), "supervisor")
+    configure_service_logging(os.path.join(supervisor.directory, "logs"), "supervisor", terminal=args.foreground)
 
     def request_stop(signum, frame):
         supervisor.stopping = True

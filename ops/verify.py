@@ -12,8 +12,8 @@ from typing import Iterator
 
 from shardkv.errors import CorruptionError
 from shardkv.wal.format import DATA_RECORD_TYPES, KIND_DECISIONS, KIND_LOG, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
-from shardkv.wal.reader import _intact_header_after, map_file
-from shardkv.wal.records import RecordHeader, decode_header, record_crc_ok
+from shardkv.wal.reader import intact_header_after, all_zero_from, map_file, unreadable_reason
+from shardkv.wal.records import RecordHeader, decode_header
 from shardkv.wal.segment import decode_segment_header, list_segments
 
 
@@ -55,22 +55,16 @@ def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHead
     batch: list[tuple[int, RecordHeader]] = []
     while offset < size:
         record = decode_header(buf, offset)
-        if record is None and not batch and active and not any(buf[offset : offset + 4096]) and _all_zero(buf, offset):
+        if record is None and not batch and active and all_zero_from(buf, offset):
             return
-        problem = None
-        if record is None:
-            problem = "unreadable record header"
-        elif offset + record.size > size:
-            problem = "record runs past the end of the file"
-        elif not record_crc_ok(buf, offset, record):
-            problem = "record checksum mismatch"
-        elif batch and (record.batch_left != batch[-1][1].batch_left - 1 or record.seq != batch[-1][1].seq):
+        problem = unreadable_reason(buf, offset, record)
+        if problem is None and batch and (record.batch_left != batch[-1][1].batch_left - 1 or record.seq != batch[-1][1].seq):
             problem = "batch numbering broken"
-        elif record.type not in DATA_RECORD_TYPES and not allow_tx:
+        if problem is None and record.type not in DATA_RECORD_TYPES and not allow_tx:
             problem = f"record type {record.type} not supported in a shard log"
         if problem is not None:
             start = batch[0][0] if batch else offset
-            resume = _intact_header_after(buf, offset + 1)
+            resume = intact_header_after(buf, offset + 1)
             if resume is None:
                 resume = size
                 if active:
@@ -86,12 +80,6 @@ def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHead
             batch = []
     if batch:
         yield Problem(path, batch[0][0], "batch cut off by the end of the file", size)
-
-
-def _all_zero(buf, offset: int) -> bool:
-    import numpy as np  # noqa: PLC0415
-
-    return not np.frombuffer(buf, dtype=np.uint8, offset=offset).any()
 
 
 def shard_directories(directory: str) -> list[str]:

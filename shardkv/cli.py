@@ -177,8 +177,10 @@ def start_cluster(directory, shards: int | None = None, durability: str = "inter
     if is_running(directory):
         return "running", read_cluster_file(directory) or {}
     logs = os.path.join(directory, "logs")
+    os.makedirs(directory, mode=0o700, exist_ok=True)  # makedirs applies `mode` to the last level only
     os.makedirs(logs, mode=0o700, exist_ok=True)
     log_path = os.path.join(logs, SUPERVISOR_LOG)
+    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     lock = _lock_path(directory)
     command = [sys.executable, "-m", "shardkv.coordinator.supervisor", directory, "--durability", durability]
     if shards is not None:

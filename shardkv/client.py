@@ -171,7 +171,9 @@ class Client(MutableMapping):
         command = [sys.executable, "-m", "shardkv.coordinator.supervisor", self.directory, "--embedded"]
         if self._requested_shards is not None:
             command += ["--shards", str(self._requested_shards)]
-        with builtins.open(os.path.join(logs, "supervisor.stderr"), "ab") as err:
+        stderr_path = os.path.join(logs, "supervisor.stderr")
+        os.close(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        with builtins.open(stderr_path, "ab") as err:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, close_fds=True)
 
     def _take_lease(self, info: dict) -> None:

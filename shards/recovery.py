@@ -129,15 +129,20 @@ def _live_keys(rows: SegmentRecords, segments: np.ndarray) -> tuple:
     if not len(rows):
         empty = np.zeros(0, dtype=np.uint64)
         return (np.zeros(0, dtype=np.uint32), empty, np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32), empty)
-    order = np.argsort(rows.seqs, kind="stable")  # file order breaks ties within a batch
     keys = rows.keys
-    ordered_keys = [keys[i] for i in order.tolist()]
-    newest = dict(zip(ordered_keys, range(len(ordered_keys))))  # later rows overwrite earlier
-    picked = order[np.fromiter(newest.values(), dtype=np.int64, count=len(newest))]
-    is_put = rows.types[picked] == PUT
-    picked = picked[is_put]
-    live_keys = [k for k, put in zip(newest.keys(), is_put.tolist()) if put]
-    hashes = np.fromiter(map(crc32c, live_keys), dtype=np.uint32, count=len(live_keys))
+    hashes = np.fromiter(map(crc32c, keys), dtype=np.uint32, count=len(keys))
+    # A row whose hash no other row has is its key's only record (the usual case after a load
+    # or a compaction). Only rows sharing a hash (overwrites, deletes and the odd collision of
+    # 32-bit hashes) go through a dictionary, in seq order, to find each key's newest record.
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse] > 1)
+    picked = np.flatnonzero(counts[inverse] == 1)
+    if len(shared):
+        shared = shared[np.argsort(rows.seqs[shared], kind="stable")]  # file order breaks ties within a batch
+        newest = dict(zip([keys[i] for i in shared.tolist()], shared.tolist()))  # later rows overwrite earlier
+        picked = np.concatenate([picked, np.fromiter(newest.values(), dtype=np.int64, count=len(newest))])
+    picked = picked[rows.types[picked] == PUT]
+    hashes = hashes[picked]
     locations = (segments[picked] << np.uint64(32)) | rows.offsets[picked].astype(np.uint64)
     return hashes, locations, rows.key_lens[picked], rows.value_lens[picked], rows.seqs[picked]
 

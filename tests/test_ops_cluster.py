@@ -125,3 +125,21 @@ def test_workers_compact_on_their_own_past_the_threshold(cluster):
     assert all(db.get(b"k%04d" % i) == b"3" * 500 for i in range(200))
     logs = "".join(open(os.path.join(cluster.directory, "logs", f"shard-{s:03d}.log")).read() for s in range(2))
     assert '"event": "compacted"' in logs
+
+
+def test_shared_memory_semaphores_and_files_are_owner_only(cluster):
+    from shardkv.ipc.layout import name_prefix
+
+    db = cluster.open()
+    db.put(b"k", b"v")
+    prefix = name_prefix(db.directory)[1:]
+    entries = [e for e in os.listdir("/dev/shm") if e.startswith(prefix) or e.startswith("sem." + prefix)]
+    assert any(e.startswith("sem.") for e in entries) and any(not e.startswith("sem.") for e in entries)
+    for entry in entries:
+        mode = os.stat(os.path.join("/dev/shm", entry)).st_mode & 0o777
+        assert mode & 0o077 == 0, f"{entry} has mode {oct(mode)}"
+    for root, dirs, files in os.walk(db.directory):
+        for name in dirs:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o077 == 0, os.path.join(root, name)
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o077 == 0, os.path.join(root, name)

@@ -59,7 +59,7 @@ def map_file(path: str, writable: bool = False) -> mmap.mmap:
         os.close(fd)
 
 
-def _intact_header_after(buf, start: int) -> int | None:
+def intact_header_after(buf, start: int) -> int | None:
     """Return the offset of the first intact record header at or after `start`, or None.
 
     Vectorised: candidate offsets are those whose type byte is valid and whose flags and
@@ -105,18 +105,12 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
                 scan.end = offset
                 return scan
         header = decode_header(buf, offset)
-        if header is None and active and expect_left is None and _all_zero_from(buf, offset):
+        if header is None and active and expect_left is None and all_zero_from(buf, offset):
             scan.end = offset  # the unwritten, sparse rest of the active segment
             return scan
-        torn_problem = None
-        if header is None:
-            torn_problem = "unreadable record header"
-        elif offset + header.size > size:
-            torn_problem = "record runs past the end of the file"
-        elif not record_crc_ok(buf, offset, header):
-            torn_problem = "record checksum mismatch"
+        torn_problem = unreadable_reason(buf, offset, header)
         if torn_problem is not None:
-            after = _intact_header_after(buf, offset + 1) if active else None
+            after = intact_header_after(buf, offset + 1) if active else None
             if active and after is None:
                 _drop_last(scan, pending)
                 scan.end = batch_start
@@ -146,16 +140,28 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
             pending = 0
 
 
+def unreadable_reason(buf, offset: int, header: RecordHeader | None) -> str | None:
+    """Why the record at `offset` (header as decode_header returned it) cannot be read whole, or
+    None. These are the failures a torn write can cause; the caller decides if it was one."""
+    if header is None:
+        return "unreadable record header"
+    if offset + header.size > len(buf):
+        return "record runs past the end of the file"
+    if not record_crc_ok(buf, offset, header):
+        return "record checksum mismatch"
+    return None
+
+
+def all_zero_from(buf, offset: int) -> bool:
+    """True if every byte from `offset` to the end of `buf` is zero (the unwritten sparse tail)."""
+    return not np.frombuffer(buf, dtype=np.uint8, offset=offset).any()
+
+
 def _drop_last(scan: SegmentScan, count: int) -> None:
     """Forget the last `count` records of `scan` (an unfinished batch)."""
     if count:
         for column in (scan.offsets, scan.types, scan.key_lens, scan.value_lens, scan.seqs, scan.expires, scan.keys):
             del column[len(column) - count :]
-
-
-def _all_zero_from(buf, offset: int) -> bool:
-    """True if every byte from `offset` to the end of `buf` is zero (the unwritten sparse tail)."""
-    return not np.frombuffer(buf, dtype=np.uint8, offset=offset).any()
 
 
 def _data_end(buf, offset: int) -> int:
