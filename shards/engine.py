@@ -187,6 +187,24 @@ class ShardEngine:
             value = self._read(key)
         return default if value is None else value
 
+    def get_many(self, keys) -> list:
+        """The values of `keys` (None for a missing key), read together: one check for an
+        overlapping write covers the whole batch."""
+        keys = [k if type(k) is bytes and 0 < len(k) <= MAX_KEY_LEN else check_key(k) for k in keys]
+        if self._closed:
+            raise Closed("the shard engine is closed")
+        version = self._version
+        if not version & 1:
+            try:
+                values = [self._read(key) for key in keys]
+            except (KeyError, IndexError, ValueError, TypeError, CorruptionError):
+                values = None
+            if values is not None and self._version == version:
+                return values
+        with self._lock:
+            self._check_open()
+            return [self._read(key) for key in keys]
+
     def __contains__(self, key) -> bool:
         return self.get(key) is not None
 

@@ -300,9 +300,7 @@ class Worker:
             engine.apply(ops)
             return m.ok()
         if op == m.GET_MANY:
-            keys = [reader.blob() for _ in range(reader.count(4))]
-            reader.end()
-            return m.ok(m.encode_optionals([engine.get(key) for key in keys]))
+            return m.ok(m.encode_optionals(engine.get_many(m.decode_blob_list(message, 2))))
         if op == m.SCAN:
             start, stop, reverse, prefix, limit = reader.optional(), reader.optional(), reader.u8(), reader.optional(), reader.u32()
             reader.end()

@@ -80,6 +80,10 @@ def test_malformed_messages_get_errors_and_the_worker_keeps_serving(db):
         bytes([250, 0]),  # unknown op
         bytes([m.GET]),  # one byte
         bytes([m.LEN, 0]) + b"trailing",
+        bytes([m.GET_MANY, 0]) + (10**6).to_bytes(4, "little"),  # more items than bytes
+        bytes([m.GET_MANY, 0]) + (1).to_bytes(4, "little") + (50).to_bytes(4, "little") + b"abc",  # item past the end
+        bytes([m.GET_MANY, 0]) + (1).to_bytes(4, "little") + m.blob(b"k") + b"x",  # trailing byte
+        bytes([m.GET_MANY, 0]) + (1).to_bytes(4, "little") + m.blob(b""),  # empty key
     ]
     for i, payload in enumerate(cases):
         expect_error(raw_exchange(db, SLOT_REQUEST, 0, 1000 + i, payload, len(payload)))

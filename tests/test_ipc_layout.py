@@ -92,3 +92,20 @@ def test_names_are_prefixed_and_distinct(tmp_path):
     assert all(n.startswith(layout.name_prefix(str(tmp_path)) + "-0000abcd-") for n in all_a)
     assert re.fullmatch(r"/shardkv-[0-9a-f]{12}", layout.name_prefix(str(tmp_path)))
     assert a["control"] != b["control"]
+
+
+def test_list_decoders_reject_malformed_input_and_roundtrip():
+    import pytest
+
+    values = [b"a", None, b"", b"x" * 300, None]
+    assert m.decode_optionals(m.encode_optionals(values)) == values
+    keys = [b"k1", b"", b"k" * 1000]
+    assert m.decode_blob_list(b"\x07\x00" + m.blob_list(keys), 2) == keys
+    good = m.encode_optionals(values)
+    for bad in (b"", b"\x01\x00\x00", good[:-1], good + b"\x00", b"\x01\x00\x00\x00\x07", b"\xff\xff\xff\xff"):
+        with pytest.raises(m.MessageError):
+            m.decode_optionals(bad)
+    good = m.blob_list(keys)
+    for bad in (good[:-1], good + b"\x00", b"\x05\x00\x00\x00", b"\x01\x00\x00\x00\xff\x00\x00\x00"):
+        with pytest.raises(m.MessageError):
+            m.decode_blob_list(bad, 0)
