@@ -7,11 +7,11 @@ intact record header and goes on, so one run reports every corrupt place by file
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from shardkv.errors import CorruptionError
-from shardkv.wal.format import DATA_RECORD_TYPES, KIND_DECISIONS, KIND_LOG, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
+from shardkv.wal.format import DATA_RECORD_TYPES, KIND_DECISIONS, KIND_LOG, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import intact_header_after, all_zero_from, map_file, unreadable_reason
 from shardkv.wal.records import RecordHeader, decode_header
 from shardkv.wal.segment import decode_segment_header, list_segments
@@ -28,17 +28,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.problem} at offset {self.offset} ({self.end - self.offset} bytes unreadable)"
-
-
-@dataclass
-class SegmentReport:
-    """What verify found in one segment."""
-
-    file: str
-    records: int = 0
-    batches: int = 0
-    problems: list = field(default_factory=list)
-    torn_tail: int = 0  # bytes of an unfinished tail in the active segment (not corruption)
 
 
 def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHeader] | Problem]:
@@ -139,4 +128,4 @@ def verify_store(directory: str) -> dict:
     return report
 
 
-__all__ = ["Problem", "SegmentReport", "active_segment", "shard_directories", "verify_store", "walk_segment", "RECORD_HEADER_SIZE"]
+__all__ = ["Problem", "active_segment", "shard_directories", "verify_store", "walk_segment"]

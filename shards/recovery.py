@@ -7,7 +7,6 @@ with the highest seq (docs/FORMAT.md, "Compaction commit record").
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from crc32c import crc32c
 from shardkv.errors import CorruptionError
 from shardkv.shards.compaction import finish_interrupted_compaction
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, read_hint, write_hint
-from shardkv.wal import fileio
 from shardkv.wal.format import KIND_LOG, PUT, SEGMENT_HEADER_SIZE, TMP_SUFFIX
 from shardkv.wal.reader import map_file, scan_segment
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
@@ -156,4 +154,4 @@ def unmap_all(maps: dict) -> None:
             pass
 
 
-__all__ = ["Recovered", "recover", "unmap_all", "fileio", "mmap"]
+__all__ = ["Recovered", "recover", "unmap_all"]

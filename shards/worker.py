@@ -7,7 +7,6 @@ answers every slot holding a request (docs/IPC.md); write requests that asked fo
 
 from __future__ import annotations
 
-import itertools
 import json
 import mmap
 import os

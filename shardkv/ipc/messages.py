@@ -13,7 +13,6 @@ from shardkv.errors import CorruptionError, Error, StorageError, Unavailable
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT = range(1, 13)
 OP_NAMES = {PING: "PING", GET: "GET", PUT: "PUT", DELETE: "DELETE", CAS: "CAS", APPLY: "APPLY", GET_MANY: "GET_MANY", SCAN: "SCAN", LEN: "LEN", STATS: "STATS", SYNC: "SYNC", COMPACT: "COMPACT"}
-READ_OPS = frozenset((PING, GET, GET_MANY, SCAN, LEN, STATS))
 FLAG_FSYNC = 1
 
 OK, NOT_FOUND, ERROR = 0, 1, 2
