@@ -9,6 +9,7 @@ import builtins
 import fcntl
 import heapq
 import json
+import math
 import mmap
 import os
 import random
@@ -333,10 +334,27 @@ class Client(MutableMapping):
         status, body = self._call(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
         return default if status == m.NOT_FOUND else bytes(body)
 
-    def put(self, key, value) -> None:
-        """Set `key` to `value`."""
+    def put(self, key, value, ttl=None) -> None:
+        """Set `key` to `value`; with `ttl` (seconds), the key expires that long from now."""
         key, value = check_key(key), check_value(value, DEFAULT_MAX_VALUE_SIZE)
-        self._call(self.shard_of(key), m.request(m.PUT, self._flags, m.blob(key), m.blob(value)), read=False)
+        if ttl is None:
+            self._call(self.shard_of(key), m.request(m.PUT, self._flags, m.blob(key), m.blob(value)), read=False)
+        else:
+            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(_ttl_ms(ttl)))
+            self._call(self.shard_of(key), message, read=False)
+
+    def ttl(self, key):
+        """Seconds left before `key` expires, or None if it is absent or never expires."""
+        key = check_key(key)
+        status, body = self._call(self.shard_of(key), m.request(m.TTL, 0, m.blob(key)), read=True)
+        return None if status == m.NOT_FOUND else int.from_bytes(body, "little") / 1000
+
+    def expire(self, key, seconds) -> bool:
+        """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
+        key = check_key(key)
+        ttl_ms = 0 if seconds is None else _ttl_ms(seconds)
+        _, body = self._call(self.shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
+        return body[0] == 1
 
     def delete(self, key) -> bool:
         """Remove `key`; True if it was present."""
@@ -548,6 +566,15 @@ def health_from_control(control: ControlBlock, info: dict) -> dict:
         "coordinator": processes[0],
         "shards": processes[1:],
     }
+
+
+def _ttl_ms(ttl) -> int:
+    """A ttl in seconds as whole milliseconds (at least 1), checked like the engine does."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not (ttl > 0 and math.isfinite(ttl)) or ttl * 1000 >= 2**53:
+        raise ValueError(f"ttl must be a positive, finite number of seconds, not {ttl!r}")
+    return max(1, math.ceil(ttl * 1000))
 
 
 def _bound(name: str, value) -> bytes:

@@ -145,6 +145,8 @@ def compact(engine) -> dict:
         engine._unfinished_compaction = None
     with engine._lock:
         engine._check_open()
+        if engine._expires:
+            engine._purge_expired()  # expired keys are not copied
         before = engine._space()
         engine._seal_active()
         inputs = sorted(engine._ends)

@@ -9,11 +9,13 @@ value out of the segment's memory map, without taking the lock (see `get`).
 from __future__ import annotations
 
 import fcntl
+import heapq
+import math
 import os
 import struct
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from crc32c import crc32c
@@ -56,6 +58,7 @@ class ShardEngine:
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         sync_interval: float = 1.0,
         verify_checksums: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> "ShardEngine":
         """Open (creating if needed) the shard stored in `directory` and recover its state.
 
@@ -63,11 +66,12 @@ class ShardEngine:
         segment_size: bytes at which the log rolls over to a new segment (default 64 MiB).
         max_value_size: largest value accepted (default 64 MiB).
         verify_checksums: check each record's CRC-32C when it is read (default True).
+        clock: wall-clock time in seconds, for expiry (tests pass a controllable one).
         Raises CorruptionError if the log is damaged anywhere but a torn tail.
         """
-        return cls(directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums)
+        return cls(directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock)
 
-    def __init__(self, directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums):
+    def __init__(self, directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock=time.time):
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, not {type(directory).__name__}")
         check_durability(durability)
@@ -82,11 +86,14 @@ class ShardEngine:
         self.segment_size = segment_size
         self.max_value_size = max_value_size
         self.verify_checksums = bool(verify_checksums)
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds")
+        self._clock = clock
         self._closed = True
         fileio.make_dir(self.directory)
         self._lock_fd = _lock_directory(self.directory)
         try:
-            state = recover(self.directory, shard_id, segment_size)
+            state = recover(self.directory, shard_id, segment_size, self._now_ms())
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -111,6 +118,11 @@ class ShardEngine:
         self._index = KeyIndex(self._key_at)
         self._index.load(*state.live)
         self._sorted = SortedKeys()
+        # Keys that expire: key -> expires_at (ms), and a heap of (expires_at, key) that tells
+        # which to purge first (entries whose time no longer matches the dict are stale).
+        self._expires: dict[bytes, int] = dict(state.expiring)
+        self._expiry_heap = [(at, key) for key, at in state.expiring]
+        heapq.heapify(self._expiry_heap)
         self._writer = LogWriter(
             self.directory,
             shard_id,
@@ -181,11 +193,82 @@ class ShardEngine:
             except (KeyError, IndexError, ValueError, TypeError, CorruptionError):
                 value = _RETRY
             if value is not _RETRY and self._version == version:
-                return default if value is None else value
+                if value is None or (self._expires and self._expired(key)):
+                    return default
+                return value
         with self._lock:
             self._check_open()
             value = self._read(key)
-        return default if value is None else value
+        if value is None or (self._expires and self._expired(key)):
+            return default
+        return value
+
+    # -- expiry ----------------------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _expired(self, key: bytes) -> bool:
+        at = self._expires.get(key)
+        return at is not None and at <= self._now_ms()
+
+    def _expiry_for(self, ttl) -> int:
+        """The expires_at (ms) of a write with `ttl` seconds to live (0: never)."""
+        if ttl is None:
+            return 0
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+        if not (ttl > 0 and math.isfinite(ttl)):
+            raise ValueError(f"ttl must be a positive, finite number of seconds, not {ttl!r}")
+        return max(self._now_ms() + 1, math.ceil((self._clock() + ttl) * 1000))
+
+    def _note_expiry(self, key: bytes, expires_at: int) -> None:
+        """Record the expiry of the newest write of `key` (0: it never expires). Lock held."""
+        if expires_at:
+            self._expires[key] = expires_at
+            heapq.heappush(self._expiry_heap, (expires_at, key))
+        elif self._expires:
+            self._expires.pop(key, None)
+
+    def _purge_expired(self) -> None:
+        """Drop expired keys from the index (no tombstone: their records say they expired, so
+        recovery and compaction drop them too). The caller holds the lock."""
+        heap, now = self._expiry_heap, self._now_ms()
+        if not heap or heap[0][0] > now:
+            return
+        self._version += 1
+        try:
+            while heap and heap[0][0] <= now:
+                at, key = heapq.heappop(heap)
+                if self._expires.get(key) == at:
+                    del self._expires[key]
+                    if self._index.remove(key, crc32c(key)):
+                        self._sorted.note_removed(key)
+        finally:
+            self._version += 1
+
+    def ttl(self, key):
+        """Seconds left before `key` expires, or None if it is absent or never expires."""
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            at = self._expires.get(key)
+            if at is None or self._read(key) is None:
+                return None
+            left = at - self._now_ms()
+            return left / 1000 if left > 0 else None
+
+    def expire(self, key, seconds) -> bool:
+        """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
+        key = check_key(key)
+        expires_at = self._expiry_for(seconds)
+        with self._lock:
+            self._check_open()
+            value = self._read(key)
+            if value is None or (self._expires and self._expired(key)):
+                return False
+            end = self._write_locked([(PUT, key, value, expires_at)])
+        self._make_durable(end)
+        return True
 
     def get_many(self, keys) -> list:
         """The values of `keys` (None for a missing key), read together: one check for an
@@ -200,33 +283,46 @@ class ShardEngine:
             except (KeyError, IndexError, ValueError, TypeError, CorruptionError):
                 values = None
             if values is not None and self._version == version:
-                return values
+                return self._hide_expired(keys, values)
         with self._lock:
             self._check_open()
-            return [self._read(key) for key in keys]
+            values = [self._read(key) for key in keys]
+        return self._hide_expired(keys, values)
+
+    def _hide_expired(self, keys: list, values: list) -> list:
+        if self._expires:
+            values = [None if v is not None and self._expired(k) else v for k, v in zip(keys, values)]
+        return values
 
     def __contains__(self, key) -> bool:
         return self.get(key) is not None
 
     def __len__(self) -> int:
+        if self._expires:
+            with self._lock:
+                self._check_open()
+                self._purge_expired()
         return self._index.count
 
     # -- writing ---------------------------------------------------------------------------
-    def put(self, key, value) -> None:
-        """Set `key` to `value`."""
+    def put(self, key, value, ttl=None) -> None:
+        """Set `key` to `value`; with `ttl`, the key expires that many seconds from now."""
         key = check_key(key)
         value = check_value(value, self.max_value_size)
+        expires_at = self._expiry_for(ttl)
         with self._lock:
             self._check_open()
             seq = self._seq + 1
-            data = encode_record(PUT, key, value, seq)
+            data = encode_record(PUT, key, value, seq, 0, expires_at)
             segment, offset = self._append(data)
             self._seq = seq
             self._version += 1
             try:
-                self._active_records.add(offset, PUT, len(key), len(value), seq, 0)
+                self._active_records.add(offset, PUT, len(key), len(value), seq, expires_at)
                 if self._index.upsert(key, crc32c(key), (segment << 32) | offset, len(key), len(value), seq):
                     self._sorted.note_added(key, self._index.last_entry)
+                if expires_at or self._expires:
+                    self._note_expiry(key, expires_at)
             finally:
                 self._version += 1
         if self.durability == "fsync":
@@ -237,6 +333,8 @@ class ShardEngine:
         key = check_key(key)
         with self._lock:
             self._check_open()
+            if self._expires:
+                self._purge_expired()
             if self._index.find(key, crc32c(key)) < 0:
                 return False
             end = self._write_locked([(DELETE, key, b"", 0)])
@@ -256,6 +354,8 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             current = self._read(key)
+            if current is not None and self._expires and self._expired(key):
+                current = None
             if current != expected:
                 return False
             if new is None:
@@ -268,7 +368,7 @@ class ShardEngine:
         return True
 
     def apply(self, ops: Iterable) -> None:
-        """Apply ("put", key, value) and ("delete", key) operations atomically, in order."""
+        """Apply ("put", key, value[, ttl]) and ("delete", key) operations atomically, in order."""
         batch = self._check_ops(ops)
         self._check_open()
         if not batch:
@@ -292,14 +392,14 @@ class ShardEngine:
                 batch.append((PUT, key, value, 0))
             elif not isinstance(op, (tuple, list)) or not op:
                 raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
-            elif op[0] == "put" and len(op) == 3:
+            elif op[0] == "put" and len(op) in (3, 4):
                 key, value = check_key(op[1]), check_value(op[2], max_value)
-                batch.append((PUT, key, value, 0))
+                batch.append((PUT, key, value, self._expiry_for(op[3]) if len(op) == 4 else 0))
             elif op[0] == "delete" and len(op) == 2:
                 key, value = check_key(op[1]), b""
                 batch.append((DELETE, key, b"", 0))
             else:
-                raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value) or ('delete', key)")
+                raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value[, ttl]) or ('delete', key)")
             size += RECORD_HEADER_SIZE + len(key) + len(value)
         if size > MAX_BATCH_BYTES:
             raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
@@ -317,15 +417,17 @@ class ShardEngine:
         self._version += 1
         try:
             self._active_records.add_batch(
-                offsets, [op[0] for op in batch], [len(op[1]) for op in batch], [len(op[2]) for op in batch], seq
+                offsets, [op[0] for op in batch], [len(op[1]) for op in batch], [len(op[2]) for op in batch], seq, [op[3] for op in batch]
             )
-            for (rtype, key, value, _), record_offset in zip(batch, offsets):
+            for (rtype, key, value, expires_at), record_offset in zip(batch, offsets):
                 h = crc32c(key)
                 if rtype == PUT:
                     if index.upsert(key, h, base | record_offset, len(key), len(value), seq):
                         sorted_keys.note_added(key, index.last_entry)
                 elif index.remove(key, h):
                     sorted_keys.note_removed(key)
+                if expires_at or self._expires:
+                    self._note_expiry(key, expires_at)
         finally:
             self._version += 1
         return segment, offset + len(data)
@@ -382,6 +484,8 @@ class ShardEngine:
             _check_int("limit", limit, 0, None)
         with self._lock:
             self._check_open()
+            if self._expires:
+                self._purge_expired()
             self._sorted.ensure(self._all_keys)
             view = self._sorted
             lo = view.bisect_left(start) if start is not None else 0
@@ -405,6 +509,8 @@ class ShardEngine:
             value = by_entry(key, eids[i])
             if value is _RETRY:
                 value = self.get(key)
+            elif value is not None and self._expires and self._expired(key):
+                value = None
             if value is not None:
                 produced += 1
                 yield key, value

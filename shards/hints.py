@@ -89,15 +89,14 @@ class ActiveRecords:
         self.seqs.append(seq)
         self.expires.append(expires_at)
 
-    def add_batch(self, offsets: list, types: list, key_lens: list, value_lens: list, seq: int) -> None:
-        """Note the records of one batch (no expiry) appended to the active segment."""
-        n = len(offsets)
+    def add_batch(self, offsets: list, types: list, key_lens: list, value_lens: list, seq: int, expires: list) -> None:
+        """Note the records of one batch appended to the active segment."""
         self.offsets.extend(offsets)
         self.types.extend(types)
         self.key_lens.extend(key_lens)
         self.value_lens.extend(value_lens)
-        self.seqs.extend([seq] * n)
-        self.expires.extend([0] * n)
+        self.seqs.extend([seq] * len(offsets))
+        self.expires.extend(expires)
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -36,13 +36,15 @@ class Recovered:
     max_seq: int = 0
     max_segment: int = 0
     live: tuple = ()  # (hashes, locations, key_lens, value_lens, seqs) of the live keys
+    expiring: list = field(default_factory=list)  # (key, expires_at ms) of live keys that expire
     records_read: int = 0
     torn_bytes: int = 0
     seconds: float = 0.0
 
 
-def recover(directory: str, shard: int, segment_size: int) -> Recovered:
-    """Open every segment of the shard in `directory` and rebuild its live key set."""
+def recover(directory: str, shard: int, segment_size: int, now_ms: int) -> Recovered:
+    """Open every segment of the shard in `directory` and rebuild its live key set (a key whose
+    newest record expired at or before `now_ms` is not live)."""
     started = time.perf_counter()
     finish_interrupted_compaction(directory)
     for name in os.listdir(directory):
@@ -88,7 +90,7 @@ def recover(directory: str, shard: int, segment_size: int) -> Recovered:
     rows = SegmentRecords.concat(tables)
     state.records_read = len(rows)
     state.max_seq = int(rows.seqs.max()) if len(rows) else 0
-    state.live = _live_keys(rows, np.concatenate(segment_of_row))
+    state.live, state.expiring = _live_keys(rows, np.concatenate(segment_of_row), now_ms)
     state.seconds = time.perf_counter() - started
     return state
 
@@ -122,11 +124,12 @@ def _rewrite_hint(directory, shard, number, end, table: SegmentRecords, buf) -> 
         pass  # a hint is an optimisation; the segment stays readable without it
 
 
-def _live_keys(rows: SegmentRecords, segments: np.ndarray) -> tuple:
-    """Arrays describing, for each key, its newest record if that record is a PUT."""
+def _live_keys(rows: SegmentRecords, segments: np.ndarray, now_ms: int) -> tuple[tuple, list]:
+    """Arrays describing, for each key, its newest record if that record is a PUT that has not
+    expired; and (key, expires_at) of those that will expire."""
     if not len(rows):
         empty = np.zeros(0, dtype=np.uint64)
-        return (np.zeros(0, dtype=np.uint32), empty, np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32), empty)
+        return (np.zeros(0, dtype=np.uint32), empty, np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32), empty), []
     keys = rows.keys
     hashes = np.fromiter(map(crc32c, keys), dtype=np.uint32, count=len(keys))
     # A row whose hash no other row has is its key's only record (the usual case after a load
@@ -139,10 +142,13 @@ def _live_keys(rows: SegmentRecords, segments: np.ndarray) -> tuple:
         shared = shared[np.argsort(rows.seqs[shared], kind="stable")]  # file order breaks ties within a batch
         newest = dict(zip([keys[i] for i in shared.tolist()], shared.tolist()))  # later rows overwrite earlier
         picked = np.concatenate([picked, np.fromiter(newest.values(), dtype=np.int64, count=len(newest))])
-    picked = picked[rows.types[picked] == PUT]
+    expires = rows.expires[picked]
+    picked = picked[(rows.types[picked] == PUT) & ((expires == 0) | (expires > now_ms))]
     hashes = hashes[picked]
+    with_expiry = picked[rows.expires[picked] != 0]
+    expiring = [(keys[i], int(rows.expires[i])) for i in with_expiry.tolist()]
     locations = (segments[picked] << np.uint64(32)) | rows.offsets[picked].astype(np.uint64)
-    return hashes, locations, rows.key_lens[picked], rows.value_lens[picked], rows.seqs[picked]
+    return (hashes, locations, rows.key_lens[picked], rows.value_lens[picked], rows.seqs[picked]), expiring
 
 
 def unmap_all(maps: dict) -> None:

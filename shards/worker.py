@@ -42,7 +42,7 @@ _U32 = struct.Struct("<I")
 _COUNTER = struct.Struct("<Q")
 EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
 SCAN_PAGE_BYTES = 1 << 20
-WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY))
+WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE))
 
 
 def shard_directory(directory: str, shard: int) -> str:
@@ -277,6 +277,20 @@ class Worker:
             reader.end()
             engine.put(key, value)
             return m.ok()
+        if op == m.PUT_TTL:
+            key, value, ttl_ms = reader.blob(), reader.blob(), reader.u64()
+            reader.end()
+            engine.put(key, value, ttl=_ttl_seconds(ttl_ms))
+            return m.ok()
+        if op == m.TTL:
+            key = reader.blob()
+            reader.end()
+            left = engine.ttl(key)
+            return m.not_found() if left is None else m.ok(m.u64(max(1, round(left * 1000))))
+        if op == m.EXPIRE:
+            key, ttl_ms = reader.blob(), reader.u64()
+            reader.end()
+            return m.ok(b"\x01" if engine.expire(key, _ttl_seconds(ttl_ms) if ttl_ms else None) else b"\x00")
         if op == m.DELETE:
             key = reader.blob()
             reader.end()
@@ -328,6 +342,12 @@ class Worker:
             reader.end()
             return m.ok()
         raise m.MessageError(f"unknown op {op}")
+
+
+def _ttl_seconds(ttl_ms: int) -> float:
+    if not 0 < ttl_ms < 2**53:
+        raise ValueError(f"ttl of {ttl_ms} ms is out of range")
+    return ttl_ms / 1000
 
 
 def main(argv: list[str] | None = None) -> int:

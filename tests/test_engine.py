@@ -281,7 +281,9 @@ def test_value_over_max_value_size(tmp_path):
         ([("PUT", b"k", b"v")], ValueError),
         ([(b"put", b"k", b"v")], ValueError),
         ([("put", b"k")], ValueError),
-        ([("put", b"k", b"v", b"extra")], ValueError),
+        ([("put", b"k", b"v", b"extra")], TypeError),  # the 4th field is a ttl in seconds
+        ([("put", b"k", b"v", 0)], ValueError),  # a ttl must be positive
+        ([("put", b"k", b"v", 5, b"extra")], ValueError),
         ([("delete",)], ValueError),
         ([("delete", b"k", b"v")], ValueError),
         ([("put", "k", b"v")], TypeError),

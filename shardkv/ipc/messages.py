@@ -11,8 +11,11 @@ import struct
 
 from shardkv.errors import CorruptionError, Error, StorageError, Unavailable
 
-PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT = range(1, 13)
-OP_NAMES = {PING: "PING", GET: "GET", PUT: "PUT", DELETE: "DELETE", CAS: "CAS", APPLY: "APPLY", GET_MANY: "GET_MANY", SCAN: "SCAN", LEN: "LEN", STATS: "STATS", SYNC: "SYNC", COMPACT: "COMPACT"}
+PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
+OP_NAMES = {
+    PING: "PING", GET: "GET", PUT: "PUT", DELETE: "DELETE", CAS: "CAS", APPLY: "APPLY", GET_MANY: "GET_MANY", SCAN: "SCAN",
+    LEN: "LEN", STATS: "STATS", SYNC: "SYNC", COMPACT: "COMPACT", PUT_TTL: "PUT_TTL", TTL: "TTL", EXPIRE: "EXPIRE",
+}
 FLAG_FSYNC = 1
 
 OK, NOT_FOUND, ERROR = 0, 1, 2
@@ -93,6 +96,11 @@ def blob_list(items) -> bytes:
 def request(op: int, flags: int = 0, *fields: bytes) -> bytes:
     """A request: op, flags and already-encoded fields."""
     return bytes((op, flags)) + b"".join(fields)
+
+
+def u64(value: int) -> bytes:
+    """Encode a u64 field."""
+    return _U64.pack(value)
 
 
 def encode_apply(ops: list[tuple[int, bytes, bytes]], flags: int) -> bytes:
