@@ -5,10 +5,12 @@ from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageErro
 __version__ = "0.1.0"
 
 from shardkv.client import Client, open  # noqa: E402,A004
+from shardkv.aio import AsyncClient, aopen  # noqa: E402
 
 DURABILITY_LEVELS = ("process", "interval", "fsync")
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "Closed",
     "Conflict",
@@ -18,5 +20,6 @@ __all__ = [
     "StorageError",
     "Unavailable",
     "__version__",
+    "aopen",
     "open",
 ]

@@ -1,0 +1,367 @@
+"""The asyncio client: `db = await shardkv.aopen(directory)`.
+
+Requests travel through the same rings as the blocking client's. The client holds a few leases
+(`pool`, default 4), so several requests per shard are in flight at once. Completions reach the
+event loop without a thread per call: one waiter thread per lease blocks on that lease's `done`
+semaphore and hands every wake-up to the loop, which resolves the futures of the slots that
+were answered.
+
+Cancelling a coroutine never leaves a slot stuck: a slot whose frame is still in flight goes back
+to the pool when the worker's answer arrives, not before; a long message cut short by a
+cancellation is dropped by the worker when the slot's next request begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import threading
+import time
+
+import posix_ipc
+
+from shardkv.client import Client, _bound, _ttl_ms
+from shardkv.errors import Closed, Unavailable
+from shardkv.ipc import messages as m
+from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value
+
+RETRY_TIMEOUT = 30.0
+
+
+def aopen(directory, shards: int | None = None, durability: str = "interval", *, pool: int = 4, start_timeout: float = 60.0) -> "_Opening":
+    """Attach to (or start, like `shardkv.open`) the cluster serving `directory`.
+
+    `db = await shardkv.aopen(dir)` or `async with shardkv.aopen(dir) as db:`. `pool` is the
+    number of leases the client holds: how many requests per shard can be in flight at once.
+    """
+    return _Opening(_aopen(directory, shards, durability, pool, start_timeout))
+
+
+async def _aopen(directory, shards, durability, pool, start_timeout) -> "AsyncClient":
+    if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 16:
+        raise ValueError(f"pool must be an int between 1 and 16, not {pool!r}")
+    loop = asyncio.get_running_loop()
+    first = await loop.run_in_executor(None, Client, directory, shards, durability, start_timeout)
+    clients = [first]
+    try:
+        for _ in range(pool - 1):
+            clients.append(await loop.run_in_executor(None, Client, first.directory, None, durability, start_timeout))
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return AsyncClient(clients, loop)
+
+
+class _Opening:
+    """Lets `async with shardkv.aopen(...) as db` work as well as `db = await shardkv.aopen(...)`."""
+
+    def __init__(self, coroutine):
+        self._coroutine = coroutine
+        self._client: AsyncClient | None = None
+
+    def __await__(self):
+        return self._coroutine.__await__()
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._client = await self._coroutine
+        return self._client
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.close()
+
+
+class AsyncClient:
+    """An asyncio connection to one store; see `shardkv.aopen`."""
+
+    def __init__(self, clients: list[Client], loop: asyncio.AbstractEventLoop):
+        self._clients = clients
+        self._loop = loop
+        self.shards = clients[0].shards
+        self.directory = clients[0].directory
+        self._flags = clients[0]._flags
+        self._free = [asyncio.Queue() for _ in range(self.shards)]
+        for queue in self._free:
+            for index in range(len(clients)):
+                queue.put_nowait(index)
+        # (client index, shard) -> (request id, future, or None once its coroutine was cancelled)
+        self._pending: dict[tuple[int, int], tuple[int, asyncio.Future | None]] = {}
+        self._next_id = clients[0]._request_id
+        self._closed = False
+        self._stop = threading.Event()
+        self._waiters = [threading.Thread(target=self._wait_for_answers, args=(i,), name=f"shardkv-aio-{i}", daemon=True) for i in range(len(clients))]
+        for thread in self._waiters:
+            thread.start()
+
+    # -- completions -----------------------------------------------------------------------
+    def _wait_for_answers(self, index: int) -> None:
+        """Waiter thread of lease `index`: every post of its `done` semaphore wakes the loop."""
+        done = self._clients[index]._done
+        while not self._stop.is_set():
+            try:
+                done.acquire(0.5)
+            except posix_ipc.BusyError:
+                try:
+                    self._loop.call_soon_threadsafe(self._check_alive)
+                except RuntimeError:
+                    return  # the loop is closed
+                continue
+            except posix_ipc.ExistentialError:
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._complete, index)
+            except RuntimeError:
+                return
+
+    def _complete(self, index: int) -> None:
+        """In the loop: resolve the futures of lease `index`'s answered slots."""
+        client = self._clients[index]
+        for shard in range(self.shards):
+            entry = self._pending.get((index, shard))
+            if entry is None:
+                continue
+            slot = client._rings[shard].slot(client._lease)
+            if SLOT_STATE.unpack_from(slot, 0)[0] != SLOT_RESPONSE or read_frame(slot)[2] != entry[0]:
+                continue
+            del self._pending[(index, shard)]
+            future = entry[1]
+            if future is None:
+                self._free[shard].put_nowait(index)  # its coroutine was cancelled: the slot is free now
+            elif not future.done():
+                future.set_result(None)
+
+    def _check_alive(self) -> None:
+        """In the loop: fail the requests of a shard that is quarantined, or of a dead cluster."""
+        for shard in {shard for _, shard in self._pending}:
+            try:
+                self._clients[0]._check_cluster(shard, 0.0)
+            except Exception as exc:  # noqa: BLE001 — CorruptionError (quarantine) or Unavailable
+                for (_, pending_shard), (_, future) in list(self._pending.items()):
+                    if pending_shard == shard and future is not None and not future.done():
+                        future.set_exception(exc)
+
+    # -- one request -----------------------------------------------------------------------
+    async def _call(self, shard: int, message: bytes, read: bool):
+        deadline = time.monotonic() + RETRY_TIMEOUT
+        while True:
+            try:
+                return m.parse_response(await self._exchange(shard, message))
+            except Unavailable:
+                if not read or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
+    async def _exchange(self, shard: int, message: bytes) -> bytes:
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        index = await self._free[shard].get()
+        client = self._clients[index]
+        ring = client._rings[shard]
+        slot = ring.slot(client._lease)
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
+        request_id = self._next_id
+        in_flight = False
+        try:
+            view, total, pos, capacity = memoryview(message), len(message), 0, ring.capacity
+            while True:
+                chunk = view[pos : pos + capacity]
+                pos += len(chunk)
+                more = pos < total
+                await self._send(index, shard, slot, FLAG_MORE if more else 0, request_id, chunk, total)
+                in_flight = False
+                _, flags, _, frame_len, response_total = read_frame(slot)
+                if not (more and frame_len == 0 and response_total == 0):
+                    break
+            parts = [bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])]
+            while flags & FLAG_MORE:
+                in_flight = True
+                await self._send(index, shard, slot, 0, request_id, b"", 0)
+                in_flight = False
+                _, flags, _, frame_len, _ = read_frame(slot)
+                parts.append(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except asyncio.CancelledError:
+            in_flight = (index, shard) in self._pending
+            if in_flight:
+                self._pending[(index, shard)] = (self._pending[(index, shard)][0], None)  # freed on its answer
+            raise
+        finally:
+            if not in_flight:
+                self._free[shard].put_nowait(index)
+
+    async def _send(self, index: int, shard: int, slot, flags: int, request_id: int, payload, total: int) -> None:
+        future = self._loop.create_future()
+        self._pending[(index, shard)] = (request_id, future)
+        write_frame(slot, SLOT_REQUEST, flags, request_id, payload, total)
+        self._clients[index]._wake[shard].release()
+        await future
+
+    def _shard_of(self, key: bytes) -> int:
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        return self._clients[0].shard_of(key)
+
+    # -- the API (the blocking client's, as coroutines) ------------------------------------
+    async def get(self, key, default=None):
+        """The value of `key`, or `default` if it is absent."""
+        key = check_key(key)
+        status, body = await self._call(self._shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
+        return default if status == m.NOT_FOUND else bytes(body)
+
+    async def put(self, key, value, ttl=None) -> None:
+        """Set `key` to `value` (with `ttl`: expiring that many seconds from now)."""
+        key, value = check_key(key), check_value(value, DEFAULT_MAX_VALUE_SIZE)
+        if ttl is None:
+            message = m.request(m.PUT, self._flags, m.blob(key), m.blob(value))
+        else:
+            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(_ttl_ms(ttl)))
+        await self._call(self._shard_of(key), message, read=False)
+
+    async def delete(self, key) -> bool:
+        """Remove `key`; True if it was present."""
+        key = check_key(key)
+        _, body = await self._call(self._shard_of(key), m.request(m.DELETE, self._flags, m.blob(key)), read=False)
+        return body[0] == 1
+
+    async def cas(self, key, expected, new) -> bool:
+        """Set `key` to `new` if its value is `expected` (None: absent); `new=None` deletes."""
+        key = check_key(key)
+        expected = None if expected is None else check_value(expected, 2**31 - 1)
+        new = None if new is None else check_value(new, DEFAULT_MAX_VALUE_SIZE)
+        message = m.request(m.CAS, self._flags, m.blob(key), m.optional(expected), m.optional(new))
+        _, body = await self._call(self._shard_of(key), message, read=False)
+        return body[0] == 1
+
+    async def get_many(self, keys) -> list:
+        """The values of `keys` (None for a missing one), in order; shards are asked at once."""
+        keys = [check_key(k) for k in keys]
+        by_shard: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_shard.setdefault(self._shard_of(key), []).append(i)
+        shards = list(by_shard)
+        answers = await asyncio.gather(
+            *(self._call(s, m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in by_shard[s]])), read=True) for s in shards)
+        )
+        values = [None] * len(keys)
+        for shard, (_, body) in zip(shards, answers):
+            for i, value in zip(by_shard[shard], m.decode_optionals(body)):
+                values[i] = value
+        return values
+
+    async def ttl(self, key):
+        """Seconds left before `key` expires, or None."""
+        key = check_key(key)
+        status, body = await self._call(self._shard_of(key), m.request(m.TTL, 0, m.blob(key)), read=True)
+        return None if status == m.NOT_FOUND else int.from_bytes(body, "little") / 1000
+
+    async def expire(self, key, seconds) -> bool:
+        """Make `key` expire `seconds` from now (None: never); False if it is absent."""
+        key = check_key(key)
+        ttl_ms = 0 if seconds is None else _ttl_ms(seconds)
+        _, body = await self._call(self._shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
+        return body[0] == 1
+
+    async def len(self) -> int:
+        """The number of keys (an `async` stand-in for len(db))."""
+        answers = await asyncio.gather(*(self._call(s, m.request(m.LEN), read=True) for s in range(self.shards)))
+        return sum(int.from_bytes(body, "little") for _, body in answers)
+
+    def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None):
+        """An async iterator of (key, value) with start <= key < stop, in key order across shards."""
+        start = None if start is None else _bound("start", start)
+        stop = None if stop is None else _bound("stop", stop)
+        prefix = None if prefix is None else _bound("prefix", prefix)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        return self._scan(start, stop, bool(reverse), prefix, limit)
+
+    async def _scan(self, start, stop, reverse, prefix, limit):
+        page = 1000 if limit is None else max(1, min(1000, limit))
+        bounds = [[start, stop] for _ in range(self.shards)]
+        buffers: list[list] = [[] for _ in range(self.shards)]
+        more = [True] * self.shards
+
+        async def refill(shard: int) -> None:
+            lo, hi = bounds[shard]
+            _, body = await self._call(shard, m.encode_scan(lo, hi, reverse, prefix, page), read=True)
+            items, more[shard] = m.decode_items(body)
+            if not items:
+                more[shard] = False
+            elif reverse:
+                bounds[shard][1] = items[-1][0]
+            else:
+                bounds[shard][0] = items[-1][0] + b"\x00"
+            buffers[shard] = items[::-1]  # pop() from the end gives key order
+
+        await asyncio.gather(*(refill(s) for s in range(self.shards)))
+        sign = -1 if reverse else 1
+        heap = []
+        for shard in range(self.shards):
+            if buffers[shard]:
+                heap.append((_order_key(buffers[shard][-1][0], sign), shard))
+        heapq.heapify(heap)
+        produced = 0
+        while heap:
+            if limit is not None and produced >= limit:
+                return
+            _, shard = heapq.heappop(heap)
+            yield buffers[shard].pop()
+            produced += 1
+            if not buffers[shard] and more[shard]:
+                await refill(shard)
+            if buffers[shard]:
+                heapq.heappush(heap, (_order_key(buffers[shard][-1][0], sign), shard))
+
+    def health(self) -> dict:
+        """The status object of `shardkv status --json` (read from shared memory, no request)."""
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        return self._clients[0].health()
+
+    # -- closing ---------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Wait for requests in flight, stop the waiters and give the leases back. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + 5
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # cancelled requests: their slots must be answered first
+        self._stop.set()
+        for thread in self._waiters:
+            await self._loop.run_in_executor(None, thread.join)
+        for client in self._clients:
+            client.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<shardkv.AsyncClient {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
+
+
+class _Descending:
+    """Orders keys backwards inside a heap (for reverse scans)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __lt__(self, other: "_Descending") -> bool:
+        return self.key > other.key
+
+
+def _order_key(key: bytes, sign: int):
+    return key if sign > 0 else _Descending(key)
+
+
+__all__ = ["AsyncClient", "aopen"]

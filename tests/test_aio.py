@@ -1,0 +1,115 @@
+"""The asyncio client (shardkv.aopen) against a real cluster."""
+
+import asyncio
+
+import pytest
+
+import shardkv
+from cluster_support import cluster_fixture
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    yield from cluster_fixture(tmp_path / "db")
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_api_matches_a_model(cluster):
+    db_sync = cluster.open()  # keeps the cluster's lifetime in the harness's hands
+
+    async def main():
+        async with shardkv.aopen(cluster.directory) as db:
+            model = {}
+            await asyncio.gather(*(db.put(b"k%04d" % i, b"v%d" % i) for i in range(500)))
+            model.update({b"k%04d" % i: b"v%d" % i for i in range(500)})
+            assert await db.get(b"k0007") == b"v7" and await db.get(b"nope", b"d") == b"d"
+            assert await db.delete(b"k0001") and not await db.delete(b"k0001")
+            del model[b"k0001"]
+            assert await db.cas(b"k0002", b"v2", b"new") and not await db.cas(b"k0002", b"v2", b"x")
+            model[b"k0002"] = b"new"
+            assert await db.cas(b"fresh", None, b"1")
+            model[b"fresh"] = b"1"
+            keys = [b"k0003", b"missing", b"k0002", b"fresh"]
+            assert await db.get_many(keys) == [model.get(k) for k in keys]
+            assert await db.len() == len(model)
+            assert [k async for k, _ in db.scan()] == sorted(model)
+            assert [k async for k, _ in db.scan(reverse=True, limit=7)] == sorted(model, reverse=True)[:7]
+            assert [kv async for kv in db.scan(start=b"k0100", stop=b"k0110")] == sorted((k, v) for k, v in model.items() if b"k0100" <= k < b"k0110")
+            assert [k async for k, _ in db.scan(prefix=b"k02", limit=3)] == [b"k0200", b"k0201", b"k0202"]
+            big = bytes(range(256)) * 8192  # 2 MiB: carried in frames both ways
+            await db.put(b"big", big)
+            assert await db.get(b"big") == big
+            await db.put(b"t", b"x", ttl=0.2)
+            assert 0 < await db.ttl(b"t") <= 0.2
+            await asyncio.sleep(0.3)
+            assert await db.get(b"t") is None
+        assert db_sync.get(b"fresh") == b"1"  # the blocking client sees the same store
+
+    run(main())
+
+
+def test_bad_input_and_use_after_close(cluster):
+    cluster.open()
+
+    async def main():
+        db = await shardkv.aopen(cluster.directory, pool=2)
+        with pytest.raises(TypeError):
+            await db.get("text")
+        with pytest.raises(ValueError):
+            await db.put(b"", b"v")
+        with pytest.raises(TypeError):
+            db.scan(start="a")
+        await db.close()
+        await db.close()
+        with pytest.raises(shardkv.Closed):
+            await db.get(b"k")
+        with pytest.raises(ValueError):
+            await shardkv.aopen(cluster.directory, pool=0)
+
+    run(main())
+
+
+def test_cancelled_requests_never_leave_a_slot_stuck(cluster):
+    cluster.open()
+
+    async def main():
+        async with shardkv.aopen(cluster.directory, pool=3) as db:
+            await db.put(b"k", b"v")
+            for round_ in range(5):
+                tasks = [asyncio.create_task(db.get(b"k")) for _ in range(300)]
+                await asyncio.sleep(0)
+                for task in tasks[round_ % 2 :: 2]:
+                    task.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                assert all(r == b"v" or isinstance(r, asyncio.CancelledError) for r in results)
+                assert any(isinstance(r, asyncio.CancelledError) for r in results)
+            big = b"z" * (3 << 20)
+            task = asyncio.create_task(db.put(b"big", big))  # cancelled between frames
+            await asyncio.sleep(0.001)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for _ in range(200):  # every slot comes back once its answer arrives
+                if all(q.qsize() == 3 for q in db._free) and not db._pending:
+                    break
+                await asyncio.sleep(0.01)
+            assert all(q.qsize() == 3 for q in db._free) and not db._pending
+            assert await db.get(b"k") == b"v"
+            await db.put(b"after", b"ok")
+            assert await db.get(b"after") == b"ok"
+
+    run(main())
+
+
+def test_many_coroutines_in_flight(cluster):
+    cluster.open()
+
+    async def main():
+        async with shardkv.aopen(cluster.directory, pool=4) as db:
+            await asyncio.gather(*(db.put(b"c%04d" % i, b"%d" % i) for i in range(200)))
+            values = await asyncio.gather(*(db.get(b"c%04d" % (i % 200)) for i in range(1000)))
+            assert values == [b"%d" % (i % 200) for i in range(1000)]
+
+    run(main())
