@@ -150,11 +150,11 @@ class Worker:
                     self.engine.sync()
                 except Exception as exc:  # a failed fsync must never be acknowledged
                     replies = [(lease, rid, m.error_response(exc)) for lease, rid, _ in replies]
+            served += len(ready)  # counted before answering: a client that has its answer sees it
+            _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
             for lease, request_id, response in replies:
                 self._respond(lease, request_id, response)
                 self.done[lease].release()
-            served += len(ready)
-            _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
 
     def _maybe_compact(self) -> None:
         """Start a background compaction when garbage passes the threshold (checked now and then)."""
