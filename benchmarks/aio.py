@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 import redis.asyncio as aredis  # noqa: PLC0415
 
                 async def redis_async():
-                    client = aredis.Redis(unix_socket_path=sock, max_connections=64)
+                    pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection, path=sock, max_connections=64)
+                    client = aredis.Redis(connection_pool=pool)
                     await client.mset({key: b"v" * 100 for key in keys})
                     rate = await coroutine_gets(client.get, reads, args.coroutines)
                     await client.aclose()
