@@ -20,7 +20,7 @@ import time
 
 import posix_ipc
 
-from shardkv.client import Client, _bound, _ttl_ms
+from shardkv.client import Client, _ttl_ms, check_scan_args
 from shardkv.errors import Closed, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
@@ -269,13 +269,7 @@ class AsyncClient:
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None):
         """An async iterator of (key, value) with start <= key < stop, in key order across shards."""
-        start = None if start is None else _bound("start", start)
-        stop = None if stop is None else _bound("stop", stop)
-        prefix = None if prefix is None else _bound("prefix", prefix)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
+        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
         if self._closed:
             raise Closed("the shardkv client is closed")
         return self._scan(start, stop, bool(reverse), prefix, limit)

@@ -389,13 +389,7 @@ class Client(MutableMapping):
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs with start <= key < stop, in key order across all shards."""
-        start = None if start is None else _bound("start", start)
-        stop = None if stop is None else _bound("stop", stop)
-        prefix = None if prefix is None else _bound("prefix", prefix)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
+        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
         self._check()
         return self._scan(start, stop, bool(reverse), prefix, limit)
 
@@ -575,6 +569,15 @@ def _ttl_ms(ttl) -> int:
     if not (ttl > 0 and math.isfinite(ttl)) or ttl * 1000 >= 2**53:
         raise ValueError(f"ttl must be a positive, finite number of seconds, not {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
+
+
+def check_scan_args(start, stop, prefix, limit) -> tuple:
+    """(start, stop, prefix) as bytes or None; TypeError/ValueError for a bad bound or limit."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return tuple(None if value is None else _bound(name, value) for name, value in (("start", start), ("stop", stop), ("prefix", prefix)))
 
 
 def _bound(name: str, value) -> bytes:
