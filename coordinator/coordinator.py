@@ -13,9 +13,8 @@ import time
 
 import numpy as np
 
-from shardkv.ipc.layout import HASH_SLOTS, PROC_UP, STOPPING, ControlBlock
+from shardkv.ipc.layout import HASH_SLOTS, PROC_UP, STOPPING, ControlBlock, map_shared_memory
 from shardkv.log import configure_service_logging, get_logger
-from shardkv.shards.worker import attach_shared_memory
 
 
 def default_shard_map(shards: int) -> np.ndarray:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((sys.argv[1:] if argv is None else argv)[0])
     configure_service_logging(config["log_dir"], "coordinator")
     log = get_logger("shardkv.coordinator")
-    buf = attach_shared_memory(config["names"]["control"])
+    buf = map_shared_memory(config["names"]["control"])
     control = ControlBlock(buf, config["shards"], config["leases"])
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

@@ -27,6 +27,7 @@ from shardkv.coordinator.runfiles import (  # noqa: F401 (re-exported for caller
     EXIT_BAD_CONFIG,
     RUN_DIR,
     SUPERVISOR_LOCK,
+    count_held,
     lease_path,
     lock_is_held,
     read_cluster_file,
@@ -45,6 +46,7 @@ from shardkv.ipc.layout import (
     STOPPING,
     ControlBlock,
     control_size,
+    map_shared_memory,
     name_prefix,
     names,
     process_start_time,
@@ -175,11 +177,7 @@ class Supervisor:
         self.log.info("cluster ready", shards=self.shards, cluster=self.cluster, pid=os.getpid())
 
     def _create_memory(self, name: str, size: int):
-        import mmap  # noqa: PLC0415
-
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        buf = mmap.mmap(shm.fd, shm.size)
-        shm.close_fd()
+        buf = map_shared_memory(name, create_size=size)
         self.objects.append(("shm", name, buf))
         return buf
 
@@ -249,7 +247,7 @@ class Supervisor:
 
     def live_leases(self) -> int:
         """How many client leases are held right now."""
-        return sum(lock_is_held(lease_path(self.directory, lease)) for lease in range(self.leases))
+        return count_held([lease_path(self.directory, lease) for lease in range(self.leases)])
 
     def run(self) -> None:
         """Watch the children until asked to stop (or, embedded, until idle)."""

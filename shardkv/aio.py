@@ -20,11 +20,11 @@ import time
 
 import posix_ipc
 
-from shardkv.client import Client, _ttl_ms, check_scan_args
+from shardkv.client import Client
 from shardkv.errors import Closed, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
 
 RETRY_TIMEOUT = 30.0
 
@@ -215,7 +215,7 @@ class AsyncClient:
         if ttl is None:
             message = m.request(m.PUT, self._flags, m.blob(key), m.blob(value))
         else:
-            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(_ttl_ms(ttl)))
+            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
         await self._call(self._shard_of(key), message, read=False)
 
     async def delete(self, key) -> bool:
@@ -258,7 +258,7 @@ class AsyncClient:
     async def expire(self, key, seconds) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if it is absent."""
         key = check_key(key)
-        ttl_ms = 0 if seconds is None else _ttl_ms(seconds)
+        ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
         _, body = await self._call(self._shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
         return body[0] == 1
 

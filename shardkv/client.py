@@ -9,8 +9,6 @@ import builtins
 import fcntl
 import heapq
 import json
-import math
-import mmap
 import os
 import random
 import subprocess
@@ -47,11 +45,12 @@ from shardkv.ipc.layout import (
     SLOT_STATE,
     ControlBlock,
     Ring,
+    map_shared_memory,
     process_start_time,
     read_frame,
     write_frame,
 )
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.wal.writer import check_durability
 
 SCAN_PAGE = 1000
@@ -78,14 +77,6 @@ def open(directory, shards: int | None = None, durability: str = "interval", *, 
     durability: "process", "interval" (default) or "fsync" for this client's writes.
     """
     return Client(directory, shards, durability, start_timeout)
-
-
-def _map_shared(name: str) -> mmap.mmap:
-    shm = posix_ipc.SharedMemory(name)
-    try:
-        return mmap.mmap(shm.fd, shm.size)
-    finally:
-        shm.close_fd()
 
 
 class Client(MutableMapping):
@@ -131,10 +122,10 @@ class Client(MutableMapping):
         self._info = info
         self.shards = info["shards"]
         names = info["names"]
-        self._control_buf = _map_shared(names["control"])
+        self._control_buf = map_shared_memory(names["control"])
         self._control = ControlBlock(self._control_buf, info["shards"], info["leases"])
         self._map = memoryview(self._control.shard_map)
-        self._ring_bufs = [_map_shared(name) for name in names["rings"]]
+        self._ring_bufs = [map_shared_memory(name) for name in names["rings"]]
         self._rings = [Ring(buf, info["leases"], info["slot_size"]) for buf in self._ring_bufs]
         self._wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
         self._take_lease(info)
@@ -340,7 +331,7 @@ class Client(MutableMapping):
         if ttl is None:
             self._call(self.shard_of(key), m.request(m.PUT, self._flags, m.blob(key), m.blob(value)), read=False)
         else:
-            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(_ttl_ms(ttl)))
+            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
             self._call(self.shard_of(key), message, read=False)
 
     def ttl(self, key):
@@ -352,7 +343,7 @@ class Client(MutableMapping):
     def expire(self, key, seconds) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
         key = check_key(key)
-        ttl_ms = 0 if seconds is None else _ttl_ms(seconds)
+        ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
         _, body = self._call(self.shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
         return body[0] == 1
 
@@ -560,32 +551,6 @@ def health_from_control(control: ControlBlock, info: dict) -> dict:
         "coordinator": processes[0],
         "shards": processes[1:],
     }
-
-
-def _ttl_ms(ttl) -> int:
-    """A ttl in seconds as whole milliseconds (at least 1), checked like the engine does."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not (ttl > 0 and math.isfinite(ttl)) or ttl * 1000 >= 2**53:
-        raise ValueError(f"ttl must be a positive, finite number of seconds, not {ttl!r}")
-    return max(1, math.ceil(ttl * 1000))
-
-
-def check_scan_args(start, stop, prefix, limit) -> tuple:
-    """(start, stop, prefix) as bytes or None; TypeError/ValueError for a bad bound or limit."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit}")
-    return tuple(None if value is None else _bound(name, value) for name, value in (("start", start), ("stop", stop), ("prefix", prefix)))
-
-
-def _bound(name: str, value) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
 
 
 def _reap(process: subprocess.Popen) -> None:

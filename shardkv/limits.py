@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 MAX_KEY_LEN = 65536
 DEFAULT_MAX_VALUE_SIZE = 64 * 1024 * 1024
 
@@ -26,3 +28,31 @@ def check_value(value, max_size: int = DEFAULT_MAX_VALUE_SIZE) -> bytes:
     if len(value) > max_size:
         raise ValueError(f"value of {len(value)} bytes is over the limit of {max_size} bytes (max_value_size)")
     return value
+
+
+def ttl_milliseconds(ttl) -> int:
+    """A ttl in seconds as whole milliseconds (at least 1); TypeError/ValueError if it is not a
+    positive, finite number small enough for the record's 64-bit expiry field."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not (ttl > 0 and math.isfinite(ttl)) or ttl * 1000 >= 2**53:
+        raise ValueError(f"ttl must be a positive, finite number of seconds (under 2**53 ms), not {ttl!r}")
+    return max(1, math.ceil(ttl * 1000))
+
+
+def check_bound(name: str, value) -> bytes:
+    """A scan bound or prefix as bytes, or TypeError."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
+
+
+def check_scan_args(start, stop, prefix, limit) -> tuple:
+    """(start, stop, prefix) as bytes or None; TypeError/ValueError for a bad bound or limit."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return tuple(None if value is None else check_bound(name, value) for name, value in (("start", start), ("stop", stop), ("prefix", prefix)))

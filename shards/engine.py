@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import heapq
-import math
 import os
 import struct
 import threading
@@ -22,7 +21,7 @@ from crc32c import crc32c
 
 from shardkv.errors import Closed, CorruptionError, Error
 from shardkv.log import get_logger
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
 from shardkv.shards.hints import ActiveRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
@@ -213,13 +212,7 @@ class ShardEngine:
 
     def _expiry_for(self, ttl) -> int:
         """The expires_at (ms) of a write with `ttl` seconds to live (0: never)."""
-        if ttl is None:
-            return 0
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-        if not (ttl > 0 and math.isfinite(ttl)):
-            raise ValueError(f"ttl must be a positive, finite number of seconds, not {ttl!r}")
-        return self._now_ms() + max(1, math.ceil(ttl * 1000))  # ttl() never reports more than asked
+        return 0 if ttl is None else self._now_ms() + ttl_milliseconds(ttl)  # ttl() never reports more than asked
 
     def _note_expiry(self, key: bytes, expires_at: int) -> None:
         """Record the expiry of the newest write of `key` (0: it never expires). Lock held."""
@@ -319,10 +312,7 @@ class ShardEngine:
             self._version += 1
             try:
                 self._active_records.add(offset, PUT, len(key), len(value), seq, expires_at)
-                if self._index.upsert(key, crc32c(key), (segment << 32) | offset, len(key), len(value), seq):
-                    self._sorted.note_added(key, self._index.last_entry)
-                if expires_at or self._expires:
-                    self._note_expiry(key, expires_at)
+                self._index_record(PUT, key, (segment << 32) | offset, len(value), seq, expires_at)
             finally:
                 self._version += 1
         if self.durability == "fsync":
@@ -411,7 +401,6 @@ class ShardEngine:
         data, relative = encode_batch(batch, seq)
         segment, offset = self._append(data)
         self._seq = seq
-        index, sorted_keys = self._index, self._sorted
         base = segment << 32
         offsets = [offset + rel for rel in relative]
         self._version += 1
@@ -420,17 +409,21 @@ class ShardEngine:
                 offsets, [op[0] for op in batch], [len(op[1]) for op in batch], [len(op[2]) for op in batch], seq, [op[3] for op in batch]
             )
             for (rtype, key, value, expires_at), record_offset in zip(batch, offsets):
-                h = crc32c(key)
-                if rtype == PUT:
-                    if index.upsert(key, h, base | record_offset, len(key), len(value), seq):
-                        sorted_keys.note_added(key, index.last_entry)
-                elif index.remove(key, h):
-                    sorted_keys.note_removed(key)
-                if expires_at or self._expires:
-                    self._note_expiry(key, expires_at)
+                self._index_record(rtype, key, base | record_offset, len(value), seq, expires_at)
         finally:
             self._version += 1
         return segment, offset + len(data)
+
+    def _index_record(self, rtype: int, key: bytes, location: int, value_len: int, seq: int, expires_at: int) -> None:
+        """Point the index, the ordered view and the expiry table at one record just appended:
+        the one place a write reaches them. The caller holds the lock with `_version` odd."""
+        if rtype == PUT:
+            if self._index.upsert(key, crc32c(key), location, len(key), value_len, seq):
+                self._sorted.note_added(key, self._index.last_entry)
+        elif self._index.remove(key, crc32c(key)):
+            self._sorted.note_removed(key)
+        if expires_at or self._expires:
+            self._note_expiry(key, expires_at)
 
     def _make_durable(self, end: tuple[int, int]) -> None:
         if self.durability == "fsync":
@@ -477,11 +470,7 @@ class ShardEngine:
         `prefix` keeps only keys that start with it; `limit` caps the number of items. Each
         value is read when its key is reached: a key deleted meanwhile is skipped.
         """
-        start = None if start is None else _check_bound("start", start)
-        stop = None if stop is None else _check_bound("stop", stop)
-        prefix = None if prefix is None else _check_bound("prefix", prefix)
-        if limit is not None:
-            _check_int("limit", limit, 0, None)
+        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
         with self._lock:
             self._check_open()
             if self._expires:
@@ -651,14 +640,6 @@ def _check_int(name: str, value, low: int, high: int | None) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be between {low} and {high}, not {value}" if high else f"{name} must be >= {low}, not {value}")
-
-
-def _check_bound(name: str, value) -> bytes:
-    if type(value) is not bytes:
-        if not isinstance(value, (bytearray, memoryview)):
-            raise TypeError(f"{name} must be bytes-like or None, not {type(value).__name__}")
-        value = bytes(value)
-    return value
 
 
 def _lock_directory(directory: str) -> int:

@@ -8,7 +8,6 @@ answers every slot holding a request (docs/IPC.md); write requests that asked fo
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import signal
 import struct
@@ -32,6 +31,7 @@ from shardkv.ipc.layout import (
     STOPPING,
     ControlBlock,
     Ring,
+    map_shared_memory,
     read_frame,
     write_frame,
 )
@@ -50,15 +50,6 @@ def shard_directory(directory: str, shard: int) -> str:
     return os.path.join(directory, f"shard-{shard:03d}")
 
 
-def attach_shared_memory(name: str) -> mmap.mmap:
-    """Map an existing shared-memory object read-write."""
-    shm = posix_ipc.SharedMemory(name)
-    try:
-        return mmap.mmap(shm.fd, shm.size)
-    finally:
-        shm.close_fd()
-
-
 class Worker:
     """Serves one shard; see the module docstring."""
 
@@ -68,9 +59,9 @@ class Worker:
         self.max_message = config["max_message"]
         self.log = get_logger("shardkv.worker", shard=self.shard)
         names = config["names"]
-        self.control_buf = attach_shared_memory(names["control"])
+        self.control_buf = map_shared_memory(names["control"])
         self.control = ControlBlock(self.control_buf, config["shards"], config["leases"])
-        self.ring_buf = attach_shared_memory(names["rings"][self.shard])
+        self.ring_buf = map_shared_memory(names["rings"][self.shard])
         self.ring = Ring(self.ring_buf, config["leases"], config["slot_size"])
         self.wake = posix_ipc.Semaphore(names["wake"][self.shard])
         self.done = [posix_ipc.Semaphore(name) for name in names["done"]]

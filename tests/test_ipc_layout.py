@@ -109,3 +109,44 @@ def test_list_decoders_reject_malformed_input_and_roundtrip():
     for bad in (good[:-1], good + b"\x00", b"\x05\x00\x00\x00", b"\x01\x00\x00\x00\xff\x00\x00\x00"):
         with pytest.raises(m.MessageError):
             m.decode_blob_list(bad, 0)
+
+
+def test_counting_held_leases_never_takes_a_free_one(tmp_path):
+    """The supervisor counts live leases often; a client taking a free lease meanwhile must
+    never find it locked by the counting (it would skip to another lease)."""
+    import fcntl
+    import os
+    import threading
+
+    from shardkv.coordinator.runfiles import count_held
+
+    paths = [str(tmp_path / f"lease-{i}.lock") for i in range(8)]
+    for path in paths:
+        open(path, "w").close()
+    holder = os.open(paths[3], os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    stop = threading.Event()
+    counts = []
+
+    def count():
+        while not stop.is_set():
+            counts.append(count_held(paths))
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    refused = 0
+    try:
+        for _ in range(3000):
+            fd = os.open(paths[0], os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                refused += 1
+            finally:
+                os.close(fd)
+    finally:
+        stop.set()
+        counter.join()
+        os.close(holder)
+    assert refused == 0
+    assert counts and set(counts) <= {1, 2}  # lease 3, and lease 0 while this thread holds it

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
+
+import posix_ipc
 
 import numpy as np
 from crc32c import crc32c
@@ -32,6 +35,19 @@ SLOT_STATE = struct.Struct("<I")
 SLOT_FIELDS = struct.Struct("<IQIIQ")  # at offset 4: flags, request_id, frame_len, reserved, total_len
 SLOT_EMPTY, SLOT_REQUEST, SLOT_RESPONSE = 0, 1, 2
 FLAG_MORE = 1
+
+
+def map_shared_memory(name: str, create_size: int | None = None) -> mmap.mmap:
+    """Map the shared-memory object `name` read-write; with `create_size`, create it first
+    (owner-only, failing if it exists)."""
+    if create_size is None:
+        shm = posix_ipc.SharedMemory(name)
+    else:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=create_size)
+    try:
+        return mmap.mmap(shm.fd, shm.size)
+    finally:
+        shm.close_fd()
 
 
 def key_slot(key: bytes) -> int:
