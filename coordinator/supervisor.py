@@ -50,6 +50,7 @@ from shardkv.ipc.layout import (
     name_prefix,
     names,
     process_start_time,
+    worker_ring_slots,
 )
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio
@@ -141,8 +142,9 @@ class Supervisor:
         ControlBlock.write_header(control, self.shards, self.leases, self.slot_size, os.getpid())
         self.control = ControlBlock(control, self.shards, self.leases)
         for name in self.names["rings"]:
-            self._create_memory(name, self.leases * self.slot_size)
-        for name in self.names["wake"] + self.names["done"]:
+            self._create_memory(name, worker_ring_slots(self.leases) * self.slot_size)
+        self._create_memory(self.names["coord_ring"], self.leases * self.slot_size)
+        for name in self.names["wake"] + self.names["done"] + [self.names["coord_wake"], self.names["coord_done"]]:
             self.objects.append(("sem", name, posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)))
         self.config = {
             "directory": self.directory,

@@ -13,7 +13,7 @@ import os
 from shardkv.coordinator.manifest import read_manifest, write_manifest
 from shardkv.ops.verify import Problem, shard_directories, active_segment, walk_segment
 from shardkv.shards.engine import ShardEngine
-from shardkv.wal.format import PUT, RECORD_HEADER_SIZE, segment_name
+from shardkv.wal.format import DELETE, PUT, RECORD_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
 from shardkv.wal.segment import list_segments
 from shardkv.shards.worker import shard_directory
@@ -67,6 +67,8 @@ def _salvage_shard(shard_dir: str, target: str, shard_id: int, report: dict) -> 
                     continue
                 offset, header = item
                 report["records_read"] += 1
+                if header.type not in (PUT, DELETE):
+                    continue  # batch markers: salvage keeps applied data only (docs/TRANSACTIONS.md)
                 key_start = offset + RECORD_HEADER_SIZE
                 key = bytes(buf[key_start : key_start + header.key_len])
                 seen = newest.get(key)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from shardkv.errors import CorruptionError
-from shardkv.wal.format import DATA_RECORD_TYPES, KIND_DECISIONS, KIND_LOG, SEGMENT_HEADER_SIZE, segment_name
+from shardkv.wal.format import KIND_LOG, KIND_RECORD_TYPES, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import intact_header_after, all_zero_from, map_file, unreadable_reason
 from shardkv.wal.records import RecordHeader, decode_header
 from shardkv.wal.segment import decode_segment_header, list_segments
@@ -38,7 +38,7 @@ def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHead
     with "torn tail".
     """
     header = decode_segment_header(buf, path)
-    allow_tx = header.kind == KIND_DECISIONS
+    allowed = KIND_RECORD_TYPES[header.kind]
     size = len(buf)
     offset = SEGMENT_HEADER_SIZE
     batch: list[tuple[int, RecordHeader]] = []
@@ -49,8 +49,8 @@ def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHead
         problem = unreadable_reason(buf, offset, record)
         if problem is None and batch and (record.batch_left != batch[-1][1].batch_left - 1 or record.seq != batch[-1][1].seq):
             problem = "batch numbering broken"
-        if problem is None and record.type not in DATA_RECORD_TYPES and not allow_tx:
-            problem = f"record type {record.type} not supported in a shard log"
+        if problem is None and record.type not in allowed:
+            problem = f"record type {record.type} not allowed in a segment of kind {header.kind}"
         if problem is not None:
             start = batch[0][0] if batch else offset
             resume = intact_header_after(buf, offset + 1)

@@ -1,6 +1,6 @@
 """shardkv: a persistent, sharded key-value store for Python that uses every core."""
 
-from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError, Unavailable
+from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Error, StorageError, Unavailable
 
 __version__ = "0.1.0"
 
@@ -11,6 +11,7 @@ DURABILITY_LEVELS = ("process", "interval", "fsync")
 
 __all__ = [
     "AsyncClient",
+    "Busy",
     "Client",
     "Closed",
     "Conflict",

@@ -32,7 +32,9 @@ from shardkv.coordinator.runfiles import (
     read_cluster_file,
     run_dir,
 )
-from shardkv.errors import Closed, CorruptionError, Unavailable
+from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
+from shardkv.errors import Busy, Closed, CorruptionError, Unavailable
+from shardkv.ipc import frames
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     FLAG_MORE,
@@ -48,6 +50,7 @@ from shardkv.ipc.layout import (
     map_shared_memory,
     process_start_time,
     read_frame,
+    worker_ring_slots,
     write_frame,
 )
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
@@ -66,23 +69,45 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 REQUEST_TIMEOUT = 600.0
 RETRY_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 10.0
 _UNSET = object()
 
 
-def open(directory, shards: int | None = None, durability: str = "interval", *, start_timeout: float = 60.0) -> "Client":  # noqa: A001
+def open(  # noqa: A001
+    directory,
+    shards: int | None = None,
+    durability: str = "interval",
+    *,
+    start_timeout: float = 60.0,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_batch_ops: int = MAX_BATCH_OPS,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
+) -> "Client":
     """Attach to the cluster serving `directory`, starting one (embedded) if none is running.
 
     shards: the number of shard workers of a new store (default: CPU cores); an existing store
     keeps the number it was created with, and asking for another one is a ValueError.
     durability: "process", "interval" (default) or "fsync" for this client's writes.
+    lock_timeout: seconds a request waits for keys locked by a cross-shard batch being decided
+    before it raises shardkv.Busy (an Unavailable).
+    max_batch_ops, max_batch_bytes: the largest atomic batch this client sends (operations;
+    bytes of keys and values); a larger one is a ValueError before anything is written.
     """
-    return Client(directory, shards, durability, start_timeout)
+    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes)
 
 
 class Client(MutableMapping):
     """A connection to one store; see `shardkv.open`."""
 
-    def __init__(self, directory, shards, durability, start_timeout):
+    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES):
+        for name, value in (("lock_timeout", lock_timeout), ("max_batch_ops", max_batch_ops), ("max_batch_bytes", max_batch_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, not {value!r}")
+        self.lock_timeout = float(lock_timeout)
+        self.max_batch_ops = int(max_batch_ops)
+        self.max_batch_bytes = int(max_batch_bytes)
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, not {type(directory).__name__}")
         if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)):
@@ -112,6 +137,8 @@ class Client(MutableMapping):
                     raise Unavailable(f"no cluster came up on {self.directory} within {timeout} s") from None
                 time.sleep(0.01)
         self._lock = threading.RLock()
+        self._reading_lock = threading.Lock()
+        self._readers = 0  # multi-key reads in progress (the lease's "reading" flag is set)
         self._pid = os.getpid()
         self._forked = False
         self._request_id = random.getrandbits(62)
@@ -126,8 +153,12 @@ class Client(MutableMapping):
         self._control = ControlBlock(self._control_buf, info["shards"], info["leases"])
         self._map = memoryview(self._control.shard_map)
         self._ring_bufs = [map_shared_memory(name) for name in names["rings"]]
-        self._rings = [Ring(buf, info["leases"], info["slot_size"]) for buf in self._ring_bufs]
+        self._rings = [Ring(buf, worker_ring_slots(info["leases"]), info["slot_size"]) for buf in self._ring_bufs]
         self._wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
+        # The coordinator's ring is reached as "shard" number N (cross-shard batches go there).
+        self._ring_bufs.append(map_shared_memory(names["coord_ring"]))
+        self._rings.append(Ring(self._ring_bufs[-1], info["leases"], info["slot_size"]))
+        self._wake.append(posix_ipc.Semaphore(names["coord_wake"]))
         self._take_lease(info)
 
     def _find_or_start(self, timeout: float) -> dict:
@@ -181,7 +212,7 @@ class Client(MutableMapping):
             raise Unavailable(f"all {info['leases']} client leases of {self.directory} are in use")
         self._lease_fd, self._lease = fd, lease
         entry = self._control.leases[lease]
-        entry["pid"], entry["start_time"] = os.getpid(), process_start_time(os.getpid())
+        entry["pid"], entry["start_time"], entry["reading"] = os.getpid(), process_start_time(os.getpid()), 0
         self._control.note_attach()
         self._done = posix_ipc.Semaphore(info["names"]["done"][lease])
         # A dead previous owner may have left a request in flight: let the workers answer it.
@@ -207,6 +238,8 @@ class Client(MutableMapping):
         # keeps the parent's lock (flock follows the open file, which the parent still holds).
         os.close(self._lease_fd)
         self._lock = threading.RLock()
+        self._reading_lock = threading.Lock()
+        self._readers = 0
         self._pid = os.getpid()
         self._forked = False
         self._take_lease(self._info)
@@ -217,13 +250,20 @@ class Client(MutableMapping):
         return self._request_id
 
     def _call(self, shard: int, message: bytes, read: bool):
-        """Send `message` to `shard`; return (status, body). Reads are retried after a restart."""
+        """Send `message` to `shard` (N: the coordinator); return (status, body). Reads are
+        retried after a restart; anything answered Busy (not applied) until the lock timeout."""
         with self._lock:
             self._check()
-            deadline = time.monotonic() + RETRY_TIMEOUT
+            now = time.monotonic()
+            deadline, busy_deadline, pause = now + RETRY_TIMEOUT, now + self.lock_timeout, 0.0001
             while True:
                 try:
                     return m.parse_response(self._exchange(shard, message))
+                except Busy:
+                    if time.monotonic() > busy_deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.01)
                 except Unavailable:
                     if not read or time.monotonic() > deadline:
                         raise
@@ -233,25 +273,7 @@ class Client(MutableMapping):
         ring = self._rings[shard]
         slot = ring.slot(self._lease)
         request_id = self._next_id()
-        view, total, pos, capacity = memoryview(message), len(message), 0, ring.capacity
-        while True:
-            chunk = view[pos : pos + capacity]
-            pos += len(chunk)
-            more = pos < total
-            write_frame(slot, SLOT_REQUEST, FLAG_MORE if more else 0, request_id, chunk, total)
-            self._wake[shard].release()
-            self._wait(shard, slot, request_id)
-            _, flags, _, frame_len, response_total = read_frame(slot)
-            if not (more and frame_len == 0 and response_total == 0):
-                break  # the final answer (or an error that ended the message early)
-        parts = [bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])]
-        while flags & FLAG_MORE:
-            write_frame(slot, SLOT_REQUEST, 0, request_id, b"", 0)
-            self._wake[shard].release()
-            self._wait(shard, slot, request_id)
-            _, flags, _, frame_len, _ = read_frame(slot)
-            parts.append(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return frames.send(slot, ring.capacity, self._wake[shard], request_id, message, lambda: self._wait(shard, slot, request_id))
 
     def _wait(self, shard: int, slot, request_id: int) -> None:
         """Block until `slot` holds the response to `request_id`."""
@@ -271,7 +293,7 @@ class Client(MutableMapping):
                 self._check_cluster(shard, now - started)
 
     def _check_cluster(self, shard: int, waited: float) -> None:
-        if self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
+        if shard < self.shards and self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
             raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
         if process_start_time(self._info["pid"]) != self._info["start_time"]:
             raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
@@ -363,7 +385,8 @@ class Client(MutableMapping):
         return body[0] == 1
 
     def get_many(self, keys) -> list:
-        """The values of `keys` (None for a missing one), in order."""
+        """The values of `keys` (None for a missing one), in order, read at one snapshot: every
+        cross-shard batch is seen entirely or not at all."""
         keys = [check_key(k) for k in keys]
         by_shard: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
@@ -371,7 +394,13 @@ class Client(MutableMapping):
         if not keys:
             self._check()
             return []
-        answers = self._call_many({s: m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in idx])) for s, idx in by_shard.items()})
+        messages = {s: m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in idx])) for s, idx in by_shard.items()}
+        with self._snapshot() as snapshot:
+            while True:
+                answers = self._call_many(messages)
+                if snapshot.still_valid():
+                    break
+                snapshot.restart()
         values = [None] * len(keys)
         for shard, idx in by_shard.items():
             for i, value in zip(idx, m.decode_optionals(answers[shard][1])):
@@ -386,17 +415,28 @@ class Client(MutableMapping):
 
     def _scan(self, start, stop, reverse, prefix, limit):
         page = SCAN_PAGE if limit is None else max(1, min(SCAN_PAGE, limit))
-        streams = [self._scan_shard(s, start, stop, reverse, prefix, page) for s in range(self.shards)]
-        merged = heapq.merge(*streams, key=lambda item: item[0], reverse=reverse)
-        for produced, item in enumerate(merged):
-            if limit is not None and produced >= limit:
-                return
-            yield item
+        with self._snapshot() as snapshot:
+            while True:
+                streams = [self._scan_shard(s, start, stop, reverse, prefix, page, snapshot) for s in range(self.shards)]
+                merged = heapq.merge(*streams, key=lambda item: item[0], reverse=reverse)
+                try:
+                    for produced, item in enumerate(merged):
+                        if limit is not None and produced >= limit:
+                            return
+                        snapshot.yielded = True
+                        yield item
+                    return
+                except _SnapshotMoved:
+                    snapshot.restart()  # nothing was yielded yet: start over at a newer snapshot
 
-    def _scan_shard(self, shard, start, stop, reverse, prefix, page):
+    def _scan_shard(self, shard, start, stop, reverse, prefix, page, snapshot):
         while True:
             _, body = self._call(shard, m.encode_scan(start, stop, reverse, prefix, page), read=True)
             items, more = m.decode_items(body)
+            if not snapshot.still_valid():
+                if snapshot.yielded:
+                    raise Unavailable("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans); start the scan again")
+                raise _SnapshotMoved
             yield from items
             if not more or not items:
                 return
@@ -404,6 +444,42 @@ class Client(MutableMapping):
                 stop = items[-1][0]
             else:
                 start = items[-1][0] + b"\x00"  # the smallest key after the last one
+
+    def _snapshot(self) -> "_Snapshot":
+        """A consistent-read window for a multi-key read (docs/TRANSACTIONS.md, "Isolation")."""
+        self._check()
+        return _Snapshot(self)
+
+    # -- atomic batches --------------------------------------------------------------------
+    def write(self, ops) -> None:
+        """Apply operations atomically, all or nothing: ("put", key, value[, ttl]),
+        ("delete", key) and ("expect", key, value) (a precondition; value None: absent).
+        Raises shardkv.Conflict, applying nothing, if a precondition does not hold."""
+        self._write_checked(check_ops(ops, self.max_batch_ops, self.max_batch_bytes))
+
+    def put_many(self, items) -> None:
+        """Set every (key, value) of a mapping or iterable of pairs, atomically."""
+        self.write(put_many_ops(items))
+
+    def batch(self) -> Batch:
+        """A batch to fill in a `with` block: applied atomically when the block exits normally,
+        discarded if it raises (b.put(key, value[, ttl]), b.delete(key), b.expect(key, value))."""
+        self._check()
+        return Batch(self._write_checked)
+
+    def _write_checked(self, checked: list) -> None:
+        """Send a batch of checked operations: APPLY to its one shard, or TXN to the
+        coordinator when it spans shards."""
+        check_limits(checked, self.max_batch_ops, self.max_batch_bytes)
+        self._check()
+        by_shard = route_ops(checked, self._map)
+        if not by_shard:
+            return
+        if len(by_shard) == 1:
+            shard, items = next(iter(by_shard.items()))
+            self._call(shard, m.encode_apply(items, self._flags), read=False)
+        else:
+            self._call(self.shards, encode_txn(by_shard, self._flags), read=False)
 
     def min(self):
         """(key, value) of the smallest key, or None."""
@@ -501,7 +577,7 @@ class Client(MutableMapping):
         self._closed = True
         if not self._forked:
             entry = self._control.leases[self._lease]
-            entry["pid"], entry["start_time"] = 0, 0
+            entry["pid"], entry["start_time"], entry["reading"] = 0, 0, 0
             os.close(self._lease_fd)
         self._done.close()
         for sem in self._wake:
@@ -524,6 +600,61 @@ class Client(MutableMapping):
 
     def __repr__(self) -> str:
         return f"<shardkv.Client {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
+
+
+class _SnapshotMoved(Exception):
+    """A multi-key read overlapped a cross-shard commit before it returned anything."""
+
+
+class _Snapshot:
+    """The window of one multi-key read. While it is open the client's lease says "reading",
+    so the coordinator holds back the commit phase of cross-shard batches (for a while); and
+    the read is good only if no commit phase began during it: `commits_started` unchanged
+    and, at the start, equal to `commits_finished` (docs/TRANSACTIONS.md, "Isolation")."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.yielded = False
+        self.started = 0
+
+    def __enter__(self) -> "_Snapshot":
+        client = self.client
+        with client._reading_lock:
+            client._readers += 1
+            client._control.leases[client._lease]["reading"] = 1
+        self.restart()
+        return self
+
+    def restart(self) -> None:
+        """Wait until no commit phase is running; take that moment as the snapshot."""
+        client = self.client
+        control = client._control
+        pause, deadline = 0.00005, None
+        while True:
+            finished = control.commits_finished
+            started = control.commits_started
+            if started == finished:
+                self.started = started
+                return
+            now = time.monotonic()
+            deadline = deadline or now + client.lock_timeout
+            if now > deadline:
+                raise Busy(f"a cross-shard batch has been committing for over {client.lock_timeout} s (lock_timeout)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+
+    def still_valid(self) -> bool:
+        """True if no commit phase began since the snapshot was taken."""
+        return self.client._control.commits_started == self.started
+
+    def __exit__(self, *exc) -> None:
+        client = self.client
+        if client._closed or client._forked:
+            return
+        with client._reading_lock:
+            client._readers -= 1
+            if not client._readers:
+                client._control.leases[client._lease]["reading"] = 0
 
 
 def health_from_control(control: ControlBlock, info: dict) -> dict:

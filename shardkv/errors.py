@@ -23,3 +23,9 @@ class Conflict(Error):
 
 class StorageError(Error):
     """An operating-system error (disk full, I/O error) stopped a write; nothing was acknowledged."""
+
+
+class Busy(Unavailable):
+    """A request was not applied because a key it needs is locked by a cross-shard batch that is
+    being decided (or a shard the batch needs is restarting); the same request succeeds later.
+    The client retries by itself and raises this only once its lock timeout has passed."""

@@ -149,6 +149,8 @@ def compact(engine) -> dict:
             engine._purge_expired()  # expired keys are not copied
         before = engine._space()
         engine._seal_active()
+        if engine._prepared:
+            engine._carry_prepared()  # undecided PREPAREs must outlive the segments compacted away
         inputs = sorted(engine._ends)
         index = engine._index
         ids = index.live_ids()

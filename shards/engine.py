@@ -19,16 +19,18 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from crc32c import crc32c
 
-from shardkv.errors import Closed, CorruptionError, Error
+from shardkv import faults
+from shardkv.errors import Closed, Conflict, CorruptionError, Error
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
 from shardkv.shards.hints import ActiveRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
+from shardkv.shards.prepared import PreparedBatches, encode_prepare, txid_key
 from shardkv.shards.recovery import recover, unmap_all
 from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
 from shardkv.wal import fileio
-from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
+from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
 from shardkv.wal.records import encode_batch, encode_record
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
@@ -122,6 +124,10 @@ class ShardEngine:
         self._expires: dict[bytes, int] = dict(state.expiring)
         self._expiry_heap = [(at, key) for key, at in state.expiring]
         heapq.heapify(self._expiry_heap)
+        # Cross-shard batches prepared here and not yet decided (docs/TRANSACTIONS.md).
+        self._prepared = PreparedBatches()
+        for txid, (batch, expects) in state.prepared.items():
+            self._prepared.add(txid, batch, expects)
         self._writer = LogWriter(
             self.directory,
             shard_id,
@@ -256,8 +262,9 @@ class ShardEngine:
         expires_at = self._expiry_for(seconds)
         with self._lock:
             self._check_open()
-            value = self._read(key)
-            if value is None or (self._expires and self._expired(key)):
+            self._prepared.check_unlocked((key,))
+            value = self._current(key)
+            if value is None:
                 return False
             end = self._write_locked([(PUT, key, value, expires_at)])
         self._make_durable(end)
@@ -305,6 +312,8 @@ class ShardEngine:
         expires_at = self._expiry_for(ttl)
         with self._lock:
             self._check_open()
+            if self._prepared.locks:
+                self._prepared.check_unlocked((key,))
             seq = self._seq + 1
             data = encode_record(PUT, key, value, seq, 0, expires_at)
             segment, offset = self._append(data)
@@ -323,6 +332,7 @@ class ShardEngine:
         key = check_key(key)
         with self._lock:
             self._check_open()
+            self._prepared.check_unlocked((key,))
             if self._expires:
                 self._purge_expired()
             if self._index.find(key, crc32c(key)) < 0:
@@ -343,9 +353,8 @@ class ShardEngine:
             new = check_value(new, self.max_value_size)
         with self._lock:
             self._check_open()
-            current = self._read(key)
-            if current is not None and self._expires and self._expired(key):
-                current = None
+            self._prepared.check_unlocked((key,))
+            current = self._current(key)
             if current != expected:
                 return False
             if new is None:
@@ -357,16 +366,109 @@ class ShardEngine:
         self._make_durable(end)
         return True
 
-    def apply(self, ops: Iterable) -> None:
-        """Apply ("put", key, value[, ttl]) and ("delete", key) operations atomically, in order."""
+    def apply(self, ops: Iterable, expects: Iterable = ()) -> None:
+        """Apply ("put", key, value[, ttl]) and ("delete", key) operations atomically, in order.
+
+        expects: (key, value) pairs that must all hold first (value None: the key is absent);
+        if one does not, nothing is written and Conflict is raised.
+        """
         batch = self._check_ops(ops)
+        expects = _check_expects(expects)
         self._check_open()
-        if not batch:
+        if not batch and not expects:
             return
         with self._lock:
             self._check_open()
+            if self._prepared.locks:
+                self._prepared.check_unlocked([op[1] for op in batch] + [key for key, _ in expects])
+            self._check_expects_locked(expects)
+            if not batch:
+                return
             end = self._write_locked(batch)
         self._make_durable(end)
+
+    def _current(self, key: bytes):
+        """The value of `key` (None if absent or expired); the caller holds the lock."""
+        value = self._read(key)
+        if value is not None and self._expires and self._expired(key):
+            return None
+        return value
+
+    def _check_expects_locked(self, expects: list) -> None:
+        for key, expected in expects:
+            current = self._current(key)
+            if current != expected:
+                state = "absent" if current is None else f"{len(current)} bytes"
+                raise Conflict(f"precondition failed: key {key[:40]!r} is {state}, not {'absent' if expected is None else repr(expected[:40])}")
+
+    # -- cross-shard batches (docs/TRANSACTIONS.md) ----------------------------------------
+    def prepare(self, txid: int, ops: Iterable, expects: Iterable = ()) -> None:
+        """Phase one of cross-shard batch `txid` on this shard: check `expects`, lock every key
+        named, and log the writes in a PREPARE record (durable at the engine's level when this
+        returns). Raises Conflict if a precondition fails or Busy if another prepared batch
+        locks a key; then nothing is logged or locked. Preparing a batch twice is a no-op."""
+        _check_int("txid", txid, 0, 2**64 - 1)
+        batch = self._check_ops(ops)
+        expects = _check_expects(expects)
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            if txid in self._prepared.batches:
+                return
+            self._prepared.check_unlocked([op[1] for op in batch] + [key for key, _ in expects])
+            self._check_expects_locked(expects)
+            end = self._log_marker(PREPARE, txid, encode_prepare(batch, expects))
+            self._prepared.add(txid, batch, expects)
+        self._make_durable(end)
+
+    def commit(self, txid: int) -> bool:
+        """Phase two: apply prepared batch `txid` (one batch: a COMMIT record, then its writes)
+        and release its locks. False if no such batch is prepared here (already settled)."""
+        with self._lock:
+            self._check_open()
+            entry = self._prepared.batches.get(txid)
+            if entry is None:
+                return False
+            end = self._write_locked([(COMMIT, txid_key(txid), b"", 0)] + entry[0], committing=True)
+            self._prepared.pop(txid)
+        self._make_durable(end)
+        return True
+
+    def abort(self, txid: int) -> bool:
+        """Drop prepared batch `txid` (logging an ABORT record) and release its locks; False if
+        no such batch is prepared here."""
+        with self._lock:
+            self._check_open()
+            if txid not in self._prepared.batches:
+                return False
+            end = self._log_marker(ABORT, txid, b"")
+            self._prepared.pop(txid)
+        self._make_durable(end)
+        return True
+
+    def prepared(self) -> list[int]:
+        """The ids of the batches prepared here and awaiting their decision."""
+        with self._lock:
+            return list(self._prepared.batches)
+
+    def locked(self, key: bytes) -> bool:
+        """Whether a prepared batch locks `key` (reads of it wait for the decision)."""
+        return key in self._prepared.locks
+
+    def _log_marker(self, rtype: int, txid: int, value: bytes) -> tuple[int, int]:
+        """Append a PREPARE or ABORT record (outside the index); the caller holds the lock."""
+        seq = self._seq + 1
+        data = encode_record(rtype, txid_key(txid), value, seq)
+        segment, offset = self._append(data)
+        self._seq = seq
+        self._active_records.add(offset, rtype, 8, len(value), seq, 0)
+        return segment, offset + len(data)
+
+    def _carry_prepared(self) -> None:
+        """Log every undecided PREPARE again in the (new) active segment, so that a compaction
+        of the sealed segments cannot drop it; the caller holds the lock."""
+        for txid, (batch, expects) in self._prepared.batches.items():
+            self._log_marker(PREPARE, txid, encode_prepare(batch, expects))
 
     def _check_ops(self, ops) -> list:
         if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
@@ -395,12 +497,15 @@ class ShardEngine:
             raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
         return batch
 
-    def _write_locked(self, batch: list) -> tuple[int, int]:
-        """Append `batch` as one unit and apply it to the index; the caller holds the lock."""
+    def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
+        """Append `batch` as one unit and apply it to the index; the caller holds the lock.
+        (A COMMIT record at its head is logged with it but stays out of the index.)"""
         seq = self._seq + 1
         data, relative = encode_batch(batch, seq)
         segment, offset = self._append(data)
         self._seq = seq
+        if committing:
+            faults.point("shard.commit_logged")
         base = segment << 32
         offsets = [offset + rel for rel in relative]
         self._version += 1
@@ -417,6 +522,8 @@ class ShardEngine:
     def _index_record(self, rtype: int, key: bytes, location: int, value_len: int, seq: int, expires_at: int) -> None:
         """Point the index, the ordered view and the expiry table at one record just appended:
         the one place a write reaches them. The caller holds the lock with `_version` odd."""
+        if rtype > DELETE:
+            return  # a COMMIT record: it names a batch, not a key
         if rtype == PUT:
             if self._index.upsert(key, crc32c(key), location, len(key), value_len, seq):
                 self._sorted.note_added(key, self._index.last_entry)
@@ -633,6 +740,18 @@ class ShardEngine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} keys"
         return f"<ShardEngine {self.directory!r} shard {self.shard_id}, {state}>"
+
+
+def _check_expects(expects) -> list:
+    """Validated (key, value or None) preconditions."""
+    if isinstance(expects, (str, bytes, bytearray, memoryview)) or not isinstance(expects, Iterable):
+        raise TypeError(f"expects must be an iterable of (key, value) pairs, not {type(expects).__name__}")
+    checked = []
+    for item in expects:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"each expectation must be a (key, value) pair, not {item!r:.80}")
+        checked.append((check_key(item[0]), None if item[1] is None else check_value(item[1], MAX_VALUE_LEN_FORMAT)))
+    return checked
 
 
 def _check_int(name: str, value, low: int, high: int | None) -> None:

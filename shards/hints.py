@@ -52,6 +52,13 @@ class SegmentRecords:
             scan.keys,
         )
 
+    def take(self, rows: np.ndarray) -> "SegmentRecords":
+        """A table of the rows numbered in `rows`, in that order."""
+        keys = self.keys
+        return SegmentRecords(
+            self.offsets[rows], self.types[rows], self.key_lens[rows], self.value_lens[rows], self.seqs[rows], self.expires[rows], [keys[i] for i in rows.tolist()]
+        )
+
     @classmethod
     def concat(cls, parts: list["SegmentRecords"]) -> "SegmentRecords":
         """One table with the rows of `parts`, in order."""

@@ -17,7 +17,8 @@ from crc32c import crc32c
 from shardkv.errors import CorruptionError
 from shardkv.shards.compaction import finish_interrupted_compaction
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, read_hint, write_hint
-from shardkv.wal.format import KIND_LOG, PUT, SEGMENT_HEADER_SIZE, TMP_SUFFIX
+from shardkv.shards.prepared import decode_prepare, txid_of
+from shardkv.wal.format import DELETE, KIND_LOG, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TMP_SUFFIX
 from shardkv.wal.reader import map_file, scan_segment
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
 from shardkv.wal.writer import cut_tail
@@ -37,6 +38,7 @@ class Recovered:
     max_segment: int = 0
     live: tuple = ()  # (hashes, locations, key_lens, value_lens, seqs) of the live keys
     expiring: list = field(default_factory=list)  # (key, expires_at ms) of live keys that expire
+    prepared: dict = field(default_factory=dict)  # txid -> (batch, expects) of undecided PREPAREs
     records_read: int = 0
     torn_bytes: int = 0
     seconds: float = 0.0
@@ -90,7 +92,14 @@ def recover(directory: str, shard: int, segment_size: int, now_ms: int) -> Recov
     rows = SegmentRecords.concat(tables)
     state.records_read = len(rows)
     state.max_seq = int(rows.seqs.max()) if len(rows) else 0
-    state.live, state.expiring = _live_keys(rows, np.concatenate(segment_of_row), now_ms)
+    segments = np.concatenate(segment_of_row)
+    markers = np.flatnonzero(rows.types > DELETE)
+    if len(markers):
+        # PREPARE, COMMIT and ABORT records name batches, not keys: settle them apart.
+        state.prepared = _undecided_prepares(rows, segments, markers, state)
+        data = np.flatnonzero(rows.types <= DELETE)
+        rows, segments = rows.take(data), segments[data]
+    state.live, state.expiring = _live_keys(rows, segments, now_ms)
     state.seconds = time.perf_counter() - started
     return state
 
@@ -115,6 +124,26 @@ def _read_segment(directory, shard, number, buf, path, active, state) -> tuple[S
     if hinted is not None:
         table = SegmentRecords.concat([hinted[0], table])
     return table, scan.end
+
+
+def _undecided_prepares(rows: SegmentRecords, segments: np.ndarray, markers: np.ndarray, state: Recovered) -> dict:
+    """txid -> (batch, expects) of every PREPARE record with no COMMIT or ABORT of its batch
+    anywhere in the log (docs/TRANSACTIONS.md, "Participant recovery")."""
+    for i in markers.tolist():
+        if rows.key_lens[i] != 8:
+            number = int(segments[i])
+            raise CorruptionError(f"{state.paths[number]}: batch record with a {int(rows.key_lens[i])}-byte id at offset {int(rows.offsets[i])}")
+    decided = {rows.keys[i] for i in markers.tolist() if rows.types[i] != PREPARE}
+    prepared = {}
+    for i in markers.tolist():
+        key = rows.keys[i]
+        if rows.types[i] != PREPARE or key in decided:
+            continue
+        number, offset = int(segments[i]), int(rows.offsets[i])
+        start = offset + RECORD_HEADER_SIZE + int(rows.key_lens[i])
+        where = f"{state.paths[number]} offset {offset}"
+        prepared[txid_of(key)] = decode_prepare(state.maps[number][start : start + int(rows.value_lens[i])], where)
+    return prepared
 
 
 def _rewrite_hint(directory, shard, number, end, table: SegmentRecords, buf) -> None:

@@ -18,22 +18,21 @@ import time
 import numpy as np
 import posix_ipc
 
-from shardkv.errors import Closed, CorruptionError, Unavailable
+from shardkv import faults
+from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc.frames import FrameServer
 from shardkv.ipc.layout import (
-    FLAG_MORE,
     PROC_DTYPE,
     PROC_UP,
-    SLOT_HEADER_SIZE,
     SLOT_REQUEST,
-    SLOT_RESPONSE,
     SLOT_STATE,
     STOPPING,
     ControlBlock,
     Ring,
     map_shared_memory,
     read_frame,
-    write_frame,
+    worker_ring_slots,
 )
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.shards.engine import ShardEngine
@@ -42,7 +41,7 @@ _U32 = struct.Struct("<I")
 _COUNTER = struct.Struct("<Q")
 EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
 SCAN_PAGE_BYTES = 1 << 20
-WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE))
+WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE, m.PREPARE, m.COMMIT, m.ABORT))
 
 
 def shard_directory(directory: str, shard: int) -> str:
@@ -62,12 +61,14 @@ class Worker:
         self.control_buf = map_shared_memory(names["control"])
         self.control = ControlBlock(self.control_buf, config["shards"], config["leases"])
         self.ring_buf = map_shared_memory(names["rings"][self.shard])
-        self.ring = Ring(self.ring_buf, config["leases"], config["slot_size"])
+        self.ring = Ring(self.ring_buf, worker_ring_slots(config["leases"]), config["slot_size"])
+        self.frames = FrameServer(self.ring, self.max_message)
         self.wake = posix_ipc.Semaphore(names["wake"][self.shard])
-        self.done = [posix_ipc.Semaphore(name) for name in names["done"]]
-        self.incoming: dict[int, tuple[int, int, bytearray]] = {}
-        self.outgoing: dict[int, tuple[int, memoryview, int]] = {}
+        # Slot L (after the leases) belongs to the coordinator; its answers post coord_done.
+        self.coordinator_slot = config["leases"]
+        self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [posix_ipc.Semaphore(names["coord_done"])]
         self.stopping = False
+        self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
         self.engine = None
         self.compact_threshold = config.get("compact_threshold", 0.5)
         self.compact_min_bytes = config.get("compact_min_bytes", 64 << 20)
@@ -105,7 +106,7 @@ class Worker:
         for lease in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
             slot = self.ring.slot(lease)
             request_id = read_frame(slot)[2]
-            self._respond(lease, request_id, m.error_response(Unavailable("the shard worker restarted; the request may or may not have been applied")))
+            self.frames.respond(lease, request_id, m.error_response(Unavailable("the shard worker restarted; the request may or may not have been applied")))
             self.done[lease].release()
 
     def _serve(self) -> None:
@@ -125,7 +126,7 @@ class Worker:
             self._maybe_compact()
             ready = [lease for lease in active if unpack_state(slot_state[lease], 0)[0] == SLOT_REQUEST]
             if not ready:
-                active = np.flatnonzero(leases["pid"]).tolist()
+                active = np.flatnonzero(leases["pid"]).tolist() + [self.coordinator_slot]
                 ready = np.flatnonzero(states == SLOT_REQUEST).tolist()
                 if not ready:
                     continue
@@ -144,8 +145,11 @@ class Worker:
             served += len(ready)  # counted before answering: a client that has its answer sees it
             _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
             for lease, request_id, response in replies:
-                self._respond(lease, request_id, response)
+                self.frames.respond(lease, request_id, response)
                 self.done[lease].release()
+            if self.voted:
+                self.voted = False
+                faults.point("worker.voted")
 
     def _maybe_compact(self) -> None:
         """Start a background compaction when garbage passes the threshold (checked now and then)."""
@@ -179,60 +183,18 @@ class Worker:
 
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, lease: int):
-        """Take the frame in slot `lease`; return ((request_id, response), wants_sync) or (None, False)."""
-        slot = self.ring.slot(lease)
-        _, flags, request_id, frame_len, total_len = read_frame(slot)
-        if frame_len > self.ring.capacity or total_len > self.max_message:
-            self.incoming.pop(lease, None)
-            return (request_id, m.error_response(ValueError(f"frame of {frame_len} bytes (message {total_len}) is over the limits"))), False
-        if frame_len == 0 and total_len == 0:
-            pending = self.outgoing.get(lease)
-            if pending is not None and pending[0] == request_id:
-                return (request_id, None), False  # the next frame of a long response
-            return (request_id, m.error_response(ValueError("empty request"))), False
-        if self.outgoing:
-            self.outgoing.pop(lease, None)
-        if not flags & FLAG_MORE and frame_len == total_len and lease not in self.incoming:
-            message = bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])  # the common case: one frame
-            return (request_id, self._dispatch(message)), frame_len > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
-        payload = slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]
-        partial = self.incoming.pop(lease, None)
-        if partial is not None and partial[0] == request_id:
-            if partial[1] != total_len:
-                return (request_id, m.error_response(ValueError("frame does not continue the message in progress"))), False
-            buffer = partial[2]
-            buffer += payload
-        else:
-            buffer = bytearray(payload)  # a new message (a partial one of another request is dropped)
-        if len(buffer) > total_len or (not flags & FLAG_MORE and len(buffer) != total_len):
-            return (request_id, m.error_response(ValueError(f"frames add up to {len(buffer)} bytes, not {total_len}"))), False
-        if flags & FLAG_MORE:
-            self.incoming[lease] = (request_id, total_len, buffer)
-            return (request_id, b""), False  # acknowledge: send the next frame
-        wants_sync = len(buffer) > 1 and bool(buffer[1] & m.FLAG_FSYNC) and buffer[0] in WRITE_OPS
-        return (request_id, self._dispatch(bytes(buffer))), wants_sync
-
-    def _respond(self, lease: int, request_id: int, response) -> None:
-        """Write `response` (None: the next frame of the pending long response) into the slot."""
-        slot = self.ring.slot(lease)
-        capacity = self.ring.capacity
-        if response is None:
-            _, rest, total = self.outgoing.pop(lease)
-        elif response == b"":
-            write_frame(slot, SLOT_RESPONSE, 0, request_id, b"", 0)
-            return
-        else:
-            rest, total = memoryview(response), len(response)
-        frame, rest = rest[:capacity], rest[capacity:]
-        if len(rest):
-            self.outgoing[lease] = (request_id, rest, total)
-        write_frame(slot, SLOT_RESPONSE, FLAG_MORE if len(rest) else 0, request_id, frame, total)
+        """Take the frame in slot `lease`; return ((request_id, response), wants_sync)."""
+        request_id, message, reply = self.frames.receive(lease)
+        if message is None:
+            return (request_id, reply), False
+        wants_sync = len(message) > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
+        return (request_id, self._dispatch(message)), wants_sync
 
     # -- requests --------------------------------------------------------------------------
     def _dispatch(self, message: bytes) -> bytes:
         try:
             return self._execute(message)
-        except (ValueError, TypeError, CorruptionError, Unavailable) as exc:
+        except (ValueError, TypeError, CorruptionError, Unavailable, Conflict) as exc:
             return m.error_response(exc)
         except Closed as exc:
             return m.error_response(Unavailable(str(exc)))
@@ -246,7 +208,10 @@ class Worker:
             # The hottest request, decoded inline: op, flags, u32 length, key.
             key_len = _U32.unpack_from(message, 2)[0]
             if 6 + key_len == len(message):
-                value = self.engine.get(message[6:])
+                key = message[6:]
+                if self.engine._prepared.locks and key in self.engine._prepared.locks:
+                    raise Busy("the key is locked by a cross-shard batch awaiting its decision")
+                value = self.engine.get(key)
                 return m.NOT_FOUND_RESPONSE if value is None else b"\x00" + value
         elif op == m.PUT and len(message) >= 10:
             key_len = _U32.unpack_from(message, 2)[0]
@@ -261,6 +226,8 @@ class Worker:
         if op == m.GET:
             key = reader.blob()
             reader.end()
+            if engine.locked(key):
+                raise Busy("the key is locked by a cross-shard batch awaiting its decision")
             value = engine.get(key)
             return m.not_found() if value is None else m.ok(value)
         if op == m.PUT:
@@ -291,18 +258,26 @@ class Worker:
             reader.end()
             return m.ok(b"\x01" if engine.cas(key, expected, new) else b"\x00")
         if op == m.APPLY:
-            ops = []
-            for _ in range(reader.count(9)):
-                kind, key, value = reader.u8(), reader.blob(), reader.blob()
-                if kind == 1:
-                    ops.append(("put", key, value))
-                elif kind == 2 and not value:
-                    ops.append(("delete", key))
-                else:
-                    raise m.MessageError(f"bad APPLY operation type {kind}")
+            writes, expects = m.decode_ops(reader)
             reader.end()
-            engine.apply(ops)
+            engine.apply(writes, expects)
             return m.ok()
+        if op == m.PREPARE:
+            txid = reader.u64()
+            writes, expects = m.decode_ops(reader)
+            reader.end()
+            engine.prepare(txid, writes, expects)
+            faults.point("worker.prepare_logged")
+            self.voted = True
+            return m.ok()
+        if op in (m.COMMIT, m.ABORT):
+            txid = reader.u64()
+            reader.end()
+            settled = engine.commit(txid) if op == m.COMMIT else engine.abort(txid)
+            return m.ok(b"\x01" if settled else b"\x00")
+        if op == m.PENDING:
+            reader.end()
+            return m.ok(b"".join(m.u64(txid) for txid in engine.prepared()))
         if op == m.GET_MANY:
             return m.ok(m.encode_optionals(engine.get_many(m.decode_blob_list(message, 2))))
         if op == m.SCAN:

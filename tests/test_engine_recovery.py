@@ -397,7 +397,7 @@ def test_damage_in_the_last_record_of_the_active_segment_is_a_torn_tail(tmp_path
         assert e.recovery["torn_bytes"] == RECORD_HEADER_SIZE + len(last.key) + len(last.value)
 
 
-def test_transaction_record_in_a_shard_log_is_rejected(tmp_path):
+def test_batch_record_with_a_malformed_id_fails_open(tmp_path):
     e = open_engine(tmp_path, segment_size=1 << 16)
     e.put(b"a", b"1")
     with e._lock:
@@ -405,7 +405,18 @@ def test_transaction_record_in_a_shard_log_is_rejected(tmp_path):
     e.put(b"b", b"2")
     active = e._writer.position[0]
     crash(e)
-    with pytest.raises(CorruptionError, match="not supported") as info:
+    with pytest.raises(CorruptionError, match="3-byte id") as info:
+        open_engine(tmp_path, segment_size=1 << 16)
+    assert segment_path(tmp_path, active) in str(info.value)
+
+
+def test_prepare_record_with_a_malformed_value_fails_open(tmp_path):
+    e = open_engine(tmp_path, segment_size=1 << 16)
+    with e._lock:
+        e._writer.append(encode_record(PREPARE, b"12345678", b"\x05\x00\x00\x00garbage", e._seq + 1))
+    active = e._writer.position[0]
+    crash(e)
+    with pytest.raises(CorruptionError, match="PREPARE") as info:
         open_engine(tmp_path, segment_size=1 << 16)
     assert segment_path(tmp_path, active) in str(info.value)
 

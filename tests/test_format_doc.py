@@ -126,11 +126,12 @@ LAYOUTS = {
     "hint header": ("Hint file", 0, fmt.HINT_HEADER, False),
     "hint entry": ("Hint file", 1, fmt.HINT_ENTRY, False),
     "compaction header": ("Compaction commit record", 0, fmt.COMPACTION_HEADER, False),
+    "prepare entry": ("PREPARE value", 0, fmt.PREPARE_ENTRY, False),
 }
 
 
 def test_doc_has_the_expected_sections_and_tables():
-    for name in ("Segment file", "Record", "Hint file", "Compaction commit record"):
+    for name in ("Segment file", "Record", "Hint file", "Compaction commit record", "PREPARE value", "Decision log"):
         assert name in SECTIONS, f"docs/FORMAT.md lost its '## {name}' section"
     assert len(tables(SECTIONS["Hint file"])) == 2, "the hint file section must have a header table and an entry table"
 
@@ -253,6 +254,13 @@ def test_record_types():
     assert fmt.RECORD_TYPES == tuple(sorted(types.values()))
     assert "0 is never valid" in meaning and 0 not in fmt.RECORD_TYPES
     assert set(fmt.DATA_RECORD_TYPES) == {fmt.PUT, fmt.DELETE}
+
+
+def test_prepare_entry_types():
+    meaning = {row["field"]: row["meaning"] for row in layout_table("PREPARE value")}["type"]
+    types = {name: int(code) for code, name in re.findall(r"(\d+) ([A-Z_]+)", meaning)}
+    assert types == {"PUT": fmt.PUT, "DELETE": fmt.DELETE, "EXPECT": fmt.PREPARE_EXPECT, "EXPECT_ABSENT": fmt.PREPARE_EXPECT_ABSENT}
+    assert int(re.search(r"each a (\d+)-byte header", SECTIONS["PREPARE value"]).group(1)) == fmt.PREPARE_ENTRY.size
 
 
 def _power_expr(text: str) -> int:

@@ -805,19 +805,29 @@ def test_batch_with_a_foreign_seq_is_corruption(tmp_path):
 
 
 @pytest.mark.parametrize("rtype", [PREPARE, COMMIT, ABORT])
-def test_transaction_records_are_rejected_in_a_shard_log(tmp_path, rtype):
-    path, written = _log_with_tail(tmp_path, encode_record(rtype, b"tx1", b"payload", 11))
-    with pytest.raises(CorruptionError, match="not supported") as info:
-        scan_file(path, True)
-    assert path in str(info.value) and _message_offset(info.value) == written[-1]["end"]
+def test_transaction_records_are_read_in_a_shard_log(tmp_path, rtype):
+    path, written = _log_with_tail(tmp_path, encode_record(rtype, b"12345678", b"" if rtype != PREPARE else b"payload", 11))
+    scan = scan_file(path, True)
+    assert scan.types[-1] == rtype and scan.offsets[-1] == written[-1]["end"]
 
 
-def test_transaction_records_are_allowed_in_a_decisions_segment(tmp_path):
+@pytest.mark.parametrize("kind, rtype", [(KIND_DECISIONS, PUT), (KIND_DECISIONS, PREPARE), (KIND_COMPACTED, PREPARE), (KIND_COMPACTED, COMMIT)])
+def test_record_types_a_segment_kind_does_not_hold_are_corruption(tmp_path, kind, rtype):
+    directory = str(tmp_path)
+    path = create_segment(directory, 1, kind, 0)
+    with open(path, "ab") as f:
+        f.write(encode_record(rtype, b"12345678", b"", 1))
+    with pytest.raises(CorruptionError, match="not allowed") as info:
+        list(iter_records(path))
+    assert path in str(info.value) and "offset 32" in str(info.value)
+
+
+def test_commit_records_are_allowed_in_a_decisions_segment(tmp_path):
     directory = str(tmp_path)
     path = create_segment(directory, 1, KIND_DECISIONS, 0)
     with open(path, "ab") as f:
-        f.write(encode_record(PREPARE, b"tx1", b"p", 1) + encode_record(COMMIT, b"tx1", b"", 2))
-    assert [(r.type, r.seq) for r in iter_records(path)] == [(PREPARE, 1), (COMMIT, 2)]
+        f.write(encode_record(COMMIT, b"tx000001", b"\x00\x00", 1) + encode_record(COMMIT, b"tx000002", b"", 2))
+    assert [(r.type, r.seq) for r in iter_records(path)] == [(COMMIT, 1), (COMMIT, 2)]
 
 
 def test_scan_from_a_batch_boundary(tmp_path):

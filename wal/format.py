@@ -30,9 +30,17 @@ COMMIT = 4
 ABORT = 5
 RECORD_TYPES = (PUT, DELETE, PREPARE, COMMIT, ABORT)
 DATA_RECORD_TYPES = (PUT, DELETE)
+# The record types each kind of segment may hold (anything else is corruption).
+KIND_RECORD_TYPES = {KIND_LOG: RECORD_TYPES, KIND_COMPACTED: DATA_RECORD_TYPES, KIND_DECISIONS: (COMMIT,)}
 
 MAX_KEY_LEN = 65536
 MAX_VALUE_LEN_FORMAT = 2**31 - 1
+
+# PREPARE record value: u32 count, then entries (header, key, value).
+PREPARE_COUNT = struct.Struct("<I")
+PREPARE_ENTRY = struct.Struct("<BIIQ")  # type, key_len, value_len, expires_at
+PREPARE_EXPECT = 3
+PREPARE_EXPECT_ABSENT = 4
 
 # Hint file.
 HINT_MAGIC = b"SHKVHNT\n"

@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from shardkv.errors import CorruptionError
 from shardkv.wal import fileio
-from shardkv.wal.format import DATA_RECORD_TYPES, KIND_DECISIONS, RECORD_HEADER_SIZE, RECORD_TYPES, SEGMENT_HEADER_SIZE
+from shardkv.wal.format import KIND_RECORD_TYPES, RECORD_HEADER_SIZE, RECORD_TYPES, SEGMENT_HEADER_SIZE
 from shardkv.wal.records import RecordHeader, decode_header, record_crc_ok
 from shardkv.wal.segment import SegmentHeader, decode_segment_header
 
@@ -97,7 +97,7 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
     batch_start = offset
     pending = 0  # records of the current, still unfinished batch
     expect_left = expect_seq = None
-    allow_tx = scan.header.kind == KIND_DECISIONS
+    allowed = KIND_RECORD_TYPES[scan.header.kind]
     while True:
         if expect_left is None:
             batch_start, pending = offset, 0  # a new batch starts here, whether or not it reads
@@ -120,8 +120,8 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
             raise CorruptionError(f"{path}: {torn_problem} at offset {offset}{detail}")
         if expect_left is not None and (header.batch_left != expect_left or header.seq != expect_seq):
             raise CorruptionError(f"{path}: batch numbering broken at offset {offset}")
-        if header.type not in DATA_RECORD_TYPES and not allow_tx:
-            raise CorruptionError(f"{path}: record type {header.type} not supported in a shard log at offset {offset}")
+        if header.type not in allowed:
+            raise CorruptionError(f"{path}: record type {header.type} not allowed in a segment of kind {scan.header.kind} at offset {offset}")
         scan.offsets.append(offset)
         scan.types.append(header.type)
         scan.key_lens.append(header.key_len)

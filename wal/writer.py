@@ -59,8 +59,10 @@ class LogWriter:
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         sync_interval: float = 1.0,
         on_seal: Callable[[int, int], None] | None = None,
+        kind: int = KIND_LOG,
     ):
         self.directory = directory
+        self.kind = kind
         self.shard = shard
         self.durability = check_durability(durability)
         self.segment_size = segment_size
@@ -161,7 +163,7 @@ class LogWriter:
         self._next_number += 1
         capacity = max(self.segment_size, SEGMENT_HEADER_SIZE + needed)
         try:
-            path = create_segment(self.directory, number, KIND_LOG, self.shard, capacity)
+            path = create_segment(self.directory, number, self.kind, self.shard, capacity)
             self._fd = fileio.open_rw(path)
         except OSError as exc:
             self._failure = exc

@@ -12,23 +12,26 @@ import posix_ipc
 import numpy as np
 from crc32c import crc32c
 
-VERSION = 1
+VERSION = 2
 HASH_SLOTS = 4096
 DEFAULT_LEASES = 128
 DEFAULT_SLOT_SIZE = 128 * 1024
 
 CTL_MAGIC = b"SHKVCTL\n"
-CTL_HEADER = struct.Struct("<8sHHHHIIIII28x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid, attaches
+CTL_HEADER = struct.Struct("<8sHHHHIIIII4xQQ8x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid, attaches, commits_started, commits_finished
 CTL_STATE = struct.Struct("<I")
 CTL_STATE_OFFSET = 16
 CTL_MAP_VERSION_OFFSET = 20
 CTL_ATTACHES_OFFSET = 32
+CTL_COMMIT_COUNTER = struct.Struct("<Q")
+CTL_COMMITS_STARTED_OFFSET = 40
+CTL_COMMITS_FINISHED_OFFSET = 48
 STARTING, READY, STOPPING = 0, 1, 2
 
 PROC_DTYPE = np.dtype([("pid", "<u4"), ("state", "<u4"), ("generation", "<u4"), ("restarts", "<u4"), ("started_at", "<f8"), ("requests", "<u8")])
 PROC_DOWN, PROC_STARTING, PROC_UP, PROC_RESTARTING, PROC_QUARANTINED = 0, 1, 2, 3, 4
 PROC_STATE_NAMES = {0: "down", 1: "starting", 2: "up", 3: "restarting", 4: "quarantined"}
-LEASE_DTYPE = np.dtype([("pid", "<u4"), ("reserved", "<u4"), ("start_time", "<u8")])
+LEASE_DTYPE = np.dtype([("pid", "<u4"), ("reading", "<u4"), ("start_time", "<u8")])
 
 SLOT_HEADER_SIZE = 64
 SLOT_STATE = struct.Struct("<I")
@@ -69,6 +72,9 @@ def names(directory: str, cluster: str, shards: int, leases: int) -> dict:
         "rings": [f"{prefix}-ring{s}" for s in range(shards)],
         "wake": [f"{prefix}-wake{s}" for s in range(shards)],
         "done": [f"{prefix}-done{lease}" for lease in range(leases)],
+        "coord_ring": f"{prefix}-ringc",
+        "coord_wake": f"{prefix}-wakec",
+        "coord_done": f"{prefix}-donec",
     }
 
 
@@ -94,7 +100,7 @@ class ControlBlock:
     @staticmethod
     def read_header(buf) -> dict:
         """The header fields of a control block, checked."""
-        magic, version, shards, leases, slots, state, map_version, slot_size, pid, _ = CTL_HEADER.unpack_from(buf)
+        magic, version, shards, leases, slots, state, map_version, slot_size, pid, *_ = CTL_HEADER.unpack_from(buf)
         if magic != CTL_MAGIC or version != VERSION or slots != HASH_SLOTS:
             raise ValueError("not a shardkv control block of this version")
         return {"shards": shards, "leases": leases, "state": state, "map_version": map_version, "slot_size": slot_size, "supervisor_pid": pid}
@@ -102,7 +108,7 @@ class ControlBlock:
     @staticmethod
     def write_header(buf, shards: int, leases: int, slot_size: int, supervisor_pid: int) -> None:
         """Initialise the header (state STARTING)."""
-        CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid, 0)
+        CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid, 0, 0, 0)
 
     @property
     def state(self) -> int:
@@ -122,6 +128,24 @@ class ControlBlock:
         CTL_STATE.pack_into(self.buf, CTL_ATTACHES_OFFSET, (self.attaches + 1) & 0xFFFFFFFF or 1)
 
     @property
+    def commits_started(self) -> int:
+        """Commit phases of cross-shard batches begun (written by the coordinator only)."""
+        return CTL_COMMIT_COUNTER.unpack_from(self.buf, CTL_COMMITS_STARTED_OFFSET)[0]
+
+    @commits_started.setter
+    def commits_started(self, value: int) -> None:
+        CTL_COMMIT_COUNTER.pack_into(self.buf, CTL_COMMITS_STARTED_OFFSET, value)
+
+    @property
+    def commits_finished(self) -> int:
+        """Commit phases of cross-shard batches completed on every participant."""
+        return CTL_COMMIT_COUNTER.unpack_from(self.buf, CTL_COMMITS_FINISHED_OFFSET)[0]
+
+    @commits_finished.setter
+    def commits_finished(self, value: int) -> None:
+        CTL_COMMIT_COUNTER.pack_into(self.buf, CTL_COMMITS_FINISHED_OFFSET, value)
+
+    @property
     def map_version(self) -> int:
         return CTL_STATE.unpack_from(self.buf, CTL_MAP_VERSION_OFFSET)[0]
 
@@ -130,8 +154,13 @@ class ControlBlock:
         CTL_STATE.pack_into(self.buf, CTL_MAP_VERSION_OFFSET, value)
 
 
+def worker_ring_slots(leases: int) -> int:
+    """Slots of a worker's ring: one per lease, then one for the coordinator."""
+    return leases + 1
+
+
 class Ring:
-    """Views of one worker's ring in `buf`: `leases` slots of `slot_size` bytes."""
+    """Views of one ring in `buf`: `leases` slots of `slot_size` bytes."""
 
     def __init__(self, buf, leases: int, slot_size: int):
         self.buf = buf

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import struct
 
-from shardkv.errors import CorruptionError, Error, StorageError, Unavailable
+from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
+TXN, PREPARE, COMMIT, ABORT, PENDING = range(16, 21)
 OP_NAMES = {
     PING: "PING", GET: "GET", PUT: "PUT", DELETE: "DELETE", CAS: "CAS", APPLY: "APPLY", GET_MANY: "GET_MANY", SCAN: "SCAN",
     LEN: "LEN", STATS: "STATS", SYNC: "SYNC", COMPACT: "COMPACT", PUT_TTL: "PUT_TTL", TTL: "TTL", EXPIRE: "EXPIRE",
+    TXN: "TXN", PREPARE: "PREPARE", COMMIT: "COMMIT", ABORT: "ABORT", PENDING: "PENDING",
 }
 FLAG_FSYNC = 1
 
+# Operation kinds inside APPLY, TXN and PREPARE (docs/IPC.md, "Batches").
+OP_PUT, OP_DELETE, OP_PUT_TTL, OP_EXPECT, OP_EXPECT_ABSENT = 1, 2, 3, 4, 5
+
 OK, NOT_FOUND, ERROR = 0, 1, 2
-ERR_VALUE, ERR_TYPE, ERR_CORRUPTION, ERR_UNAVAILABLE, ERR_STORAGE, ERR_OTHER = 1, 2, 3, 4, 5, 6
-_ERROR_KINDS = {ERR_VALUE: ValueError, ERR_TYPE: TypeError, ERR_CORRUPTION: CorruptionError, ERR_UNAVAILABLE: Unavailable, ERR_STORAGE: StorageError, ERR_OTHER: Error}
+ERR_VALUE, ERR_TYPE, ERR_CORRUPTION, ERR_UNAVAILABLE, ERR_STORAGE, ERR_OTHER, ERR_BUSY, ERR_CONFLICT = 1, 2, 3, 4, 5, 6, 7, 8
+_ERROR_KINDS = {
+    ERR_VALUE: ValueError, ERR_TYPE: TypeError, ERR_CORRUPTION: CorruptionError, ERR_BUSY: Busy, ERR_CONFLICT: Conflict,
+    ERR_UNAVAILABLE: Unavailable, ERR_STORAGE: StorageError, ERR_OTHER: Error,
+}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -103,14 +111,48 @@ def u64(value: int) -> bytes:
     return _U64.pack(value)
 
 
-def encode_apply(ops: list[tuple[int, bytes, bytes]], flags: int) -> bytes:
-    """An APPLY request from (type, key, value) tuples (type 1 put, 2 delete)."""
-    parts = [bytes((APPLY, flags)), _U32.pack(len(ops))]
-    for rtype, key, value in ops:
-        parts.append(bytes((rtype,)))
-        parts.append(_U32.pack(len(key)) + key)
-        parts.append(_U32.pack(len(value)) + value)
+def encode_ops(ops) -> bytes:
+    """The operation list of APPLY, PREPARE and a TXN part: u32 count, then (u8 kind, key,
+    value) for each (kind, key, value) tuple; see the OP_* kinds."""
+    pack = _U32.pack
+    parts = [pack(len(ops))]
+    append = parts.append
+    for kind, key, value in ops:
+        append(bytes((kind,)) + pack(len(key)))
+        append(key)
+        append(pack(len(value)))
+        append(value)
     return b"".join(parts)
+
+
+def encode_apply(ops, flags: int) -> bytes:
+    """An APPLY request from (kind, key, value) tuples."""
+    return bytes((APPLY, flags)) + encode_ops(ops)
+
+
+def decode_ops(reader: "Reader") -> tuple[list, list]:
+    """(writes, expects) of an operation list: writes as the engine takes them (("put", key,
+    value), ("put", key, value, ttl_seconds), ("delete", key)); expects as (key, value or None)."""
+    writes: list = []
+    expects: list = []
+    for _ in range(reader.count(9)):
+        kind, key, value = reader.u8(), reader.blob(), reader.blob()
+        if kind == OP_PUT:
+            writes.append(("put", key, value))
+        elif kind == OP_DELETE and not value:
+            writes.append(("delete", key))
+        elif kind == OP_PUT_TTL and len(value) >= 8:
+            ttl_ms = _U64.unpack_from(value)[0]
+            if not 0 < ttl_ms < 2**53:
+                raise MessageError(f"ttl of {ttl_ms} ms is out of range")
+            writes.append(("put", key, value[8:], ttl_ms / 1000))
+        elif kind == OP_EXPECT:
+            expects.append((key, value))
+        elif kind == OP_EXPECT_ABSENT and not value:
+            expects.append((key, None))
+        else:
+            raise MessageError(f"bad batch operation kind {kind}")
+    return writes, expects
 
 
 def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:

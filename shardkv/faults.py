@@ -1,0 +1,51 @@
+"""Named fault points: places where a test can make a process kill itself (`kill -9`).
+
+Off unless the environment variable SHARDKV_FAULTS is set when the process starts, and then
+the cost of a point that is not armed is one set lookup. The variable lists points as
+`name@N` separated by commas: the process SIGKILLs itself the Nth time it reaches `name`
+(N defaults to 1). With SHARDKV_FAULTS_STATE set to a directory, each point fires only once
+across restarts (a marker file remembers it), so a restarted process recovers undisturbed.
+
+The points (docs/TRANSACTIONS.md, "Crash cases"):
+  coordinator.prepare_sent   - PREPARE sent to some participants, not to all
+  coordinator.decision_logged - the COMMIT decision is logged, no COMMIT sent yet
+  coordinator.commit_sent    - COMMIT delivered to some participants, not to all
+  worker.prepare_logged      - a participant logged PREPARE and has not voted
+  worker.voted               - a participant voted (its answer is in the ring)
+  shard.commit_logged        - a participant logged COMMIT and has not applied it to its index
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ARMED: dict[str, int] = {}
+_HITS: dict[str, int] = {}
+_STATE_DIR = os.environ.get("SHARDKV_FAULTS_STATE")
+
+for _item in filter(None, os.environ.get("SHARDKV_FAULTS", "").split(",")):
+    _name, _, _count = _item.strip().partition("@")
+    _ARMED[_name] = int(_count or 1)
+
+
+def point(name: str) -> None:
+    """A fault point: kill this process here if `name` is armed and its count is reached."""
+    if not _ARMED or name not in _ARMED:
+        return
+    hits = _HITS.get(name, 0) + 1
+    _HITS[name] = hits
+    if hits != _ARMED[name]:
+        return
+    if _STATE_DIR is not None:
+        marker = os.path.join(_STATE_DIR, f"{name}.fired")
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed() -> bool:
+    """Whether any fault point is armed in this process."""
+    return bool(_ARMED)

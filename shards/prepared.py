@@ -1,0 +1,121 @@
+"""Cross-shard batches prepared on one shard and awaiting the coordinator's decision.
+
+A participant logs a batch's writes and preconditions in one PREPARE record (its value laid out
+as docs/FORMAT.md, "PREPARE value", says) and locks every key the batch names until a COMMIT or
+ABORT record settles it (docs/TRANSACTIONS.md). This module holds that state in memory and
+encodes the PREPARE value; the engine does the logging.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from shardkv.errors import Busy, CorruptionError
+from shardkv.wal.format import DELETE, PREPARE_COUNT, PREPARE_ENTRY, PREPARE_EXPECT, PREPARE_EXPECT_ABSENT, PUT
+
+EXPECT = PREPARE_EXPECT  # the key must hold the value
+EXPECT_ABSENT = PREPARE_EXPECT_ABSENT  # the key must be absent
+_TXID = struct.Struct("<Q")
+
+
+def txid_key(txid: int) -> bytes:
+    """The key field of a PREPARE, COMMIT or ABORT record: the batch id, u64 little-endian."""
+    return _TXID.pack(txid)
+
+
+def txid_of(key: bytes) -> int:
+    """The batch id a PREPARE, COMMIT or ABORT record's key holds."""
+    return _TXID.unpack(key)[0]
+
+
+def encode_prepare(batch: list, expects: list) -> bytes:
+    """The value of a PREPARE record: u32 count, then per entry (type, key_len, value_len,
+    expires_at), key and value. `batch` holds (PUT/DELETE, key, value, expires_at) tuples,
+    `expects` (key, value or None)."""
+    pack = PREPARE_ENTRY.pack
+    parts = [PREPARE_COUNT.pack(len(batch) + len(expects))]
+    append = parts.append
+    for rtype, key, value, expires_at in batch:
+        append(pack(rtype, len(key), len(value), expires_at))
+        append(key)
+        append(value)
+    for key, value in expects:
+        if value is None:
+            append(pack(EXPECT_ABSENT, len(key), 0, 0))
+            append(key)
+        else:
+            append(pack(EXPECT, len(key), len(value), 0))
+            append(key)
+            append(value)
+    return b"".join(parts)
+
+
+def decode_prepare(payload, where: str) -> tuple[list, list]:
+    """(batch, expects) of a PREPARE value; CorruptionError naming `where` if it is malformed
+    (its record passed its checksum, so this means a bug or a forged record)."""
+    data = bytes(payload)
+    size = len(data)
+    if size < 4:
+        raise CorruptionError(f"{where}: PREPARE value shorter than its count")
+    count = PREPARE_COUNT.unpack_from(data)[0]
+    batch: list = []
+    expects: list = []
+    pos = 4
+    unpack = PREPARE_ENTRY.unpack_from
+    for _ in range(count):
+        if pos + PREPARE_ENTRY.size > size:
+            raise CorruptionError(f"{where}: PREPARE value truncated")
+        rtype, key_len, value_len, expires_at = unpack(data, pos)
+        pos += PREPARE_ENTRY.size
+        key, value = data[pos : pos + key_len], data[pos + key_len : pos + key_len + value_len]
+        pos += key_len + value_len
+        if pos > size or not key_len:
+            raise CorruptionError(f"{where}: PREPARE entry runs past the end of the value")
+        if rtype in (PUT, DELETE):
+            batch.append((rtype, key, value, expires_at))
+        elif rtype == EXPECT:
+            expects.append((key, value))
+        elif rtype == EXPECT_ABSENT:
+            expects.append((key, None))
+        else:
+            raise CorruptionError(f"{where}: PREPARE entry of unknown type {rtype}")
+    if pos != size:
+        raise CorruptionError(f"{where}: {size - pos} unexpected bytes after the PREPARE entries")
+    return batch, expects
+
+
+class PreparedBatches:
+    """The prepared, undecided batches of one shard and the keys they lock."""
+
+    def __init__(self):
+        self.batches: dict[int, tuple[list, list]] = {}  # txid -> (batch, expects)
+        self.locks: dict[bytes, int] = {}  # key -> txid of the batch holding it
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def check_unlocked(self, keys) -> None:
+        """Raise Busy if a prepared batch locks any of `keys`."""
+        locks = self.locks
+        if locks:
+            for key in keys:
+                if key in locks:
+                    raise Busy(f"key {bytes(key)[:40]!r} is locked by a cross-shard batch awaiting its decision")
+
+    def add(self, txid: int, batch: list, expects: list) -> None:
+        """Hold `txid`'s batch and lock its keys (the caller checked they were free)."""
+        self.batches[txid] = (batch, expects)
+        for op in batch:
+            self.locks[op[1]] = txid
+        for key, _ in expects:
+            self.locks[key] = txid
+
+    def pop(self, txid: int) -> tuple[list, list] | None:
+        """Forget `txid` and release its locks; its (batch, expects), or None if unknown."""
+        entry = self.batches.pop(txid, None)
+        if entry is not None:
+            locks = self.locks
+            for key in [op[1] for op in entry[0]] + [key for key, _ in entry[1]]:
+                if locks.get(key) == txid:
+                    del locks[key]
+        return entry
