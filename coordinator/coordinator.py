@@ -87,6 +87,7 @@ class Coordinator:
         self.seen_generation = [0] * self.shards  # worker generation whose prepared batches were settled
         self.next_sweep = 0.0
         self.stats = {"committed": 0, "aborted": 0}
+        self.served = 0
 
     # -- life cycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -98,6 +99,7 @@ class Coordinator:
             self.undelivered[txid] = set(participants)
         if self.undelivered and control.commits_started == control.commits_finished:
             control.commits_started += 1  # the crash came before the commit phase was opened
+        self._abandon_stale_requests()
         control.procs[0]["state"] = PROC_UP
         self.log.info("started", pid=os.getpid(), map_version=control.map_version, undelivered=len(self.undelivered))
         supervisor = self.config["supervisor_pid"]
@@ -116,23 +118,34 @@ class Coordinator:
             self.log.info("stopped", **self.stats)
         return 0
 
+    def _abandon_stale_requests(self) -> None:
+        """A request left in the ring by the previous coordinator may have been decided already:
+        answer it Unavailable (outcome unknown) rather than run it twice."""
+        for slot in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
+            request_id = read_frame(self.ring.slot(slot))[2]
+            error = Unavailable("the coordinator restarted; the batch may or may not have been applied (each batch is all or nothing)")
+            self.frames.respond(slot, request_id, m.error_response(error))
+            self.client_done[slot].release()
+
     def _serve(self, slot: int) -> None:
         request_id, message, reply = self.frames.receive(slot)
         if message is not None:
             try:
-                reply = self._execute(message)
+                reply = self._execute(message, slot)
             except (ValueError, TypeError, Unavailable, Conflict) as exc:
                 reply = m.error_response(exc)
             except Exception as exc:  # keep serving everyone else
                 self.log.error("request failed", error=repr(exc))
                 reply = m.error_response(exc)
+        self.served += 1
+        self.control.procs[0]["requests"] = self.served  # counted before answering, as workers do
         self.frames.respond(slot, request_id, reply)
         self.client_done[slot].release()
 
-    def _execute(self, message: bytes) -> bytes:
+    def _execute(self, message: bytes, lease: int) -> bytes:
         op = message[0]
         if op == m.TXN:
-            return self._transact(message)
+            return self._transact(message, lease)
         if op == m.PING and len(message) == 2:
             return m.ok()
         if op == m.STATS and len(message) == 2:
@@ -140,7 +153,7 @@ class Coordinator:
         raise m.MessageError(f"op {op} is not served by the coordinator")
 
     # -- two-phase commit ------------------------------------------------------------------
-    def _transact(self, message: bytes) -> bytes:
+    def _transact(self, message: bytes, lease: int) -> bytes:
         """Run one cross-shard batch: PREPARE everywhere, decide, COMMIT everywhere."""
         flags = message[1] & m.FLAG_FSYNC
         parts = decode_txn_parts(message)
@@ -165,7 +178,7 @@ class Coordinator:
             raise
         faults.point("coordinator.decision_logged")
         self.undelivered[txid] = set(shards)
-        self._wait_for_readers()
+        self._wait_for_readers(lease)
         self.control.commits_started += 1
         self._deliver(flags)
         self.stats["committed"] += 1
@@ -192,16 +205,17 @@ class Coordinator:
         if not self.undelivered:
             self.control.commits_finished = self.control.commits_started
 
-    def _wait_for_readers(self) -> None:
+    def _wait_for_readers(self, requester: int) -> None:
         """Hold the commit phase back while clients run multi-key reads (up to READER_WAIT),
-        so that long scans finish instead of starting over."""
+        so that long scans finish instead of starting over. The requesting client's own flag
+        is not waited for: its reading thread may be queued behind the thread that sent this."""
         leases = self.control.leases
         if not leases["reading"].any():
             return
         started = time.monotonic()
         pause = 0.00005
         while True:
-            reading = np.flatnonzero(leases["reading"]).tolist()
+            reading = [i for i in np.flatnonzero(leases["reading"]).tolist() if i != requester]
             if not reading:
                 return
             waited = time.monotonic() - started

@@ -16,7 +16,7 @@ SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments"
 
 def collect_status(client, sample_seconds: float = 0.25) -> dict:
     """Health plus, for every shard: space, requests waiting in its ring, operations per second,
-    age of the last fsync and in-doubt batches (always 0 until two-phase commit exists).
+    age of the last fsync and in-doubt batches (prepared, awaiting the coordinator's decision).
 
     ops_per_second is measured over `sample_seconds`; with 0 it is the average since the start.
     """
@@ -28,7 +28,6 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     for entry in health["shards"]:
         shard = entry["shard"]
         entry["waiting"] = int(np.count_nonzero(client._rings[shard].states == SLOT_REQUEST))
-        entry["in_doubt"] = 0
         stats = None
         if entry["state"] == "up":
             try:
@@ -38,6 +37,7 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
         for name in SHARD_FIELDS:
             entry[name] = None if stats is None else stats[name]
         entry["compacting"] = bool(stats and stats["compaction"]["running"])
+        entry["in_doubt"] = None if stats is None else stats["in_doubt"]
     if sample_seconds > 0:
         time.sleep(max(0.0, sample_seconds - (time.monotonic() - started)))
         elapsed = time.monotonic() - started

@@ -20,8 +20,9 @@ import time
 
 import posix_ipc
 
-from shardkv.client import Client
-from shardkv.errors import Closed, Unavailable
+from shardkv.batches import Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
+from shardkv.client import Client, _Snapshot
+from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
@@ -81,7 +82,8 @@ class AsyncClient:
         self.shards = clients[0].shards
         self.directory = clients[0].directory
         self._flags = clients[0]._flags
-        self._free = [asyncio.Queue() for _ in range(self.shards)]
+        # One queue of free leases per shard worker, and one (the last) for the coordinator.
+        self._free = [asyncio.Queue() for _ in range(self.shards + 1)]
         for queue in self._free:
             for index in range(len(clients)):
                 queue.put_nowait(index)
@@ -117,7 +119,7 @@ class AsyncClient:
     def _complete(self, index: int) -> None:
         """In the loop: resolve the futures of lease `index`'s answered slots."""
         client = self._clients[index]
-        for shard in range(self.shards):
+        for shard in range(self.shards + 1):
             entry = self._pending.get((index, shard))
             if entry is None:
                 continue
@@ -143,10 +145,16 @@ class AsyncClient:
 
     # -- one request -----------------------------------------------------------------------
     async def _call(self, shard: int, message: bytes, read: bool):
-        deadline = time.monotonic() + RETRY_TIMEOUT
+        now = time.monotonic()
+        deadline, busy_deadline, pause = now + RETRY_TIMEOUT, now + self._clients[0].lock_timeout, 0.0001
         while True:
             try:
                 return m.parse_response(await self._exchange(shard, message))
+            except Busy:  # not applied: a key is locked by a batch being decided
+                if time.monotonic() > busy_deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.01)
             except Unavailable:
                 if not read or time.monotonic() > deadline:
                     raise
@@ -240,14 +248,46 @@ class AsyncClient:
         for i, key in enumerate(keys):
             by_shard.setdefault(self._shard_of(key), []).append(i)
         shards = list(by_shard)
-        answers = await asyncio.gather(
-            *(self._call(s, m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in by_shard[s]])), read=True) for s in shards)
-        )
+        async with _AsyncSnapshot(self._clients[0]) as snapshot:
+            while True:
+                answers = await asyncio.gather(
+                    *(self._call(s, m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in by_shard[s]])), read=True) for s in shards)
+                )
+                if snapshot.still_valid():
+                    break
+                await snapshot.arestart()
         values = [None] * len(keys)
         for shard, (_, body) in zip(shards, answers):
             for i, value in zip(by_shard[shard], m.decode_optionals(body)):
                 values[i] = value
         return values
+
+    async def write(self, ops) -> None:
+        """Apply operations atomically (see Client.write); Conflict if a precondition fails."""
+        first = self._clients[0]
+        await self._write_checked(check_ops(ops, first.max_batch_ops, first.max_batch_bytes))
+
+    async def put_many(self, items) -> None:
+        """Set every (key, value) of a mapping or iterable of pairs, atomically."""
+        await self.write(put_many_ops(items))
+
+    def batch(self) -> "AsyncBatch":
+        """`async with db.batch() as b:` - applied atomically when the block exits normally."""
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        return AsyncBatch(self._write_checked)
+
+    async def _write_checked(self, checked: list) -> None:
+        first = self._clients[0]
+        check_limits(checked, first.max_batch_ops, first.max_batch_bytes)
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        by_shard = route_ops(checked, first._map)
+        if len(by_shard) == 1:
+            shard, items = next(iter(by_shard.items()))
+            await self._call(shard, m.encode_apply(items, self._flags), read=False)
+        elif by_shard:
+            await self._call(self.shards, encode_txn(by_shard, self._flags), read=False)
 
     async def ttl(self, key):
         """Seconds left before `key` expires, or None."""
@@ -276,12 +316,12 @@ class AsyncClient:
 
     async def _scan(self, start, stop, reverse, prefix, limit):
         page = 1000 if limit is None else max(1, min(1000, limit))
-        bounds = [[start, stop] for _ in range(self.shards)]
+        bounds = [[start, stop, start, stop] for _ in range(self.shards)]  # current, then original
         buffers: list[list] = [[] for _ in range(self.shards)]
         more = [True] * self.shards
 
         async def refill(shard: int) -> None:
-            lo, hi = bounds[shard]
+            lo, hi = bounds[shard][:2]
             _, body = await self._call(shard, m.encode_scan(lo, hi, reverse, prefix, page), read=True)
             items, more[shard] = m.decode_items(body)
             if not items:
@@ -292,7 +332,21 @@ class AsyncClient:
                 bounds[shard][0] = items[-1][0] + b"\x00"
             buffers[shard] = items[::-1]  # pop() from the end gives key order
 
-        await asyncio.gather(*(refill(s) for s in range(self.shards)))
+        async with _AsyncSnapshot(self._clients[0]) as snapshot:
+            async for item in self._merge(bounds, buffers, more, refill, reverse, limit, snapshot):
+                yield item
+
+    async def _merge(self, bounds, buffers, more, refill, reverse, limit, snapshot):
+        """The shards' pages merged in key order; the pages read at one snapshot (a batch that
+        commits before anything was yielded restarts the scan, after: Unavailable)."""
+        while True:
+            await asyncio.gather(*(refill(s) for s in range(self.shards)))
+            if snapshot.still_valid():
+                break
+            await snapshot.arestart()
+            for shard in range(self.shards):
+                bounds[shard][:2] = bounds[shard][2:]  # back to the scan's own bounds
+                more[shard] = True
         sign = -1 if reverse else 1
         heap = []
         for shard in range(self.shards):
@@ -308,6 +362,8 @@ class AsyncClient:
             produced += 1
             if not buffers[shard] and more[shard]:
                 await refill(shard)
+                if not snapshot.still_valid():
+                    raise Unavailable("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans); start the scan again")
             if buffers[shard]:
                 heapq.heappush(heap, (_order_key(buffers[shard][-1][0], sign), shard))
 
@@ -340,6 +396,42 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         return f"<shardkv.AsyncClient {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
+
+
+class AsyncBatch(Batch):
+    """`async with db.batch() as b:` - the operations of one atomic batch (see Batch)."""
+
+    async def __aenter__(self) -> "AsyncBatch":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self._done = True
+        if exc_type is None:
+            await self._submit(self._ops)
+
+
+class _AsyncSnapshot(_Snapshot):
+    """The consistent-read window of a multi-key read of the asyncio client (waits without
+    blocking the event loop)."""
+
+    async def __aenter__(self) -> "_AsyncSnapshot":
+        self._set_reading(+1)
+        try:
+            await self.arestart()
+        except BaseException:
+            self._set_reading(-1)
+            raise
+        return self
+
+    async def arestart(self) -> None:
+        pause, deadline = 0.00005, None
+        while not self.try_take():
+            deadline = self.check_deadline(deadline)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
+
+    async def __aexit__(self, *exc) -> None:
+        self.__exit__(*exc)
 
 
 class _Descending:

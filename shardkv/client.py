@@ -618,43 +618,56 @@ class _Snapshot:
         self.started = 0
 
     def __enter__(self) -> "_Snapshot":
-        client = self.client
-        with client._reading_lock:
-            client._readers += 1
-            client._control.leases[client._lease]["reading"] = 1
-        self.restart()
+        self._set_reading(+1)
+        try:
+            self.restart()
+        except BaseException:
+            self._set_reading(-1)
+            raise
         return self
+
+    def _set_reading(self, change: int) -> None:
+        """Count this read in or out; the lease's flag is set while any runs."""
+        client = self.client
+        if client._closed or client._forked:
+            return
+        with client._reading_lock:
+            client._readers += change
+            client._control.leases[client._lease]["reading"] = 1 if client._readers else 0
 
     def restart(self) -> None:
         """Wait until no commit phase is running; take that moment as the snapshot."""
-        client = self.client
-        control = client._control
         pause, deadline = 0.00005, None
-        while True:
-            finished = control.commits_finished
-            started = control.commits_started
-            if started == finished:
-                self.started = started
-                return
-            now = time.monotonic()
-            deadline = deadline or now + client.lock_timeout
-            if now > deadline:
-                raise Busy(f"a cross-shard batch has been committing for over {client.lock_timeout} s (lock_timeout)")
+        while not self.try_take():
+            deadline = self.check_deadline(deadline)
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
+
+    def try_take(self) -> bool:
+        """Take the snapshot now if no commit phase is running; False if one is."""
+        control = self.client._control
+        finished = control.commits_finished  # read before started: see docs/TRANSACTIONS.md
+        started = control.commits_started
+        if started != finished:
+            return False
+        self.started = started
+        return True
+
+    def check_deadline(self, deadline: float | None) -> float:
+        """The deadline of a wait for a snapshot (set on the first call); Busy once it passed."""
+        now = time.monotonic()
+        if deadline is None:
+            return now + self.client.lock_timeout
+        if now > deadline:
+            raise Busy(f"a cross-shard batch has been committing for over {self.client.lock_timeout} s (lock_timeout)")
+        return deadline
 
     def still_valid(self) -> bool:
         """True if no commit phase began since the snapshot was taken."""
         return self.client._control.commits_started == self.started
 
     def __exit__(self, *exc) -> None:
-        client = self.client
-        if client._closed or client._forked:
-            return
-        with client._reading_lock:
-            client._readers -= 1
-            if not client._readers:
-                client._control.leases[client._lease]["reading"] = 0
+        self._set_reading(-1)
 
 
 def health_from_control(control: ControlBlock, info: dict) -> dict:

@@ -680,7 +680,8 @@ class ShardEngine:
         }
 
     def stats(self) -> dict:
-        """keys, live_bytes, total_bytes, segments, garbage_ratio, index_bytes, seq, durability."""
+        """keys, live_bytes, total_bytes, segments, garbage_ratio, index_bytes, seq, durability,
+        last_fsync_age, compaction, recovery and in_doubt (prepared batches awaiting a decision)."""
         with self._lock:
             self._check_open()
             stats = self._space()
@@ -692,6 +693,7 @@ class ShardEngine:
             done, total = self._compaction_progress if running else (0, 0)
             stats["compaction"] = {"running": running, "done": done, "total": total, "last": self._last_compaction}
             stats["recovery"] = dict(self.recovery)
+            stats["in_doubt"] = len(self._prepared)
             return stats
 
     def compact(self) -> dict:

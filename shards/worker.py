@@ -41,6 +41,7 @@ _U32 = struct.Struct("<I")
 _COUNTER = struct.Struct("<Q")
 EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
 SCAN_PAGE_BYTES = 1 << 20
+COORDINATOR_OPS = frozenset((m.PREPARE, m.COMMIT, m.ABORT, m.PENDING))
 WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE, m.PREPARE, m.COMMIT, m.ABORT))
 
 
@@ -187,6 +188,8 @@ class Worker:
         request_id, message, reply = self.frames.receive(lease)
         if message is None:
             return (request_id, reply), False
+        if message[0] in COORDINATOR_OPS and lease != self.coordinator_slot:
+            return (request_id, m.error_response(ValueError(f"op {message[0]} is only accepted from the coordinator"))), False
         wants_sync = len(message) > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
         return (request_id, self._dispatch(message)), wants_sync
 

@@ -113,3 +113,47 @@ def test_many_coroutines_in_flight(cluster):
             assert values == [b"%d" % (i % 200) for i in range(1000)]
 
     run(main())
+
+
+def test_atomic_batches_and_snapshot_reads(cluster):
+    db_sync = cluster.open()
+    keys = []
+    i = 0
+    while len({db_sync.shard_of(k) for k in keys}) < db_sync.shards or len(keys) < 6:
+        keys.append(b"acct-%d" % i)
+        i += 1
+
+    async def transfers(db, rounds):
+        for r in range(rounds):
+            a, b = keys[r % len(keys)], keys[(r + 1) % len(keys)]
+            va, vb = await db.get_many([a, b])
+            try:
+                async with db.batch() as batch:
+                    batch.expect(a, va)
+                    batch.expect(b, vb)
+                    batch.put(a, b"%d" % (int(va) - 1))
+                    batch.put(b, b"%d" % (int(vb) + 1))
+            except shardkv.Conflict:
+                pass
+
+    async def readers(db, rounds):
+        for _ in range(rounds):
+            assert sum(int(v) for v in await db.get_many(keys)) == 100 * len(keys)
+            assert sum([int(v) async for _, v in db.scan(prefix=b"acct-")]) == 100 * len(keys)
+
+    async def main():
+        async with shardkv.aopen(cluster.directory) as db:
+            await db.put_many({k: b"100" for k in keys})
+            await asyncio.gather(transfers(db, 60), transfers(db, 60), readers(db, 60))
+            with pytest.raises(shardkv.Conflict):
+                await db.write([("put", keys[0], b"0"), ("put", keys[1], b"0"), ("expect", keys[2], b"nope")])
+            with pytest.raises(RuntimeError):
+                async with db.batch() as batch:
+                    batch.put(keys[0], b"0")
+                    raise RuntimeError("discard")
+            with pytest.raises(TypeError):
+                await db.write([("put", keys[0], 5)])
+            assert sum(int(v) for v in await db.get_many(keys)) == 100 * len(keys)
+
+    run(main())
+    assert sum(int(db_sync.get(k)) for k in keys) == 100 * len(keys)
