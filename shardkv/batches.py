@@ -14,7 +14,7 @@ from shardkv.ipc import messages as m
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value, ttl_milliseconds
 
 MAX_BATCH_OPS = 1_000_000
-MAX_BATCH_BYTES = 256 * 1024 * 1024
+MAX_BATCH_BYTES = 384 * 1024 * 1024  # keys and values; the messages carrying them stay under 512 MiB
 _PART = struct.Struct("<HI")  # shard, length of the part's operation list
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
