@@ -22,7 +22,7 @@ import posix_ipc
 from shardkv import faults
 from shardkv.batches import decode_txn_parts
 from shardkv.coordinator.decisions import DecisionLog, decisions_directory
-from shardkv.errors import Busy, Conflict, Unavailable
+from shardkv.errors import Busy, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import frames
 from shardkv.ipc import messages as m
 from shardkv.ipc.frames import FrameServer
@@ -44,6 +44,7 @@ from shardkv.ipc.layout import (
     write_frame,
 )
 from shardkv.log import configure_service_logging, get_logger
+from shardkv.shards.worker import EXIT_CORRUPT
 
 WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PREPARE included)
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress
@@ -94,7 +95,11 @@ class Coordinator:
         control = self.control
         control.shard_map[:] = default_shard_map(self.shards)
         control.map_version = control.map_version + 1
-        self.decisions = DecisionLog(decisions_directory(self.config["directory"]))
+        try:
+            self.decisions = DecisionLog(decisions_directory(self.config["directory"]))
+        except CorruptionError as exc:
+            self.log.error("coordinator quarantined: decision log is corrupt", error=str(exc))
+            return EXIT_CORRUPT
         for txid, (participants, _) in self.decisions.outstanding.items():
             self.undelivered[txid] = set(participants)
         if self.undelivered and control.commits_started == control.commits_finished:

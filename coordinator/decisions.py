@@ -21,7 +21,7 @@ from shardkv.wal.records import encode_record
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
 from shardkv.wal.writer import LogWriter, cut_tail
 
-DECISION_SEGMENT_SIZE = 4 * 1024 * 1024
+DECISION_SEGMENT_SIZE = 1024 * 1024  # about 20,000 decisions: what a restart may send again
 _SHARD = struct.Struct("<H")
 
 
@@ -105,5 +105,8 @@ class DecisionLog:
             fileio.unlink(self.directory, segment_name(segment))
 
     def close(self) -> None:
-        """fsync and close."""
+        """fsync and close; when every batch is applied, seal the active segment first so that
+        it is deleted and the next start has nothing to deliver again."""
+        if not self.outstanding:
+            self.writer.seal()
         self.writer.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from shardkv.errors import CorruptionError
-from shardkv.wal.format import KIND_LOG, KIND_RECORD_TYPES, SEGMENT_HEADER_SIZE, segment_name
+from shardkv.wal.format import KIND_DECISIONS, KIND_LOG, KIND_RECORD_TYPES, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import intact_header_after, all_zero_from, map_file, unreadable_reason
 from shardkv.wal.records import RecordHeader, decode_header
 from shardkv.wal.segment import decode_segment_header, list_segments
@@ -77,8 +77,14 @@ def shard_directories(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in names] if names else [directory]
 
 
+def log_directories(directory: str) -> list[str]:
+    """Every directory of segments in a store: the shards' and the coordinator's decision log."""
+    decisions = os.path.join(directory, "coordinator")
+    return shard_directories(directory) + ([decisions] if os.path.isdir(decisions) else [])
+
+
 def active_segment(directory: str, numbers: list[int]) -> int | None:
-    """The number of the active (highest LOG) segment of a shard directory."""
+    """The number of the active segment of a directory: its highest LOG (or DECISIONS) one."""
     active = None
     for number in numbers:
         path = os.path.join(directory, segment_name(number))
@@ -87,7 +93,7 @@ def active_segment(directory: str, numbers: list[int]) -> int | None:
         except (OSError, ValueError):
             continue
         try:
-            if decode_segment_header(buf, path).kind == KIND_LOG:
+            if decode_segment_header(buf, path).kind in (KIND_LOG, KIND_DECISIONS):
                 active = number
         except CorruptionError:
             pass
@@ -102,7 +108,7 @@ def verify_store(directory: str) -> dict:
     Returns {"ok": bool, "segments": n, "records": n, "problems": [str, ...], "torn_tails": [...]}.
     """
     report = {"ok": True, "segments": 0, "records": 0, "problems": [], "torn_tails": []}
-    for shard_dir in shard_directories(directory):
+    for shard_dir in log_directories(directory):
         numbers = list_segments(shard_dir)
         active = active_segment(shard_dir, numbers)
         for number in numbers:
@@ -128,4 +134,4 @@ def verify_store(directory: str) -> dict:
     return report
 
 
-__all__ = ["Problem", "active_segment", "shard_directories", "verify_store", "walk_segment"]
+__all__ = ["Problem", "active_segment", "log_directories", "shard_directories", "verify_store", "walk_segment"]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from crc32c import crc32c
 
 from shardkv.ipc import messages as m
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_value, ttl_milliseconds
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value, ttl_milliseconds
 
 MAX_BATCH_OPS = 1_000_000
 MAX_BATCH_BYTES = 384 * 1024 * 1024  # keys and values; the messages carrying them stay under 512 MiB
@@ -23,6 +23,9 @@ _U64 = struct.Struct("<Q")
 def check_op(op) -> tuple[int, bytes, bytes]:
     """One operation as (kind, key, value) for the wire: ("put", key, value[, ttl]),
     ("delete", key) or ("expect", key, value or None)."""
+    if type(op) is tuple and len(op) == 3 and op[0] == "put" and type(op[1]) is bytes and type(op[2]) is bytes:
+        if 0 < len(op[1]) <= MAX_KEY_LEN and len(op[2]) <= DEFAULT_MAX_VALUE_SIZE:
+            return m.OP_PUT, op[1], op[2]  # the common case, checked inline
     if not isinstance(op, (tuple, list)) or not op or not isinstance(op[0], str):
         raise TypeError(f"each operation must be a tuple like ('put', key, value), not {op!r:.80}")
     name = op[0]
@@ -46,15 +49,12 @@ def check_ops(ops, max_ops: int, max_bytes: int) -> list[tuple[int, bytes, bytes
     if isinstance(ops, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(ops, Iterable):
         raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
     checked = []
-    size = 0
+    append = checked.append
     for op in ops:
-        item = check_op(op)
-        checked.append(item)
-        size += len(item[1]) + len(item[2])
+        append(check_op(op))
         if len(checked) > max_ops:
             raise ValueError(f"a batch may hold at most {max_ops} operations (max_batch_ops)")
-        if size > max_bytes:
-            raise ValueError(f"a batch may hold at most {max_bytes} bytes of keys and values (max_batch_bytes)")
+    check_limits(checked, max_ops, max_bytes)
     return checked
 
 
@@ -62,7 +62,7 @@ def check_limits(checked: list, max_ops: int, max_bytes: int) -> None:
     """ValueError naming the limit if a batch of checked operations is too big."""
     if len(checked) > max_ops:
         raise ValueError(f"a batch may hold at most {max_ops} operations (max_batch_ops)")
-    if sum(len(item[1]) + len(item[2]) for item in checked) > max_bytes:
+    if sum([len(item[1]) + len(item[2]) for item in checked]) > max_bytes:
         raise ValueError(f"a batch may hold at most {max_bytes} bytes of keys and values (max_batch_bytes)")
 
 
@@ -73,10 +73,13 @@ def put_many_ops(items) -> list:
     elif isinstance(items, (str, bytes, bytearray, memoryview)) or not isinstance(items, Iterable):
         raise TypeError(f"put_many takes a mapping or (key, value) pairs, not {type(items).__name__}")
     ops = []
+    append = ops.append
     for pair in items:
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        if type(pair) is not tuple and (not isinstance(pair, (tuple, list)) or len(pair) != 2):
             raise TypeError(f"put_many takes (key, value) pairs, not {pair!r:.80}")
-        ops.append(("put", pair[0], pair[1]))
+        if len(pair) != 2:
+            raise TypeError(f"put_many takes (key, value) pairs, not {pair!r:.80}")
+        append(("put", pair[0], pair[1]))
     return ops
 
 
@@ -87,9 +90,8 @@ def route_ops(checked: list, shard_map) -> dict[int, list]:
         shard = shard_map[crc32c(item[1]) >> 20]
         part = by_shard.get(shard)
         if part is None:
-            by_shard[shard] = [item]
-        else:
-            part.append(item)
+            by_shard[shard] = part = []
+        part.append(item)
     return by_shard
 
 

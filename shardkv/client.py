@@ -295,6 +295,8 @@ class Client(MutableMapping):
     def _check_cluster(self, shard: int, waited: float) -> None:
         if shard < self.shards and self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
             raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
+        if shard == self.shards and self._control.procs[0]["state"] == PROC_QUARANTINED:
+            raise CorruptionError("the coordinator is quarantined: its decision log is corrupt (see shardkv verify)")
         if process_start_time(self._info["pid"]) != self._info["start_time"]:
             raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
         if waited > REQUEST_TIMEOUT:

@@ -378,3 +378,29 @@ def test_threads_sharing_a_client_run_batches_and_snapshot_reads(cluster):
     assert not errors, errors
     assert db.get_many(keys) == [b"149"] * 4
     assert os.getpid() == db._pid
+
+
+def test_a_corrupt_decision_log_quarantines_the_coordinator_only(cluster):
+    from shardkv.coordinator.decisions import decisions_directory
+    from shardkv.wal.format import COMMIT, KIND_DECISIONS
+    from shardkv.wal.records import encode_record
+    from shardkv.wal.segment import create_segment
+
+    directory = decisions_directory(cluster.directory)
+    os.makedirs(directory, mode=0o700)
+    path = create_segment(directory, 1, KIND_DECISIONS, 0, 1 << 20)
+    first = bytearray(encode_record(COMMIT, b"\x01" * 8, b"\x00\x00\x01\x00", 1))
+    first[-1] ^= 0xFF  # a damaged record with an intact one after it: not a torn tail
+    with open(path, "r+b") as f:
+        f.seek(32)
+        f.write(bytes(first) + encode_record(COMMIT, b"\x02" * 8, b"\x00\x00\x01\x00", 2))
+    db = cluster.open()
+    wait_until(lambda: db.health()["coordinator"]["state"] == "quarantined", 20, message="coordinator quarantined")
+    keys = spread(db, 4, b"q%d")
+    with pytest.raises(shardkv.CorruptionError, match="coordinator"):
+        db.put_many({k: b"v" for k in keys})
+    single = keys_by_shard(db, 2)[0]
+    db.put_many({k: b"v" for k in single})  # one shard: no coordinator needed
+    assert db.get_many(single) == [b"v", b"v"]
+    report = verify_store(cluster.directory)
+    assert any(path in problem and "offset 32" in problem for problem in report["problems"]), report
