@@ -49,6 +49,7 @@ from shardkv.shards.worker import EXIT_CORRUPT
 WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PREPARE included)
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress
 SWEEP_INTERVAL = 0.25  # seconds between checks for undelivered commits and restarted workers
+PENDING_CHECK_INTERVAL = 5.0  # seconds between asking every worker for its undecided batches
 _U64 = struct.Struct("<Q")
 
 
@@ -87,6 +88,7 @@ class Coordinator:
         self.undelivered: dict[int, set[int]] = {}  # decided txid -> shards yet to apply it
         self.seen_generation = [0] * self.shards  # worker generation whose prepared batches were settled
         self.next_sweep = 0.0
+        self.next_pending_check = 0.0
         self.stats = {"committed": 0, "aborted": 0}
         self.served = 0
 
@@ -236,15 +238,22 @@ class Coordinator:
 
     def _sweep(self) -> None:
         """Deliver decided commits that could not be delivered yet, and settle the prepared
-        batches of every worker that (re)started since the last sweep."""
+        batches of every worker that (re)started since the last sweep - and of every worker
+        now and then, for a PREPARE that arrived after its batch was given up (a worker slower
+        than WORKER_TIMEOUT). No batch is in progress during a sweep, so every undecided one
+        it finds is aborted."""
         self.next_sweep = time.monotonic() + SWEEP_INTERVAL
         if self.undelivered:
             self._deliver()
         procs = self.control.procs
+        now = time.monotonic()
+        recheck = now >= self.next_pending_check
+        if recheck:
+            self.next_pending_check = now + PENDING_CHECK_INTERVAL
         for shard in range(self.shards):
             entry = procs[1 + shard]
             generation = int(entry["generation"])
-            if generation == self.seen_generation[shard] or entry["state"] != PROC_UP:
+            if (generation == self.seen_generation[shard] and not recheck) or entry["state"] != PROC_UP:
                 continue
             answer = self._call_workers({shard: bytes((m.PENDING, 0))})[shard]
             if isinstance(answer, BaseException):

@@ -465,10 +465,13 @@ class ShardEngine:
         return segment, offset + len(data)
 
     def _carry_prepared(self) -> None:
-        """Log every undecided PREPARE again in the (new) active segment, so that a compaction
-        of the sealed segments cannot drop it; the caller holds the lock."""
+        """Log every undecided PREPARE again in the (new) active segment and fsync it, so that
+        a compaction of the sealed segments cannot drop it; the caller holds the lock."""
         for txid, (batch, expects) in self._prepared.batches.items():
-            self._log_marker(PREPARE, txid, encode_prepare(batch, expects))
+            end = self._log_marker(PREPARE, txid, encode_prepare(batch, expects))
+        # The copies replace PREPAREs in sealed (fsynced) segments that the compaction deletes:
+        # they must be as durable before it commits, whatever the durability level.
+        self._writer.sync_upto(*end)
 
     def _check_ops(self, ops) -> list:
         if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
