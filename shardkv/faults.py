@@ -6,6 +6,10 @@ the cost of a point that is not armed is one set lookup. The variable lists poin
 (N defaults to 1). With SHARDKV_FAULTS_STATE set to a directory, each point fires only once
 across restarts (a marker file remembers it), so a restarted process recovers undisturbed.
 
+Disk faults work the same way through SHARDKV_DISK_FAULTS, a list of `op:ERRNO@N`: the Nth
+file operation `op` of the process (see wal/fileio.py: write, fsync, create, rename, ...) fails
+with OSError(ERRNO) (ENOSPC, EIO, ...) instead of running; `@N+` makes it fail from the Nth on.
+
 The points (docs/TRANSACTIONS.md, "Crash cases"):
   coordinator.prepare_sent   - PREPARE sent to some participants, not to all
   coordinator.decision_logged - the COMMIT decision is logged, no COMMIT sent yet
@@ -17,6 +21,7 @@ The points (docs/TRANSACTIONS.md, "Crash cases"):
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -27,6 +32,39 @@ _STATE_DIR = os.environ.get("SHARDKV_FAULTS_STATE")
 for _item in filter(None, os.environ.get("SHARDKV_FAULTS", "").split(",")):
     _name, _, _count = _item.strip().partition("@")
     _ARMED[_name] = int(_count or 1)
+
+
+def _disk_faults(spec: str):
+    """The fileio injector described by SHARDKV_DISK_FAULTS."""
+    rules = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        op, _, rest = item.partition(":")
+        code, _, count = rest.partition("@")
+        persistent = count.endswith("+")
+        rules.append((op, getattr(errno, code), int(count.rstrip("+") or 1), persistent))
+    seen: dict[str, int] = {}
+
+    def inject(op: str, target) -> None:
+        for rule_op, code, nth, persistent in rules:
+            if rule_op != op:
+                continue
+            seen[op] = hits = seen.get(op, 0) + 1
+            if hits == nth or (persistent and hits > nth):
+                if _STATE_DIR is not None and not persistent:
+                    marker = os.path.join(_STATE_DIR, f"disk-{op}.fired")
+                    try:
+                        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    except FileExistsError:
+                        return
+                raise OSError(code, f"{os.strerror(code)} (injected at {op} #{hits})")
+
+    return inject
+
+
+if os.environ.get("SHARDKV_DISK_FAULTS"):
+    from shardkv.wal import fileio
+
+    fileio.set_injector(_disk_faults(os.environ["SHARDKV_DISK_FAULTS"]))
 
 
 def point(name: str) -> None:

@@ -113,7 +113,7 @@ class _Output:
 
     def finish(self) -> None:
         self.flush()
-        os.fsync(self.fd)
+        fileio.sync_file(self.fd)
         os.close(self.fd)
         self.fd = -1
 
@@ -196,8 +196,14 @@ def compact(engine) -> dict:
         orphans = list(engine._orphan_segments)
         fileio.write_file_atomically(directory, COMPACTION_FILE, encode_commit(inputs + orphans, [o.number for o in outputs]))
     except BaseException:
-        for output in outputs:
-            output.discard()
+        if os.path.exists(commit_path):
+            # The commit record was renamed into place but a later step (the directory fsync)
+            # failed: recovery may see it, so the outputs it names must stay. The next
+            # compaction, or the next open, finishes this one.
+            engine._unfinished_compaction = "committed"
+        else:
+            for output in outputs:
+                output.discard()
         raise
     engine._unfinished_compaction = "committed"
     for output in outputs:

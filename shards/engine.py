@@ -128,16 +128,21 @@ class ShardEngine:
         self._prepared = PreparedBatches()
         for txid, (batch, expects) in state.prepared.items():
             self._prepared.add(txid, batch, expects)
-        self._writer = LogWriter(
-            self.directory,
-            shard_id,
-            state.active,
-            state.active_end,
-            durability=durability,
-            segment_size=segment_size,
-            sync_interval=sync_interval,
-            on_seal=self._on_seal,
-        )
+        try:
+            self._writer = LogWriter(
+                self.directory,
+                shard_id,
+                state.active,
+                state.active_end,
+                durability=durability,
+                segment_size=segment_size,
+                sync_interval=sync_interval,
+                on_seal=self._on_seal,
+            )
+        except BaseException:
+            unmap_all(self._maps)
+            os.close(self._lock_fd)  # an engine that failed to open holds nothing
+            raise
         self._writer.ensure_next_number(state.max_segment)
         self._closed = False
 
@@ -709,6 +714,12 @@ class ShardEngine:
             result = compaction.compact(self)
             self._last_compaction = result
             return result
+
+    def write_failure(self) -> str | None:
+        """Why the log stopped accepting writes (a failed write or fsync), or None. Writes then
+        raise StorageError until the shard is reopened, which recovers from what is on disk."""
+        failure = self._writer._failure
+        return None if failure is None else repr(failure)
 
     def sync(self) -> None:
         """fsync everything written so far, whatever the durability level."""

@@ -18,6 +18,7 @@ from shardkv.errors import CorruptionError
 from shardkv.shards.compaction import finish_interrupted_compaction
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, read_hint, write_hint
 from shardkv.shards.prepared import decode_prepare, txid_of
+from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, KIND_LOG, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TMP_SUFFIX
 from shardkv.wal.reader import map_file, scan_segment
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
@@ -51,7 +52,7 @@ def recover(directory: str, shard: int, segment_size: int, now_ms: int) -> Recov
     finish_interrupted_compaction(directory)
     for name in os.listdir(directory):
         if name.endswith(TMP_SUFFIX):
-            os.unlink(os.path.join(directory, name))
+            fileio.unlink(directory, name)
     numbers = list_segments(directory)
     state = Recovered()
     headers = {}

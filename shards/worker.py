@@ -40,6 +40,7 @@ from shardkv.shards.engine import ShardEngine
 _U32 = struct.Struct("<I")
 _COUNTER = struct.Struct("<Q")
 EXIT_CORRUPT = 65  # the shard's log is corrupt: the supervisor quarantines it instead of restarting
+EXIT_STORAGE = 66  # a write or fsync failed: the supervisor restarts the worker, which recovers
 SCAN_PAGE_BYTES = 1 << 20
 COORDINATOR_OPS = frozenset((m.PREPARE, m.COMMIT, m.ABORT, m.PENDING))
 WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE, m.PREPARE, m.COMMIT, m.ABORT))
@@ -70,6 +71,7 @@ class Worker:
         self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [posix_ipc.Semaphore(names["coord_done"])]
         self.stopping = False
         self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
+        self.exit_code = 0
         self.engine = None
         self.compact_threshold = config.get("compact_threshold", 0.5)
         self.compact_min_bytes = config.get("compact_min_bytes", 64 << 20)
@@ -97,9 +99,12 @@ class Worker:
         finally:
             if self.compactor is not None:
                 self.compactor.join()
-            self.engine.close()
-            self.log.info("stopped", requests=int(entry["requests"]))
-        return 0
+            try:
+                self.engine.close()
+            except Exception as exc:  # a failed log cannot always be closed cleanly; recovery copes
+                self.log.error("closing the shard failed", error=repr(exc))
+            self.log.info("stopped", requests=int(entry["requests"]), exit_code=self.exit_code)
+        return self.exit_code
 
     def _abandon_stale_requests(self) -> None:
         """Requests left by a previous generation of this worker may have been applied already:
@@ -148,6 +153,13 @@ class Worker:
             for lease, request_id, response in replies:
                 self.frames.respond(lease, request_id, response)
                 self.done[lease].release()
+            failure = self.engine.write_failure()
+            if failure is not None:
+                # After a failed fsync the page cache may hold data the disk never got: only a
+                # fresh process that recovers from the log knows what is really there.
+                self.log.error("the log failed a write or fsync; restarting to recover from the log", error=failure)
+                self.exit_code = EXIT_STORAGE
+                return
             if self.voted:
                 self.voted = False
                 faults.point("worker.voted")

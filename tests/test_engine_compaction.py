@@ -258,8 +258,8 @@ def _inject(monkeypatch, failure: str) -> None:
         real_rename = fileio.rename
 
         def rename(directory, old, new):
-            if old.endswith(".log.tmp"):
-                raise OSError(5, "Input/output error (injected)")
+            if old.endswith(".log.tmp") and os.path.exists(os.path.join(directory, COMPACTION_FILE)):
+                raise OSError(5, "Input/output error (injected)")  # an output, after the commit
             return real_rename(directory, old, new)
 
         monkeypatch.setattr(fileio, "rename", rename)
@@ -445,7 +445,9 @@ def test_failed_output_rename_after_commit(tmp_path, monkeypatch, then):
     real = fileio.rename
 
     def failing(directory, old, new):
-        if old.endswith(".log.tmp"):
+        # Compaction outputs are renamed after the commit record exists (a new active
+        # segment is renamed into place too, but never while COMPACTION exists here).
+        if old.endswith(".log.tmp") and os.path.exists(os.path.join(directory, COMPACTION_FILE)):
             raise OSError(5, "Input/output error (injected)")
         return real(directory, old, new)
 

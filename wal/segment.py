@@ -63,21 +63,20 @@ def create_segment(directory: str, number: int, kind: int, shard: int, capacity:
     name = segment_name(number)
     tmp_path = os.path.join(directory, name + TMP_SUFFIX)
     if os.path.exists(tmp_path):
-        os.unlink(tmp_path)
+        fileio.unlink(directory, name + TMP_SUFFIX)
     fd = fileio.create_exclusive(tmp_path)
     try:
         fileio.pwrite_all(fd, encode_segment_header(kind, shard, number), 0)
         if capacity > SEGMENT_HEADER_SIZE:
             fileio.truncate(fd, capacity)
-        os.fsync(fd)
+        fileio.sync_file(fd)
     finally:
         os.close(fd)
     if not final:
         return tmp_path
-    path = os.path.join(directory, name)
-    os.rename(tmp_path, path)
+    fileio.rename(directory, name + TMP_SUFFIX, name)
     fileio.fsync_dir(directory)
-    return path
+    return os.path.join(directory, name)
 
 
 def list_segments(directory: str) -> list[int]:

@@ -36,7 +36,7 @@ def cut_tail(path: str, end: int, capacity: int) -> None:
     try:
         fileio.truncate(fd, end)
         fileio.truncate(fd, max(capacity, end))
-        os.fsync(fd)
+        fileio.sync_file(fd)
     finally:
         os.close(fd)
 
@@ -150,7 +150,7 @@ class LogWriter:
         old, end = self._segment, self._end
         try:
             fileio.truncate(self._fd, end)
-            os.fsync(self._fd)
+            fileio.sync_file(self._fd)
         except OSError as exc:
             self._failure = exc
             raise StorageError(f"shard {self.shard}: sealing segment {old} failed: {exc}") from exc
