@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from shardkv.errors import CorruptionError
+from shardkv.shards.recovery import synced_end
 from shardkv.wal.format import KIND_DECISIONS, KIND_LOG, KIND_RECORD_TYPES, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import intact_header_after, all_zero_from, map_file, unreadable_reason
 from shardkv.wal.records import RecordHeader, decode_header
@@ -30,12 +31,12 @@ class Problem:
         return f"{self.file}: {self.problem} at offset {self.offset} ({self.end - self.offset} bytes unreadable)"
 
 
-def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHeader] | Problem]:
+def walk_segment(buf, path: str, active: bool, synced_end: int | None = None) -> Iterator[tuple[int, RecordHeader] | Problem]:
     """Yield (offset, header) of each whole batch's records and a Problem for each damaged place.
 
     Records of a batch are yielded only once the whole batch has been read. A torn tail of the
-    active segment (nothing intact after it) is yielded as a Problem whose `problem` starts
-    with "torn tail".
+    active segment (nothing intact after it, or anything past `synced_end`, the SYNCED
+    watermark) is yielded as a Problem whose `problem` starts with "torn tail".
     """
     header = decode_segment_header(buf, path)
     allowed = KIND_RECORD_TYPES[header.kind]
@@ -54,6 +55,10 @@ def walk_segment(buf, path: str, active: bool) -> Iterator[tuple[int, RecordHead
         if problem is not None:
             start = batch[0][0] if batch else offset
             resume = intact_header_after(buf, offset + 1)
+            if resume is not None and active and synced_end is not None and start >= synced_end:
+                problem, resume = f"torn tail ({problem}; never fsynced: the records after it are dropped on open too)", size
+                yield Problem(path, offset, problem, resume)
+                return
             if resume is None:
                 resume = size
                 if active:
@@ -120,7 +125,8 @@ def verify_store(directory: str) -> dict:
                 report["problems"].append(f"{path}: cannot be read ({exc}) at offset 0")
                 continue
             try:
-                for item in walk_segment(buf, path, number == active):
+                watermark = synced_end(shard_dir, active) if number == active else None
+                for item in walk_segment(buf, path, number == active, watermark):
                     if isinstance(item, Problem):
                         target = report["torn_tails"] if item.problem.startswith("torn tail") else report["problems"]
                         target.append(str(item))

@@ -33,6 +33,7 @@ from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
 from shardkv.wal.records import encode_batch, encode_record
+from shardkv.wal.watermark import Watermark
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
 
 LOCK_FILE = "LOCK"
@@ -98,10 +99,10 @@ class ShardEngine:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.recovery = {"records": state.records_read, "torn_bytes": state.torn_bytes, "seconds": state.seconds}
+        self.recovery = {"records": state.records_read, "torn_bytes": state.torn_bytes, "unsynced_records_dropped": state.unsynced_records_dropped, "seconds": state.seconds}
         log = get_logger("shardkv.shard", shard=shard_id, directory=self.directory)
         if state.torn_bytes:
-            log.warning("torn tail truncated", segment=state.active, bytes=state.torn_bytes, end=state.active_end)
+            log.warning("torn tail truncated", segment=state.active, bytes=state.torn_bytes, end=state.active_end, unsynced_records_dropped=state.unsynced_records_dropped)
         log.info("recovered", records=state.records_read, keys=len(state.live[0]), seconds=round(state.seconds, 4))
         self._lock = threading.Lock()
         self._compaction_lock = threading.Lock()
@@ -138,12 +139,20 @@ class ShardEngine:
                 segment_size=segment_size,
                 sync_interval=sync_interval,
                 on_seal=self._on_seal,
+                watermark=Watermark(self.directory),
             )
         except BaseException:
             unmap_all(self._maps)
             os.close(self._lock_fd)  # an engine that failed to open holds nothing
             raise
         self._writer.ensure_next_number(state.max_segment)
+        try:
+            self._writer.sync_and_publish()
+        except BaseException:
+            self._writer.close()
+            unmap_all(self._maps)
+            os.close(self._lock_fd)
+            raise
         self._closed = False
 
     # -- reading ---------------------------------------------------------------------------

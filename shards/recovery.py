@@ -22,6 +22,7 @@ from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, KIND_LOG, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TMP_SUFFIX
 from shardkv.wal.reader import map_file, scan_segment
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
+from shardkv.wal.watermark import read_watermark
 from shardkv.wal.writer import cut_tail
 
 
@@ -42,6 +43,7 @@ class Recovered:
     prepared: dict = field(default_factory=dict)  # txid -> (batch, expects) of undecided PREPAREs
     records_read: int = 0
     torn_bytes: int = 0
+    unsynced_records_dropped: bool = False
     seconds: float = 0.0
 
 
@@ -116,9 +118,10 @@ def _read_segment(directory, shard, number, buf, path, active, state) -> tuple[S
         _rewrite_hint(directory, shard, number, scan.end, table, buf)
         return table, scan.end
     start = hinted[1] if hinted is not None else SEGMENT_HEADER_SIZE
-    scan = scan_segment(buf, path, active=True, start=start)
+    scan = scan_segment(buf, path, active=True, start=start, synced_end=synced_end(directory, number))
     if scan.torn_bytes:
         state.torn_bytes = scan.torn_bytes
+        state.unsynced_records_dropped = scan.unsynced_records_dropped
         cut_tail(path, scan.end, len(buf))
         state.maps[number] = map_file(path)  # the old mapping is dropped, not closed: views may remain
     table = SegmentRecords.from_scan(scan)
@@ -145,6 +148,15 @@ def _undecided_prepares(rows: SegmentRecords, segments: np.ndarray, markers: np.
         where = f"{state.paths[number]} offset {offset}"
         prepared[txid_of(key)] = decode_prepare(state.maps[number][start : start + int(rows.value_lens[i])], where)
     return prepared
+
+
+def synced_end(directory: str, active: int) -> int | None:
+    """How far the active segment `active` is known fsynced (its SYNCED watermark), or None
+    when nothing says (then only a tail with nothing intact after it counts as torn)."""
+    watermark = read_watermark(directory)
+    if watermark is None or watermark[0] > active:
+        return None
+    return watermark[1] if watermark[0] == active else SEGMENT_HEADER_SIZE
 
 
 def _rewrite_hint(directory, shard, number, end, table: SegmentRecords, buf) -> None:

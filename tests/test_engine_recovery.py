@@ -347,8 +347,9 @@ def test_bad_hint_is_ignored_and_rewritten(tmp_path):
 
 
 # -- corruption in the active segment -------------------------------------------------------------
-def _crashed_active(directory):
-    """A crashed shard (no hint for the active segment) whose active segment holds 20 records."""
+def _crashed_active(directory, synced: bool = True):
+    """A crashed shard (no hint for the active segment) whose active segment holds 20 records,
+    fsynced and vouched for by the SYNCED watermark (or, `synced=False`, never fsynced)."""
     rng = random.Random(5)
     model = {}
     e = open_engine(directory, segment_size=1 << 16)
@@ -357,6 +358,8 @@ def _crashed_active(directory):
         e.put(key, value)
         model[key] = value
     active = e._writer.position[0]
+    if synced:
+        e._writer.sync_and_publish()
     crash(e)
     assert not os.path.exists(hint_path(directory, active))
     return model, active, list(iter_records(segment_path(directory, active), active=True))
@@ -385,6 +388,26 @@ def test_zeroed_record_in_the_middle_of_the_active_segment_is_corruption(tmp_pat
         f.write(bytes(RECORD_HEADER_SIZE + len(victim.key) + len(victim.value)))
     with pytest.raises(CorruptionError, match=f"offset {victim.offset}"):
         open_engine(tmp_path, segment_size=1 << 16)
+
+
+@pytest.mark.parametrize("where", ["crc", "zeroed"])
+def test_damage_in_never_fsynced_records_is_a_torn_tail_even_with_intact_records_after(tmp_path, where):
+    """Past the SYNCED watermark the writes were never fsynced: a power failure may have put
+    later sectors on the disk and lost earlier ones, so the damage is a torn tail (cut from the
+    damaged batch on, intact records after it included), not corruption."""
+    model, active, records = _crashed_active(tmp_path, synced=False)
+    victim = records[10]
+    path = segment_path(tmp_path, active)
+    if where == "crc":
+        flip_byte(path, victim.offset)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(victim.offset)
+            f.write(bytes(RECORD_HEADER_SIZE + len(victim.key) + len(victim.value)))
+    with open_engine(tmp_path, segment_size=1 << 16) as e:
+        assert e.recovery["unsynced_records_dropped"] is True
+        assert e.recovery["torn_bytes"] == records[-1].offset + RECORD_HEADER_SIZE + len(records[-1].key) + len(records[-1].value) - victim.offset
+        assert_matches(e, {k: v for k, v in model.items() if k < victim.key})
 
 
 def test_damage_in_the_last_record_of_the_active_segment_is_a_torn_tail(tmp_path):

@@ -127,11 +127,12 @@ LAYOUTS = {
     "hint entry": ("Hint file", 1, fmt.HINT_ENTRY, False),
     "compaction header": ("Compaction commit record", 0, fmt.COMPACTION_HEADER, False),
     "prepare entry": ("PREPARE value", 0, fmt.PREPARE_ENTRY, False),
+    "synced slot": ("SYNCED file", 0, fmt.SYNCED_SLOT, True),
 }
 
 
 def test_doc_has_the_expected_sections_and_tables():
-    for name in ("Segment file", "Record", "Hint file", "Compaction commit record", "PREPARE value", "Decision log"):
+    for name in ("Segment file", "Record", "Hint file", "Compaction commit record", "PREPARE value", "Decision log", "SYNCED file"):
         assert name in SECTIONS, f"docs/FORMAT.md lost its '## {name}' section"
     assert len(tables(SECTIONS["Hint file"])) == 2, "the hint file section must have a header table and an entry table"
 
@@ -223,6 +224,7 @@ def _version(rows) -> int:
         ("Segment file", 0, fmt.SEGMENT_MAGIC),
         ("Hint file", 0, fmt.HINT_MAGIC),
         ("Compaction commit record", 0, fmt.COMPACTION_MAGIC),
+        ("SYNCED file", 0, fmt.SYNCED_MAGIC),
     ],
 )
 def test_magic_and_version(section, index, magic):

@@ -63,10 +63,7 @@ def test_power_loss_at_durability_fsync_loses_nothing_acknowledged(tmp_path, mod
         assert e.prepared() == []
 
 
-# Not "reorder" here: sectors of unsynced writes reaching the disk out of order can leave an
-# intact record after a damaged one in the active segment, which open reports as corruption
-# (docs/RELIABILITY.md, "Known gaps").
-@pytest.mark.parametrize("mode", ["drop", "prefix", "scramble"])
+@pytest.mark.parametrize("mode", ["drop", "prefix", "scramble", "reorder"])
 @pytest.mark.parametrize("durability", ["process", "interval"])
 @pytest.mark.parametrize("seed", range(6))
 def test_power_loss_at_weaker_durability_leaves_a_prefix(tmp_path, mode, durability, seed):

@@ -42,6 +42,13 @@ PREPARE_ENTRY = struct.Struct("<BIIQ")  # type, key_len, value_len, expires_at
 PREPARE_EXPECT = 3
 PREPARE_EXPECT_ABSENT = 4
 
+# SYNCED file: two slots of a watermark (where the fsynced data of the log ends), written in turn.
+SYNCED_MAGIC = b"SHKVSYN\n"
+SYNCED_SLOT = struct.Struct("<8sHHIQQ")  # magic, version, reserved, counter, segment, end
+SYNCED_CRC = struct.Struct("<I")
+SYNCED_SLOT_STRIDE = 64
+SYNCED_FILE = "SYNCED"
+
 # Hint file.
 HINT_MAGIC = b"SHKVHNT\n"
 HINT_HEADER = struct.Struct("<8sHHIQQQ")  # magic, version, reserved, shard, segment, segment_length, count

@@ -47,6 +47,7 @@ class SegmentScan:
     expires: list = field(default_factory=list)
     keys: list = field(default_factory=list)
     torn_bytes: int = 0  # bytes of a torn tail that were (or would be) cut off
+    unsynced_records_dropped: bool = False  # intact records after the damage were cut too (past the watermark)
 
 
 def map_file(path: str, writable: bool = False) -> mmap.mmap:
@@ -84,12 +85,14 @@ def intact_header_after(buf, start: int) -> int | None:
     return None
 
 
-def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: int = SEGMENT_HEADER_SIZE) -> SegmentScan:
+def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: int = SEGMENT_HEADER_SIZE, synced_end: int | None = None) -> SegmentScan:
     """Read every record of the segment held in `buf` (a mapping of the whole file).
 
     For the active segment a torn tail is reported in `torn_bytes`, and `end` is where the good
     data ends (the caller cuts the file there); anything else unreadable raises CorruptionError
     naming `path` and the offset. `start` (a batch boundary) skips records known from a hint.
+    `synced_end` (from the SYNCED file): the active segment is known fsynced up to there, so
+    damage after it is a torn tail even when intact records follow (docs/FORMAT.md).
     """
     scan = SegmentScan(decode_segment_header(buf, path))
     offset = start
@@ -111,6 +114,9 @@ def scan_segment(buf, path: str, active: bool, want_keys: bool = True, start: in
         torn_problem = unreadable_reason(buf, offset, header)
         if torn_problem is not None:
             after = intact_header_after(buf, offset + 1) if active else None
+            if active and after is not None and synced_end is not None and batch_start >= synced_end:
+                scan.unsynced_records_dropped = True  # sectors of unsynced writes reached the disk out of order
+                after = None
             if active and after is None:
                 _drop_last(scan, pending)
                 scan.end = batch_start

@@ -17,6 +17,7 @@ from shardkv.errors import Closed, StorageError
 from shardkv.wal import fileio
 from shardkv.wal.format import KIND_LOG, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.segment import create_segment
+from shardkv.wal.watermark import Watermark
 
 DURABILITY_LEVELS = ("process", "interval", "fsync")
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
@@ -60,9 +61,11 @@ class LogWriter:
         sync_interval: float = 1.0,
         on_seal: Callable[[int, int], None] | None = None,
         kind: int = KIND_LOG,
+        watermark: "Watermark | None" = None,
     ):
         self.directory = directory
         self.kind = kind
+        self._watermark = watermark
         self.shard = shard
         self.durability = check_durability(durability)
         self.segment_size = segment_size
@@ -190,6 +193,15 @@ class LogWriter:
                 os.close(fd)
             self._synced = max(self._synced, target)
             self.last_sync = time.time()
+            if self._watermark is not None:
+                self._watermark.maybe_publish(*self._synced)
+
+    def sync_and_publish(self) -> None:
+        """fsync everything written so far and publish that position to the watermark now
+        (on open: what recovery found is then durable and vouched for)."""
+        self.sync()
+        if self._watermark is not None:
+            self._watermark.publish(*self.position)
 
     def sync(self) -> None:
         """fsync everything written so far."""
@@ -216,9 +228,13 @@ class LogWriter:
         try:
             if self._failure is None:
                 self.sync()
+                if self._watermark is not None:
+                    self._watermark.publish(*self._synced)
         finally:
             with self._lock:
                 if self._fd >= 0:
                     os.close(self._fd)
                     self._fd = -1
+            if self._watermark is not None:
+                self._watermark.close()
 
