@@ -246,3 +246,37 @@ def test_a_worker_whose_fsync_failed_restarts_and_recovers(cluster, monkeypatch,
     assert db.get_many(list(acknowledged)) == list(acknowledged.values())
     db.put(b"after", b"ok")
     assert db.get(b"after") == b"ok"
+
+
+# -- a sector of zeros inside a sealed segment ---------------------------------------------------------------
+def test_a_zeroed_sector_in_a_sealed_segment_is_found_by_open_and_verify(tmp_path):
+    from shardkv.errors import CorruptionError
+    from shardkv.ops.verify import verify_store
+
+    from engine_support import segment_numbers, segment_path
+
+    e = open_engine(tmp_path, segment_size=1 << 14)
+    for i in range(400):
+        e.put(b"k%03d" % i, b"v" * 90)
+    e.close()
+    sealed = segment_numbers(tmp_path)[0]
+    path = segment_path(tmp_path, sealed)
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(512))  # a sector the disk lost, in the middle of fsynced data
+    # With the segment's hint, open does not read the segment: every read checks its record's
+    # CRC, so the first read of a damaged record names file and offset.
+    with open_engine(tmp_path, segment_size=1 << 14) as e:
+        damaged = []
+        for i in range(400):
+            try:
+                e.get(b"k%03d" % i)
+            except CorruptionError as exc:
+                damaged.append(str(exc))
+        assert damaged and all(path in message and "offset" in message for message in damaged)
+    os.unlink(str(path)[: -len(".log")] + ".hint")  # now open reads the segment itself
+    report = verify_store(str(tmp_path))
+    assert any(path in problem and "offset" in problem for problem in report["problems"]), report
+    with pytest.raises(CorruptionError) as info:
+        open_engine(tmp_path, segment_size=1 << 14)
+    assert path in str(info.value) and "offset" in str(info.value)
