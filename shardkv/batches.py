@@ -62,7 +62,8 @@ def check_limits(checked: list, max_ops: int, max_bytes: int) -> None:
     """ValueError naming the limit if a batch of checked operations is too big."""
     if len(checked) > max_ops:
         raise ValueError(f"a batch may hold at most {max_ops} operations (max_batch_ops)")
-    if sum([len(item[1]) + len(item[2]) for item in checked]) > max_bytes:
+    ttl_fields = 8 * sum([1 for item in checked if item[0] == m.OP_PUT_TTL])  # not the user's bytes
+    if sum([len(item[1]) + len(item[2]) for item in checked]) - ttl_fields > max_bytes:
         raise ValueError(f"a batch may hold at most {max_bytes} bytes of keys and values (max_batch_bytes)")
 
 

@@ -35,7 +35,8 @@ def ttl_milliseconds(ttl) -> int:
     positive, finite number small enough for the record's 64-bit expiry field."""
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not (ttl > 0 and math.isfinite(ttl)) or ttl * 1000 >= 2**53:
+    # The bound is checked before isfinite(): an int too large for a float must be a ValueError.
+    if not ttl > 0 or ttl * 1000 >= 2**53 or not math.isfinite(ttl):
         raise ValueError(f"ttl must be a positive, finite number of seconds (under 2**53 ms), not {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
 
