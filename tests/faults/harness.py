@@ -180,7 +180,6 @@ class Harness:
     def _check(self, db) -> dict:
         anomalies: list[str] = []
         puts: dict[str, list] = {}  # key -> [(value, acknowledged)] in order
-        begun: dict = {}
         increments, unknown_increments = Counter(), Counter()
         appended, attempted_tokens = set(), set()
         counts: Counter = Counter()
