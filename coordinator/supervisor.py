@@ -165,12 +165,15 @@ class Supervisor:
             self._spawn(index)
         self._write_cluster_file()
         deadline = time.monotonic() + 120
-        while not all(self.control.procs["state"] == PROC_UP):
+        while True:
+            # Ready once every process serves or is quarantined (a corrupt shard must not keep
+            # the others from serving; the coordinator must have published the shard map).
+            states = self.control.procs["state"]
+            if all((states == PROC_UP) | (states == PROC_QUARANTINED)):
+                break
             if self.stopping:
                 return  # asked to stop while starting: main() tears down
             self._reap()
-            if any(self.control.procs["state"] == PROC_QUARANTINED):
-                break
             if time.monotonic() > deadline:
                 raise TimeoutError("the cluster did not come up within 120 s")
             time.sleep(0.01)
