@@ -136,6 +136,18 @@ def nothing_left(directory) -> bool:
     return not cluster_pids(directory) and not shm_entries(directory)
 
 
+def keys_by_shard(db, per_shard: int, fmt: bytes = b"key-%d") -> dict[int, list[bytes]]:
+    """`per_shard` keys (made from `fmt` % i) owned by each shard of `db`."""
+    found: dict[int, list[bytes]] = {s: [] for s in range(db.shards)}
+    i = 0
+    while any(len(v) < per_shard for v in found.values()):
+        key = fmt % i
+        if len(found[db.shard_of(key)]) < per_shard:
+            found[db.shard_of(key)].append(key)
+        i += 1
+    return found
+
+
 # -- client subprocesses -------------------------------------------------------------------------
 class ClientProcess:
     """A Python subprocess running `script` (argv[1:] = args), talking line by line."""

@@ -20,7 +20,7 @@ import pytest
 import shardkv
 from shardkv.coordinator.runfiles import lease_path, lock_is_held
 
-from cluster_support import SHARDS, alive, cluster_fixture, nothing_left, shm_entries, wait_until
+from cluster_support import SHARDS, alive, keys_by_shard, cluster_fixture, nothing_left, shm_entries, wait_until
 
 
 @pytest.fixture
@@ -29,14 +29,7 @@ def cluster(tmp_path):
 
 
 def keys_on_each_shard(db, count_per_shard: int, fmt: bytes) -> list[bytes]:
-    found: dict[int, list[bytes]] = {s: [] for s in range(db.shards)}
-    i = 0
-    while any(len(v) < count_per_shard for v in found.values()):
-        key = fmt % i
-        if len(found[db.shard_of(key)]) < count_per_shard:
-            found[db.shard_of(key)].append(key)
-        i += 1
-    return [k for keys in found.values() for k in keys]
+    return [k for keys in keys_by_shard(db, count_per_shard, fmt).values() for k in keys]
 
 
 def shard_entry(db, shard: int) -> dict:

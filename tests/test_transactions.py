@@ -17,23 +17,12 @@ import pytest
 import shardkv
 from shardkv.ops.verify import verify_store
 
-from cluster_support import cluster_fixture, wait_until
+from cluster_support import cluster_fixture, keys_by_shard, wait_until
 
 
 @pytest.fixture
 def cluster(tmp_path):
     yield from cluster_fixture(tmp_path / "db")
-
-
-def keys_by_shard(db, per_shard: int, fmt: bytes = b"key-%d") -> dict[int, list[bytes]]:
-    found: dict[int, list[bytes]] = {s: [] for s in range(db.shards)}
-    i = 0
-    while any(len(v) < per_shard for v in found.values()):
-        key = fmt % i
-        if len(found[db.shard_of(key)]) < per_shard:
-            found[db.shard_of(key)].append(key)
-        i += 1
-    return found
 
 
 def spread(db, count: int, fmt: bytes) -> list[bytes]:
