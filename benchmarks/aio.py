@@ -8,13 +8,12 @@ import asyncio
 import os
 import random
 import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
 
 import shardkv
+from benchmarks.common import RedisServer, StoreUnavailable, ensure_cluster_stopped
 
 
 def blocking_gets(db, keys: list[bytes], threads: int) -> float:
@@ -47,25 +46,6 @@ async def coroutine_gets(get, keys: list[bytes], concurrency: int) -> float:
     return len(keys) / (time.perf_counter() - started)
 
 
-def start_redis(folder: str):
-    path = shutil.which("redis-server")
-    if path is None:
-        return None, None
-    sock = os.path.join(folder, "redis.sock")
-    proc = subprocess.Popen([path, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if os.path.exists(sock):
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
-                return proc, sock
-            except OSError:
-                pass
-        time.sleep(0.02)
-    proc.kill()
-    return None, None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aio")
     parser.add_argument("--keys", type=int, default=10_000)
@@ -90,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
         rows.append((f"shardkv, asyncio, {args.coroutines} coroutines", asyncio.run(shardkv_async())))
         db.close()
-        proc, sock = start_redis(folder)
-        if proc is None:
-            print("redis-server not found: Redis row skipped")
+        try:
+            server = RedisServer(folder)
+        except StoreUnavailable as exc:
+            print(f"{exc}: Redis row skipped")
         else:
+            sock = server.socket
             try:
                 import redis.asyncio as aredis  # noqa: PLC0415
 
@@ -109,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 print("redis-py not installed: Redis row skipped")
             finally:
-                proc.terminate()
-                proc.wait()
+                server.stop()
     finally:
+        # The embedded cluster stops by itself after its last client closed: let it (or stop it).
+        ensure_cluster_stopped(os.path.join(folder, "db"), self_stop_wait=10.0)
         shutil.rmtree(folder, ignore_errors=True)
     width = max(len(name) for name, _ in rows)
     print(f"{args.ops:,} random gets of 100-byte values ({args.keys:,} keys, 2 shards)")

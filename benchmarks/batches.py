@@ -60,9 +60,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +68,18 @@ import traceback
 from typing import Sequence
 
 import numpy as np
+
+from benchmarks.common import (
+    RedisServer,
+    available_stores,
+    check_terminating,
+    ensure_cluster_stopped,
+    fmt_rate,
+    print_problems,
+    redis_server_version,
+    sigterm_exits,
+)
+from benchmarks.peers import check_available
 
 KEY_SIZE = 16
 VALUE_SIZE = 100
@@ -98,10 +108,6 @@ ROW_LABELS = {
 }
 SECTIONS = ("process", "fsync")
 SECTION_LABELS = {"process": "process (no fsync)", "fsync": "FSYNC per batch"}
-
-
-class StoreUnavailable(Exception):
-    """A peer that cannot run here (not installed); reported as a note."""
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -182,8 +188,6 @@ class ShardKVStore(Store):
         self.db = shardkv.open(self.path, shards=SHARDS, durability="fsync" if self.fsync else "process")
 
     def close(self, clean: bool) -> None:
-        from shardkv.cli import is_running, stop_cluster  # noqa: PLC0415
-
         path = getattr(self, "path", None)
         db, self.db = getattr(self, "db", None), None
         if path is None:
@@ -193,24 +197,11 @@ class ShardKVStore(Store):
                 db.close()
         finally:
             # The embedded cluster stops by itself a few seconds after its last client closed;
-            # it must be gone before its directory is deleted. After an error: stop it now.
-            deadline = time.monotonic() + (SELF_STOP_WAIT if clean and db is not None else 0.0)
-            while is_running(path) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if is_running(path) and clean:
+            # it must be gone before its directory is deleted. After an error: stop it now
+            # (also one whose start `open` was interrupted in).
+            wait = SELF_STOP_WAIT if clean and db is not None else 0.0
+            if ensure_cluster_stopped(path, self_stop_wait=wait) and clean:
                 self.notes.append(f"shardkv ({'fsync' if self.fsync else 'process'}): the embedded cluster was still running {SELF_STOP_WAIT:g} s after the last client closed; stopped it")
-            # Also a cluster whose start `open` was interrupted in: wait until no process of
-            # this directory is left (the supervisor, coordinator and workers name it in their
-            # command lines), stopping the cluster whenever it holds its lock.
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if is_running(path):
-                    stop_cluster(path)
-                elif not processes_naming(path):
-                    break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"processes of the shardkv cluster on {path} still running: {processes_naming(path)}")
 
     def batches(self, variant, source, size, count):
         shard_of = self.db.shard_of
@@ -327,47 +318,19 @@ class RedisStore(Store):
     def open(self) -> None:
         import redis  # noqa: PLC0415
 
-        sock = os.path.join(self.directory, "redis.sock")
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.fsync else ["--appendonly", "no"]
-        command = [shutil.which("redis-server"), "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "", *persistence,
-                   "--dir", self.directory, "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log")]  # fmt: skip
-        # A session of its own: Ctrl-C reaches only us, and close() shuts the server down.
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} (see {self.directory}/redis.log)")
-            if os.path.exists(sock):
-                try:
-                    client = redis.Redis(unix_socket_path=sock)
-                    if client.ping():
-                        self.r = client
-                        break
-                    client.close()
-                except redis.exceptions.ConnectionError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer within 20 s")
-            time.sleep(0.02)
-        if self.fsync:
-            got = self.r.config_get("appendfsync").get("appendfsync")
-            if got != "always" and got != b"always":
-                raise RuntimeError(f"redis-server runs with appendfsync {got!r}, not always")
+        # A session of its own (Ctrl-C reaches only us); with fsync: AOF, appendfsync always.
+        self.server = RedisServer(self.directory, self.fsync)
+        self.r = redis.Redis(unix_socket_path=self.server.socket)
 
     def close(self, clean: bool) -> None:
         client, self.r = getattr(self, "r", None), None
-        proc, self.proc = getattr(self, "proc", None), None
+        server, self.server = getattr(self, "server", None), None
         try:
             if client is not None:
                 client.close()
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()  # SIGTERM: a clean shutdown (with AOF: after its last fsync)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if server is not None:
+                server.stop()  # SIGTERM: a clean shutdown (with AOF: after its last fsync)
 
     def write_batches(self, batches):
         pipeline = self.r.pipeline
@@ -385,34 +348,7 @@ class RedisStore(Store):
         return self.r.mget(keys)
 
 
-def processes_naming(path: str) -> list[int]:
-    """Pids of the processes whose command line names `path` (a private temporary directory)."""
-    needle = os.path.realpath(path).encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if needle in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 STORE_CLASSES: dict[str, type[Store]] = {"shardkv": ShardKVStore, "rocksdb": RocksDBStore, "lmdb": LmdbStore, "redis": RedisStore}
-
-
-def check_available(name: str) -> None:
-    modules = {"shardkv": ("shardkv", "pip install -e ."), "rocksdb": ("rocksdict", "pip install rocksdict"),
-               "lmdb": ("lmdb", "pip install lmdb"), "redis": ("redis", "pip install redis")}  # fmt: skip
-    module, hint = modules[name]
-    try:
-        __import__(module)
-    except ImportError as exc:
-        raise StoreUnavailable(f"cannot import {module} ({hint}): {exc}") from None
-    if name == "redis" and shutil.which("redis-server") is None:
-        raise StoreUnavailable("redis-server is not installed (apt-get install redis-server)")
 
 
 def versions() -> dict[str, str]:
@@ -424,15 +360,7 @@ def versions() -> dict[str, str]:
             out[key] = version(dist)
         except PackageNotFoundError:
             out[key] = "missing"
-    server = shutil.which("redis-server")
-    if server:
-        try:
-            text = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
-            out["redis-server"] = next((w[2:] for w in text.split() if w.startswith("v=")), text.strip())
-        except (OSError, subprocess.SubprocessError):
-            out["redis-server"] = "unknown"
-    else:
-        out["redis-server"] = "missing"
+    out["redis-server"] = redis_server_version()
     return out
 
 
@@ -513,14 +441,6 @@ def run_store(name: str, section: str, sizes: Sequence[int], counts: dict[int, i
 
 
 # -- the table ---------------------------------------------------------------------------------------
-def fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f}k"
-    return f"{x:.0f}"
-
-
 def build_rows(results: list[dict]) -> tuple[list[list[str]], list[int]]:
     """Table rows (header first) and the indices of rows that start a section."""
     rows = [["durability", "store", "batch", "batches/s", "ops/s", "shardkv/best peer"]]
@@ -589,41 +509,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-_terminating: list[int] = []  # the signal that asked us to stop (checked between rows too)
-
-
-def _raise_exit(signum, frame):
-    _terminating.append(signum)
-    raise SystemExit(128 + signum)
-
-
-def check_terminating() -> None:
-    """Raise SystemExit if SIGTERM arrived (in case its exception was swallowed somewhere)."""
-    if _terminating:
-        raise SystemExit(128 + _terminating[0])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_exit)  # so that every finally block runs
-    try:
+    with sigterm_exits():  # so that every finally block runs
         return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     notes: list[str] = []
     problems: list[str] = []
-    stores = []
-    for name in args.stores:
-        try:
-            check_available(name)
-            stores.append(name)
-        except StoreUnavailable as exc:
-            notes.append(f"{STORE_LABELS[name]} skipped: {exc}")
-            print(f"note: {STORE_LABELS[name]} skipped: {exc}", file=sys.stderr, flush=True)
+    stores = available_stores(args.stores, check_available, STORE_LABELS, notes)
     if not stores:
         print("no store available; nothing to do", file=sys.stderr)
         return 1
@@ -660,12 +556,7 @@ def _main(args: argparse.Namespace) -> int:
     print()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}; total {elapsed:.1f} s")
-    for note in notes:
-        print(f"note: {note}")
-    if problems:
-        print("Problems:")
-        for problem in problems:
-            print("  - " + problem.rstrip().replace("\n", "\n    "))
+    print_problems(problems, notes=notes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"key_size": KEY_SIZE, "value_size": VALUE_SIZE, "shards": SHARDS, "seed": args.seed, "quick": args.quick,

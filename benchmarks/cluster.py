@@ -45,9 +45,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +54,18 @@ import traceback
 from typing import Callable, Sequence
 
 import numpy as np
+
+from benchmarks.common import (
+    RedisServer,
+    available_stores,
+    check_terminating,
+    close_quietly,
+    fmt_rate,
+    print_problems,
+    redis_server_version,
+    sigterm_exits,
+)
+from benchmarks.peers import check_available
 
 KEY_SIZE = 16
 VALUE_SIZE = 100
@@ -73,10 +83,6 @@ PHASE_TIMEOUT = 600.0
 
 STORE_NAMES = ("shardkv", "redis", "lmdb")
 STORE_LABELS = {"shardkv": "shardkv", "redis": "Redis", "lmdb": "LMDB"}
-
-
-class StoreUnavailable(Exception):
-    """A peer that cannot run here (not installed); reported as a note."""
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ class Server:
     def __init__(self, name: str, directory: str, n: int):
         self.name, self.directory, self.n = name, directory, n
         self.spec: dict = {"store": name}
-        self.proc: subprocess.Popen | None = None
+        self.redis: RedisServer | None = None
 
     def start(self) -> None:
         if self.name == "shardkv":
@@ -228,46 +234,17 @@ class Server:
             os.makedirs(path)
             self.spec.update(path=path, map_size=max(1 << 30, self.n * (KEY_SIZE + VALUE_SIZE + 64) * 8))
         else:
-            self._start_redis()
-
-    def _start_redis(self) -> None:
-        server = shutil.which("redis-server")
-        sock = os.path.join(self.directory, "redis.sock")
-        command = [server, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                   "--dir", self.directory, "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log")]  # fmt: skip
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.spec.update(socket=sock)
-        import redis  # noqa: PLC0415
-
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} (see {self.directory}/redis.log)")
-            if os.path.exists(sock):
-                try:
-                    with redis.Redis(unix_socket_path=sock) as r:
-                        if r.ping():
-                            return
-                except redis.exceptions.ConnectionError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer within 20 s")
-            time.sleep(0.02)
+            self.redis = RedisServer(self.directory)  # no RDB, no AOF
+            self.spec.update(socket=self.redis.socket)
 
     def stop(self) -> None:
         if self.name == "shardkv" and "path" in self.spec:
             from shardkv.cli import stop_cluster  # noqa: PLC0415
 
             stop_cluster(self.spec["path"])
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()  # redis-server: SIGTERM is a clean shutdown (nothing to save)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
+        if self.redis is not None:
+            self.redis.stop()  # SIGTERM: a clean shutdown (nothing to save)
+            self.redis = None
 
 
 def versions() -> dict[str, str]:
@@ -290,31 +267,8 @@ def versions() -> dict[str, str]:
         out["redis-py"] = redis.__version__
     except ImportError:
         out["redis-py"] = "missing"
-    server = shutil.which("redis-server")
-    if server:
-        try:
-            text = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
-            out["redis-server"] = next((w[2:] for w in text.split() if w.startswith("v=")), text.strip())
-        except (OSError, subprocess.SubprocessError):
-            out["redis-server"] = "unknown"
-    else:
-        out["redis-server"] = "missing"
+    out["redis-server"] = redis_server_version()
     return out
-
-
-def check_available(name: str) -> None:
-    if name == "redis":
-        if shutil.which("redis-server") is None:
-            raise StoreUnavailable("redis-server is not installed (apt-get install redis-server)")
-        try:
-            import redis  # noqa: F401,PLC0415
-        except ImportError:
-            raise StoreUnavailable("redis-py is not installed (pip install redis)") from None
-    elif name == "lmdb":
-        try:
-            import lmdb  # noqa: F401,PLC0415
-        except ImportError:
-            raise StoreUnavailable("py-lmdb is not installed (pip install lmdb)") from None
 
 
 # -- client processes -----------------------------------------------------------------------------
@@ -357,11 +311,7 @@ def _client_process(spec: dict, n: int, seed: int, op: str, index: int, ops: int
             pass
         results.put((index, None, None, None, None, traceback.format_exc()))
     finally:
-        if client is not None:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
+        close_quietly(client)
 
 
 _children: list = []  # live client processes, stopped on any exit
@@ -491,14 +441,6 @@ def run_store(name: str, data: Data, ops: int, parent: str | None, results: dict
 
 
 # -- the table ------------------------------------------------------------------------------------
-def fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f}k"
-    return f"{x:.0f}"
-
-
 def build_rows(results: dict, stores: Sequence[str]) -> tuple[list[list[str]], list[dict]]:
     with_redis = "shardkv" in stores and "redis" in stores and len(stores) > 2
     rows = [["operation", "figure"] + [STORE_LABELS[s] for s in stores] + ["shardkv/best peer"] + (["shardkv/Redis"] if with_redis else [])]
@@ -574,41 +516,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-_terminating: list[int] = []  # the signal that asked us to stop (checked between phases too)
-
-
-def _raise_exit(signum, frame):
-    _terminating.append(signum)
-    raise SystemExit(128 + signum)
-
-
-def check_terminating() -> None:
-    """Raise SystemExit if SIGTERM arrived (in case its exception was swallowed somewhere)."""
-    if _terminating:
-        raise SystemExit(128 + _terminating[0])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_exit)  # so that every finally block runs
-    try:
-        return _main(args)
-    finally:
-        _stop_children()
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_exits():  # so that every finally block runs
+        try:
+            return _main(args)
+        finally:
+            _stop_children()
 
 
 def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     notes: list[str] = []
-    stores = []
-    for name in args.stores:
-        try:
-            check_available(name)
-            stores.append(name)
-        except StoreUnavailable as exc:
-            notes.append(f"{STORE_LABELS[name]} skipped: {exc}")
-            print(f"note: {STORE_LABELS[name]} skipped: {exc}", file=sys.stderr, flush=True)
+    stores = available_stores(args.stores, check_available, STORE_LABELS, notes)
     if not stores:
         print("no store available; nothing to do", file=sys.stderr)
         return 1
@@ -638,12 +558,7 @@ def _main(args: argparse.Namespace) -> int:
     print()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; total {time.perf_counter() - started:.0f} s")
-    for note in notes:
-        print(f"note: {note}")
-    if problems:
-        print("Problems:")
-        for problem in problems:
-            print(f"  - {problem}")
+    print_problems(problems, notes=notes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"keys": args.keys, "ops": args.ops, "value_size": VALUE_SIZE, "shards": SHARDS, "cpus": os.cpu_count(),

@@ -47,9 +47,11 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from benchmarks.common import disk_bytes, fmt_rate, print_problems, timed
 
 BATCH_SIZE = 1000
 VALUE_POOL = 1024  # distinct random values per value size; key i gets pool[i % VALUE_POOL]
@@ -399,25 +401,6 @@ class Data:
 # --------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable, *args) -> tuple[float, object]:
-    gc.collect()
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return time.perf_counter() - t0, result
-
-
-def disk_bytes(path: str) -> int:
-    """Bytes allocated on disk under `path` (st_blocks, so sparse files count what they use)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
 class Recorder:
     def __init__(self):
         # (value_size, op) -> store -> list of measurements (seconds, or a figure)
@@ -587,14 +570,6 @@ def run_store(
 # --------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------
-
-
-def fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f}k"
-    return f"{x:.0f}"
 
 
 def fmt_time(s: float) -> str:
@@ -767,10 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nNotes:")
         for note in rec.notes:
             print(f"  - {note}")
-    if rec.problems:
-        print("\nProblems:")
-        for prob in rec.problems:
-            print("  - " + prob.rstrip().replace("\n", "\n    "))
+    print_problems(rec.problems, "\nProblems:")
 
     if args.json:
         with open(args.json, "w") as f:
