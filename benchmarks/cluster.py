@@ -22,6 +22,9 @@ Workload, for each store in a fresh temporary directory (deleted right after tha
 * scan, full       - every item (shardkv scan() in key order, LMDB cursor in key order, Redis
                      SCAN COUNT 1000 + MGET, in no order); items/s, median of 3 runs.
 
+The "shardkv via ring" column is the same kind of cluster opened with `direct_reads=False`: every
+get a round trip to the worker (as before the shared index); it is never counted as a peer.
+
 Durability is alike for every store - nothing is fsynced per write: shardkv durability
 "process" (cluster and clients), LMDB sync=False + metasync=False, Redis --save '' --appendonly
 no. LMDB gets open one read transaction per get (what a per-request server would do); the two
@@ -81,8 +84,9 @@ CHECK_SAMPLE = 2000
 REPEAT = 3
 PHASE_TIMEOUT = 600.0
 
-STORE_NAMES = ("shardkv", "redis", "lmdb")
-STORE_LABELS = {"shardkv": "shardkv", "redis": "Redis", "lmdb": "LMDB"}
+STORE_NAMES = ("shardkv", "shardkv-ring", "redis", "lmdb")
+STORE_LABELS = {"shardkv": "shardkv", "shardkv-ring": "shardkv via ring", "redis": "Redis", "lmdb": "LMDB"}
+SHARDKV_STORES = ("shardkv", "shardkv-ring")  # the second: the same cluster with direct_reads=False, never a peer
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ class ShardKVClient:
     def __init__(self, spec: dict):
         import shardkv  # noqa: PLC0415
 
-        self.db = shardkv.open(spec["path"], durability="process")
+        self.db = shardkv.open(spec["path"], durability="process", direct_reads=spec["store"] == "shardkv")
         self.get, self.put = self.db.get, self.db.put
 
     def get_many(self, keys):
@@ -210,7 +214,7 @@ class LmdbClient:
         self.env.close()
 
 
-CLIENTS = {"shardkv": ShardKVClient, "redis": RedisClient, "lmdb": LmdbClient}
+CLIENTS = {"shardkv": ShardKVClient, "shardkv-ring": ShardKVClient, "redis": RedisClient, "lmdb": LmdbClient}
 
 
 # -- servers --------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ class Server:
         self.redis: RedisServer | None = None
 
     def start(self) -> None:
-        if self.name == "shardkv":
+        if self.name in SHARDKV_STORES:
             from shardkv.cli import start_cluster  # noqa: PLC0415
 
             path = os.path.join(self.directory, "store")
@@ -238,7 +242,7 @@ class Server:
             self.spec.update(socket=self.redis.socket)
 
     def stop(self) -> None:
-        if self.name == "shardkv" and "path" in self.spec:
+        if self.name in SHARDKV_STORES and "path" in self.spec:
             from shardkv.cli import stop_cluster  # noqa: PLC0415
 
             stop_cluster(self.spec["path"])
@@ -445,7 +449,7 @@ def build_rows(results: dict, stores: Sequence[str]) -> tuple[list[list[str]], l
     with_redis = "shardkv" in stores and "redis" in stores and len(stores) > 2
     rows = [["operation", "figure"] + [STORE_LABELS[s] for s in stores] + ["shardkv/best peer"] + (["shardkv/Redis"] if with_redis else [])]
     records = []
-    peers = [s for s in stores if s != "shardkv"]
+    peers = [s for s in stores if s not in SHARDKV_STORES]
 
     def add(label: str, unit: str, pick: Callable[[dict], float | None], higher_is_better: bool, fmt: Callable[[float], str]) -> None:
         values = {}
@@ -528,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     notes: list[str] = []
-    stores = available_stores(args.stores, check_available, STORE_LABELS, notes)
+    stores = available_stores(args.stores, lambda name: check_available("shardkv" if name in SHARDKV_STORES else name), STORE_LABELS, notes)
     if not stores:
         print("no store available; nothing to do", file=sys.stderr)
         return 1

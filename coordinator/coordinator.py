@@ -111,11 +111,18 @@ class Coordinator:
         self.log.info("started", pid=os.getpid(), map_version=control.map_version, undelivered=len(self.undelivered))
         supervisor = self.config["supervisor_pid"]
         try:
+            busy = False  # the last wake-up came from a post, not the timeout
             while not self.stopping and control.state != STOPPING and os.getppid() == supervisor:
+                # One post per pass, as ever; right after a pass, poll a little for the next one
+                # (frames.SERVER_SPIN) before sleeping.
                 try:
-                    self.wake.acquire(SWEEP_INTERVAL)
+                    if busy and frames.spin_for_post(self.wake):
+                        self.wake.acquire(0)  # (this process is the only one taking posts of `wake`)
+                    else:
+                        self.wake.acquire(SWEEP_INTERVAL)
+                        busy = True
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
-                    pass
+                    busy = False
                 if time.monotonic() >= self.next_sweep:
                     self._sweep()
                 for slot in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
@@ -310,6 +317,12 @@ class Coordinator:
             return exc
 
     def _wait(self, shard: int, slot, request_id: int, deadline: float) -> None:
+        # Spin-then-sleep, as a client does (Client._wait): posts of answers found by polling
+        # are taken first (only this process takes posts of `worker_done`), then the slot is
+        # polled for frames.REQUESTER_SPIN before sleeping on the semaphore.
+        frames.drain(self.worker_done)
+        if frames.spin_for_response(slot, request_id):
+            return
         while True:
             if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_RESPONSE and read_frame(slot)[2] == request_id:
                 return

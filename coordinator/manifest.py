@@ -56,3 +56,8 @@ def resolve_shards(directory: str, requested: int | None) -> tuple[int, bool]:
     if requested is not None and requested != manifest["shards"]:
         raise ValueError(f"{directory} was created with {manifest['shards']} shards, not {requested}; shards is fixed at creation")
     return manifest["shards"], True
+
+
+def shard_directory(directory: str, shard: int) -> str:
+    """Where shard `shard` of the store in `directory` keeps its files."""
+    return os.path.join(directory, f"shard-{shard:03d}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import mmap
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -52,6 +54,7 @@ from shardkv.ipc.layout import (
     process_start_time,
     worker_ring_slots,
 )
+from shardkv.ipc.sharedindex import HEADER_SIZE, create_header, mark_not_serving, unlink_tables
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio
 from shardkv.wal.writer import check_durability
@@ -79,6 +82,8 @@ def remove_leftovers(directory: str, old: dict | None) -> list[str]:
     for entry in os.listdir("/dev/shm"):
         try:
             if entry.startswith(prefix):
+                if re.search(r"-idx\d+$", entry):
+                    _stop_readers("/" + entry)
                 posix_ipc.unlink_shared_memory("/" + entry)
                 removed.append(entry)
             elif entry.startswith("sem." + prefix):
@@ -87,6 +92,21 @@ def remove_leftovers(directory: str, old: dict | None) -> list[str]:
         except posix_ipc.ExistentialError:
             pass
     return removed
+
+
+def _stop_readers(name: str) -> None:
+    """Clients of a killed cluster may still read its shared index: send them to the ring
+    (where they learn that the cluster is gone) before the new cluster writes anything."""
+    try:
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            if shm.size >= HEADER_SIZE:
+                with mmap.mmap(shm.fd, shm.size) as buf:
+                    mark_not_serving(buf)
+        finally:
+            shm.close_fd()
+    except (posix_ipc.Error, OSError, ValueError):
+        pass
 
 
 class Supervisor:
@@ -144,6 +164,10 @@ class Supervisor:
         for name in self.names["rings"]:
             self._create_memory(name, worker_ring_slots(self.leases) * self.slot_size)
         self._create_memory(self.names["coord_ring"], self.leases * self.slot_size)
+        self.index_headers = []
+        for name in self.names["index"]:
+            self.index_headers.append(create_header(name))
+            self.objects.append(("shm", name, self.index_headers[-1]))
         for name in self.names["wake"] + self.names["done"] + [self.names["coord_wake"], self.names["coord_done"]]:
             self.objects.append(("sem", name, posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)))
         self.config = {
@@ -230,6 +254,11 @@ class Supervisor:
                     continue
                 self.children[index] = None
                 entry["pid"] = 0
+                if index > 0:
+                    # Clients stop reading the dead worker's index; its tables go (the next
+                    # worker publishes fresh ones).
+                    mark_not_serving(self.index_headers[index - 1])
+                    unlink_tables(self.names["prefix"], index - 1)
                 if self.stopping:
                     entry["state"] = PROC_DOWN
                     continue
@@ -296,6 +325,10 @@ class Supervisor:
                     child.kill()
                     child.wait()
         self.control = None
+        for shard, header in enumerate(getattr(self, "index_headers", [])):
+            mark_not_serving(header)  # a worker killed above could not say so itself
+            unlink_tables(self.names["prefix"], shard)
+        self.index_headers = []
         for kind, name, obj in self.objects:
             try:
                 if kind == "shm":

@@ -16,7 +16,7 @@ from shardkv.shards.engine import ShardEngine
 from shardkv.wal.format import DELETE, PUT, RECORD_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
 from shardkv.wal.segment import list_segments
-from shardkv.shards.worker import shard_directory
+from shardkv.coordinator.manifest import shard_directory
 
 BATCH = 1000
 

@@ -25,25 +25,27 @@ from shardkv.client import Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
+from shardkv.ipc.sharedindex import FALLBACK
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
 
 RETRY_TIMEOUT = 30.0
 
 
-def aopen(directory, shards: int | None = None, durability: str = "interval", *, pool: int = 4, start_timeout: float = 60.0) -> "_Opening":
+def aopen(directory, shards: int | None = None, durability: str = "interval", *, pool: int = 4, start_timeout: float = 60.0, direct_reads: bool = True) -> "_Opening":
     """Attach to (or start, like `shardkv.open`) the cluster serving `directory`.
 
     `db = await shardkv.aopen(dir)` or `async with shardkv.aopen(dir) as db:`. `pool` is the
     number of leases the client holds: how many requests per shard can be in flight at once.
+    `direct_reads` as in `shardkv.open`: a `get` answered from shared memory never waits.
     """
-    return _Opening(_aopen(directory, shards, durability, pool, start_timeout))
+    return _Opening(_aopen(directory, shards, durability, pool, start_timeout, direct_reads))
 
 
-async def _aopen(directory, shards, durability, pool, start_timeout) -> "AsyncClient":
+async def _aopen(directory, shards, durability, pool, start_timeout, direct_reads=True) -> "AsyncClient":
     if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 16:
         raise ValueError(f"pool must be an int between 1 and 16, not {pool!r}")
     loop = asyncio.get_running_loop()
-    first = await loop.run_in_executor(None, Client, directory, shards, durability, start_timeout)
+    first = await loop.run_in_executor(None, lambda: Client(directory, shards, durability, start_timeout, direct_reads=direct_reads))
     clients = [first]
     try:
         for _ in range(pool - 1):
@@ -214,6 +216,10 @@ class AsyncClient:
     async def get(self, key, default=None):
         """The value of `key`, or `default` if it is absent."""
         key = check_key(key)
+        if not self._closed:
+            value = self._clients[0]._get_direct(key)  # no waiting: answered from shared memory
+            if value is not FALLBACK:
+                return default if value is None else value
         status, body = await self._call(self._shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
         return default if status == m.NOT_FOUND else bytes(body)
 
@@ -269,7 +275,7 @@ class AsyncClient:
 
     async def put_many(self, items) -> None:
         """Set every (key, value) of a mapping or iterable of pairs, atomically."""
-        await self.write(put_many_ops(items))
+        await self.write(put_many_ops(items, self._clients[0].max_batch_ops))
 
     def batch(self) -> "AsyncBatch":
         """`async with db.batch() as b:` - applied atomically when the block exits normally."""

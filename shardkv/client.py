@@ -22,7 +22,7 @@ from typing import Iterator
 import posix_ipc
 from crc32c import crc32c
 
-from shardkv.coordinator.manifest import resolve_shards
+from shardkv.coordinator.manifest import resolve_shards, shard_directory
 from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
     EXIT_BAD_CONFIG,
@@ -53,7 +53,8 @@ from shardkv.ipc.layout import (
     worker_ring_slots,
     write_frame,
 )
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
+from shardkv.ipc.sharedindex import FALLBACK, SUPPORTED, IndexReader
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.wal.writer import check_durability
 
 SCAN_PAGE = 1000
@@ -82,6 +83,7 @@ def open(  # noqa: A001
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     max_batch_ops: int = MAX_BATCH_OPS,
     max_batch_bytes: int = MAX_BATCH_BYTES,
+    direct_reads: bool = True,
 ) -> "Client":
     """Attach to the cluster serving `directory`, starting one (embedded) if none is running.
 
@@ -92,14 +94,16 @@ def open(  # noqa: A001
     before it raises shardkv.Busy (an Unavailable).
     max_batch_ops, max_batch_bytes: the largest atomic batch this client sends (operations;
     bytes of keys and values); a larger one is a ValueError before anything is written.
+    direct_reads: answer `get` in this process from the shards' shared indexes and segment
+    files when possible (docs/IPC.md, "Shared index"); False sends every get to the worker.
     """
-    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes)
+    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes, direct_reads)
 
 
 class Client(MutableMapping):
     """A connection to one store; see `shardkv.open`."""
 
-    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES):
+    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES, direct_reads=True):
         for name, value in (("lock_timeout", lock_timeout), ("max_batch_ops", max_batch_ops), ("max_batch_bytes", max_batch_bytes)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, not {type(value).__name__}")
@@ -115,6 +119,10 @@ class Client(MutableMapping):
         if shards is not None and not 1 <= shards <= 1024:
             raise ValueError(f"shards must be between 1 and 1024, not {shards}")
         self.durability = check_durability(durability)
+        if not isinstance(direct_reads, bool):
+            raise TypeError(f"direct_reads must be True or False, not {type(direct_reads).__name__}")
+        self._direct_reads = direct_reads
+        self._index_readers = None
         self.directory = os.path.realpath(os.fspath(directory))
         self._requested_shards = shards
         self._flags = m.FLAG_FSYNC if durability == "fsync" else 0
@@ -160,6 +168,9 @@ class Client(MutableMapping):
         self._rings.append(Ring(self._ring_bufs[-1], info["leases"], info["slot_size"]))
         self._wake.append(posix_ipc.Semaphore(names["coord_wake"]))
         self._take_lease(info)
+        if self._direct_reads and SUPPORTED and "index" in names:
+            self._index_readers = [IndexReader(names["prefix"], s, shard_directory(self.directory, s)) for s in range(self.shards)]
+            self._direct_get = [reader.get for reader in self._index_readers]
 
     def _find_or_start(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -265,7 +276,8 @@ class Client(MutableMapping):
                     time.sleep(pause)
                     pause = min(pause * 2, 0.01)
                 except Unavailable:
-                    if not read or time.monotonic() > deadline:
+                    # Reads are retried while a worker restarts; not once the whole cluster is gone.
+                    if not read or time.monotonic() > deadline or not self._cluster_alive():
                         raise
                     time.sleep(0.01)
 
@@ -276,7 +288,14 @@ class Client(MutableMapping):
         return frames.send(slot, ring.capacity, self._wake[shard], request_id, message, lambda: self._wait(shard, slot, request_id))
 
     def _wait(self, shard: int, slot, request_id: int) -> None:
-        """Block until `slot` holds the response to `request_id`."""
+        """Block until `slot` holds the response to `request_id`: poll it for a few tens of
+        microseconds (frames.REQUESTER_SPIN), then sleep on the lease's `done` semaphore."""
+        # Posts of answers found by polling were never waited for: take them now (before the
+        # slot is looked at again, see frames.drain) so that they neither pile up nor wake the
+        # blocking wait below for nothing.
+        frames.drain(self._done)
+        if frames.spin_for_response(slot, request_id):
+            return
         started = time.monotonic()
         next_check = started + 0.2
         while True:
@@ -292,12 +311,16 @@ class Client(MutableMapping):
                 next_check = now + 1.0
                 self._check_cluster(shard, now - started)
 
+    def _cluster_alive(self) -> bool:
+        """Whether the supervisor this client attached to still runs (pid and start time)."""
+        return process_start_time(self._info["pid"]) == self._info["start_time"]
+
     def _check_cluster(self, shard: int, waited: float) -> None:
         if shard < self.shards and self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
             raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
         if shard == self.shards and self._control.procs[0]["state"] == PROC_QUARANTINED:
             raise CorruptionError("the coordinator is quarantined: its decision log is corrupt (see shardkv verify)")
-        if process_start_time(self._info["pid"]) != self._info["start_time"]:
+        if not self._cluster_alive():
             raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
         if waited > REQUEST_TIMEOUT:
             raise Unavailable(f"shard {shard} did not answer within {REQUEST_TIMEOUT} s")
@@ -345,9 +368,23 @@ class Client(MutableMapping):
     # -- the API ---------------------------------------------------------------------------
     def get(self, key, default=None):
         """The value of `key`, or `default` if it is absent."""
-        key = check_key(key)
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN:
+            key = check_key(key)
+        if self._index_readers is not None and not self._closed:
+            # Answered here from the shard's shared index when it can be (docs/IPC.md).
+            h = crc32c(key)
+            value = self._direct_get[self._map[h >> 20]](key, h)
+            if value is not FALLBACK:
+                return default if value is None else value
         status, body = self._call(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
         return default if status == m.NOT_FOUND else bytes(body)
+
+    def _get_direct(self, key: bytes):
+        """`key`'s value (None: absent) from the shard's shared index, or FALLBACK: ask the worker."""
+        if self._index_readers is None or self._closed:
+            return FALLBACK
+        h = crc32c(key)
+        return self._direct_get[self._map[h >> 20]](key, h)
 
     def put(self, key, value, ttl=None) -> None:
         """Set `key` to `value`; with `ttl` (seconds), the key expires that long from now."""
@@ -389,23 +426,37 @@ class Client(MutableMapping):
     def get_many(self, keys) -> list:
         """The values of `keys` (None for a missing one), in order, read at one snapshot: every
         cross-shard batch is seen entirely or not at all."""
-        keys = [check_key(k) for k in keys]
-        by_shard: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            by_shard.setdefault(self.shard_of(key), []).append(i)
+        keys = [k if type(k) is bytes and 0 < len(k) <= MAX_KEY_LEN else check_key(k) for k in keys]
+        self._check()
         if not keys:
-            self._check()
             return []
-        messages = {s: m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in idx])) for s, idx in by_shard.items()}
+        hashes = [crc32c(key) for key in keys]
+        shard_map = self._map
+        by_shard: dict[int, list[int]] = {}
+        for i, h in enumerate(hashes):
+            by_shard.setdefault(shard_map[h >> 20], []).append(i)
+        readers = self._index_readers
         with self._snapshot() as snapshot:
             while True:
-                answers = self._call_many(messages)
+                found, messages = {}, {}
+                for shard, idx in by_shard.items():
+                    shard_keys = [keys[i] for i in idx]
+                    if readers is not None:
+                        # Each shard read at one instant here; the snapshot covers the rest.
+                        values = readers[shard].get_many(shard_keys, [hashes[i] for i in idx])
+                        if values is not FALLBACK:
+                            found[shard] = values
+                            continue
+                    messages[shard] = m.request(m.GET_MANY, 0, m.blob_list(shard_keys))
+                if messages:
+                    for shard, (_, body) in self._call_many(messages).items():
+                        found[shard] = m.decode_optionals(body)
                 if snapshot.still_valid():
                     break
                 snapshot.restart()
         values = [None] * len(keys)
         for shard, idx in by_shard.items():
-            for i, value in zip(idx, m.decode_optionals(answers[shard][1])):
+            for i, value in zip(idx, found[shard]):
                 values[i] = value
         return values
 
@@ -461,7 +512,7 @@ class Client(MutableMapping):
 
     def put_many(self, items) -> None:
         """Set every (key, value) of a mapping or iterable of pairs, atomically."""
-        self.write(put_many_ops(items))
+        self.write(put_many_ops(items, self.max_batch_ops))
 
     def batch(self) -> Batch:
         """A batch to fill in a `with` block: applied atomically when the block exits normally,
@@ -577,6 +628,9 @@ class Client(MutableMapping):
         if self._closed:
             return
         self._closed = True
+        readers, self._index_readers = self._index_readers, None
+        for reader in readers or ():
+            reader.close()
         if not self._forked:
             entry = self._control.leases[self._lease]
             entry["pid"], entry["start_time"], entry["reading"] = 0, 0, 0

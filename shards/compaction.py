@@ -219,6 +219,8 @@ def compact(engine) -> dict:
                 engine._paths[output.number] = os.path.join(directory, segment_name(output.number))
                 engine._ends[output.number] = output.end
             moved = index.relocate(ids, locations, new_locations)
+            if engine._shared is not None:
+                engine._shared.bump_epoch()  # the inputs are deleted next: clients drop their mappings
             for number in inputs:
                 del engine._maps[number], engine._paths[number], engine._ends[number]
         finally:

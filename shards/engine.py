@@ -32,7 +32,7 @@ from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
-from shardkv.wal.records import encode_batch, encode_record
+from shardkv.wal.records import encode_batch, encode_columns, encode_record
 from shardkv.wal.watermark import Watermark
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
 
@@ -61,6 +61,7 @@ class ShardEngine:
         sync_interval: float = 1.0,
         verify_checksums: bool = True,
         clock: Callable[[], float] = time.time,
+        shared_index=None,
     ) -> "ShardEngine":
         """Open (creating if needed) the shard stored in `directory` and recover its state.
 
@@ -69,11 +70,13 @@ class ShardEngine:
         max_value_size: largest value accepted (default 64 MiB).
         verify_checksums: check each record's CRC-32C when it is read (default True).
         clock: wall-clock time in seconds, for expiry (tests pass a controllable one).
+        shared_index: an IndexPublisher (shardkv/ipc/sharedindex.py) when a worker serves the
+        engine: the index then lives in shared memory, where clients read it.
         Raises CorruptionError if the log is damaged anywhere but a torn tail.
         """
-        return cls(directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock)
+        return cls(directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock, shared_index)
 
-    def __init__(self, directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock=time.time):
+    def __init__(self, directory, shard_id, durability, segment_size, max_value_size, sync_interval, verify_checksums, clock=time.time, shared_index=None):
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, not {type(directory).__name__}")
         check_durability(durability)
@@ -110,14 +113,17 @@ class ShardEngine:
         self._orphan_segments: list[int] = []  # on disk, never mapped: deleted by the next compaction
         self._compaction_progress = (0, 0)  # (records copied, records to copy) of the running one
         self._last_compaction: dict | None = None
-        self._version = 0  # odd while the index is being changed; readers retry on a change
+        self._shared = shared_index
+        # The seqlock of lock-free readers: odd while the index is being changed, bumped again
+        # after; mirrored into shared memory for clients when there is a shared index.
+        self._version_value = shared_index.start_version if shared_index is not None else 0
         self._maps = state.maps
         self._paths = state.paths
         self._ends = state.ends  # sealed segment -> data length
         self._active = state.active
         self._active_records = state.active_records
         self._seq = state.max_seq
-        self._index = KeyIndex(self._key_at)
+        self._index = KeyIndex(self._key_at, tables=shared_index)
         self._index.load(*state.live)
         self._sorted = SortedKeys()
         # Keys that expire: key -> expires_at (ms), and a heap of (expires_at, key) that tells
@@ -146,6 +152,8 @@ class ShardEngine:
             os.close(self._lock_fd)  # an engine that failed to open holds nothing
             raise
         self._writer.ensure_next_number(state.max_segment)
+        if shared_index is not None:
+            shared_index.set_active(state.active, state.active_end)
         try:
             self._writer.sync_and_publish()
         except BaseException:
@@ -154,6 +162,16 @@ class ShardEngine:
             os.close(self._lock_fd)
             raise
         self._closed = False
+
+    @property
+    def _version(self) -> int:
+        return self._version_value
+
+    @_version.setter
+    def _version(self, value: int) -> None:
+        self._version_value = value
+        if self._shared is not None:
+            self._shared.set_version(value)
 
     # -- reading ---------------------------------------------------------------------------
     def _key_at(self, location: int, key_len: int) -> bytes:
@@ -517,6 +535,42 @@ class ShardEngine:
     def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
         """Append `batch` as one unit and apply it to the index; the caller holds the lock.
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
+        if len(batch) >= 16:
+            # A big batch is handled column by column: encoded in one pass (records.encode_columns)
+            # and indexed in one tight loop when it holds only puts without expiry.
+            n = len(batch)
+            seq = self._seq + 1
+            types, keys, values, expires = zip(*batch)
+            key_lens, value_lens = list(map(len, keys)), list(map(len, values))
+            data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
+            segment, offset = self._append(data)
+            self._seq = seq
+            if committing:
+                faults.point("shard.commit_logged")
+            base = segment << 32
+            offsets = list(map(offset.__add__, relative))
+            first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
+            self._version += 1
+            try:
+                self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
+                if types.count(PUT) == n - first and expires.count(0) == n:
+                    keys = keys[first:]
+                    locations = list(map(base.__or__, offsets[first:]))
+                    added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
+                    note_added = self._sorted.note_added
+                    for key, entry in added:
+                        note_added(key, entry)
+                    if self._expires:  # these keys now never expire
+                        pop = self._expires.pop
+                        for key in keys:
+                            pop(key, None)
+                else:
+                    index_record = self._index_record
+                    for rtype, key, value_len, expires_at, record_offset in zip(types, keys, value_lens, expires, offsets):
+                        index_record(rtype, key, base | record_offset, value_len, seq, expires_at)
+            finally:
+                self._version += 1
+            return segment, offset + len(data)
         seq = self._seq + 1
         data, relative = encode_batch(batch, seq)
         segment, offset = self._append(data)
@@ -557,6 +611,8 @@ class ShardEngine:
         segment, offset = self._writer.append(data)
         if segment != self._active:
             self._start_active(segment)
+        if self._shared is not None:
+            self._shared.set_active_end(offset + len(data))  # before the index points at it
         return segment, offset
 
     def _start_active(self, segment: int) -> None:
@@ -564,6 +620,12 @@ class ShardEngine:
         self._paths[segment] = os.path.join(self.directory, segment_name(segment))
         self._maps[segment] = map_file(self._paths[segment])
         self._active_records = ActiveRecords()
+        if self._shared is not None:
+            # Before any index entry points into it: clients read the active segment only below
+            # the published end (it shrinks to its end when it is sealed).
+            self._version += 1
+            self._shared.set_active(segment, SEGMENT_HEADER_SIZE)
+            self._version += 1
 
     def _on_seal(self, segment: int, end: int) -> None:
         """Writer callback: `segment` is sealed at `end` bytes; remap it and write its hint."""

@@ -15,12 +15,15 @@ from typing import Callable
 
 import numpy as np
 
+from shardkv.ipc.sharedindex import PrivateTables
+
 GOLDEN32 = 0x9E3779B1  # Fibonacci hashing spreads CRC-32C values over the table's top bits
 MAX_LOAD = 0.7
 MIN_BITS = 10
 OVERFLOW = 64
 
 KeyAt = Callable[[int, int], bytes]
+ENTRY_ARRAYS = ("locations", "hashes", "key_lens", "value_lens", "seqs")
 
 
 def make_location(segment: int, offset: int) -> int:
@@ -31,46 +34,49 @@ def make_location(segment: int, offset: int) -> int:
 class KeyIndex:
     """Open-addressing hash index with fixed-size entries (see module docstring)."""
 
-    def __init__(self, key_at: KeyAt, expected: int = 0):
+    def __init__(self, key_at: KeyAt, expected: int = 0, tables=None):
         self._key_at = key_at
+        # Where the arrays live: private memory, or shared memory that clients read
+        # (shardkv/ipc/sharedindex.py). Every resize allocates a whole new table and installs it.
+        self._tables = tables if tables is not None else PrivateTables()
         self.count = 0
         self.last_entry = -1  # the entry id given to the most recent new key
         self._free: list[int] = []
-        self._allocate_entries(max(1024, expected))
         self._high = 0  # entry ids below this have been handed out at some time
         bits = MIN_BITS
         while (1 << bits) * MAX_LOAD < expected:
             bits += 1
-        self._set_slots(bits, np.zeros((1 << bits) + OVERFLOW, dtype=np.uint32))
+        self._install(bits, self._tables.allocate(bits, (1 << bits) + OVERFLOW, max(1024, expected)))
 
     # -- storage ---------------------------------------------------------------------------
-    def _allocate_entries(self, n: int) -> None:
-        self.locations = np.zeros(n, dtype=np.uint64)  # 0 = free entry
-        self.hashes = np.zeros(n, dtype=np.uint32)
-        self.key_lens = np.zeros(n, dtype=np.uint32)
-        self.value_lens = np.zeros(n, dtype=np.uint32)
-        self.seqs = np.zeros(n, dtype=np.uint64)
-        self._views()
-
-    def _views(self) -> None:
+    def _install(self, bits: int, arrays: dict) -> None:
+        """Use `arrays` (filled) from now on."""
+        self._bits = bits
+        self._shift = 32 - bits
+        self.slots = arrays["slots"]
+        self.locations = arrays["locations"]  # 0 = free entry
+        self.hashes = arrays["hashes"]
+        self.key_lens = arrays["key_lens"]
+        self.value_lens = arrays["value_lens"]
+        self.seqs = arrays["seqs"]
         # memoryview item access is ~3x faster than numpy scalar indexing on the hot path.
+        self._slot_v = memoryview(self.slots)
         self._loc_v = memoryview(self.locations)
         self._hash_v = memoryview(self.hashes)
         self._klen_v = memoryview(self.key_lens)
         self._vlen_v = memoryview(self.value_lens)
         self._seq_v = memoryview(self.seqs)
+        self._tables.install(arrays)
+
+    def _entry_arrays(self) -> tuple:
+        return (self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs)
 
     def _grow_entries(self) -> None:
-        old = (self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs)
-        self._allocate_entries(len(old[0]) * 3 // 2 + 1024)
-        for new, previous in zip((self.locations, self.hashes, self.key_lens, self.value_lens, self.seqs), old):
-            new[: len(previous)] = previous
-
-    def _set_slots(self, bits: int, slots: np.ndarray) -> None:
-        self._bits = bits
-        self._shift = 32 - bits
-        self.slots = slots
-        self._slot_v = memoryview(slots)
+        arrays = self._tables.allocate(self._bits, len(self.slots), len(self.locations) * 3 // 2 + 1024)
+        arrays["slots"][:] = self.slots
+        for name, previous in zip(ENTRY_ARRAYS, self._entry_arrays()):
+            arrays[name][: len(previous)] = previous
+        self._install(self._bits, arrays)
 
     @property
     def nbytes(self) -> int:
@@ -121,6 +127,64 @@ class KeyIndex:
         e = self._new_entry(h, location, key_len, value_len, seq)
         self._slot_v[i] = e + 1
         return True
+
+    def upsert_many(self, keys, hashes, locations, key_lens, value_lens, seq: int) -> list:
+        """`upsert` of many keys of one batch (later ones win); returns (key, entry id) of
+        each key that was not in the index before. Room for every key is made once, up front,
+        and the probe and entry writes are inlined: this is the indexing of a batch append."""
+        n = len(keys)
+        bits = self._bits
+        while (self.count + n) > MAX_LOAD * (1 << bits):
+            bits += 1
+        if bits != self._bits:
+            self._rebuild(bits)
+        if self._high + n - len(self._free) > len(self.locations):
+            self._grow_entries_to(self._high + n)
+        added = []
+        slots, hash_v, loc_v, klen_v, vlen_v, seq_v = self._slot_v, self._hash_v, self._loc_v, self._klen_v, self._vlen_v, self._seq_v
+        key_at, free, last = self._key_at, self._free, len(slots) - 1
+        shift = self._shift
+        for key, h, location, key_len, value_len in zip(keys, hashes, locations, key_lens, value_lens):
+            i = ((h * GOLDEN32) & 0xFFFFFFFF) >> shift
+            while True:
+                s = slots[i]
+                if not s:
+                    break
+                e = s - 1
+                if hash_v[e] == h and klen_v[e] == key_len and key_at(loc_v[e], key_len) == key:
+                    loc_v[e] = location
+                    vlen_v[e] = value_len
+                    seq_v[e] = seq
+                    break
+                i += 1
+            if s:
+                continue  # an existing key, updated
+            if i >= last:  # ran into the end of the overflow tail: the general path rebuilds
+                if self.upsert(key, h, location, key_len, value_len, seq):
+                    added.append((key, self.last_entry))
+                slots, hash_v, loc_v, klen_v, vlen_v, seq_v = self._slot_v, self._hash_v, self._loc_v, self._klen_v, self._vlen_v, self._seq_v
+                last, shift = len(slots) - 1, self._shift
+                continue
+            if free:
+                e = free.pop()
+            else:
+                e = self._high
+                self._high = e + 1
+            hash_v[e] = h
+            klen_v[e] = key_len
+            vlen_v[e] = value_len
+            seq_v[e] = seq
+            loc_v[e] = location
+            slots[i] = e + 1
+            self.count += 1
+            added.append((key, e))
+        if added:
+            self.last_entry = added[-1][1]
+        return added
+
+    def _grow_entries_to(self, n: int) -> None:
+        while len(self.locations) < n:
+            self._grow_entries()
 
     def _insert_new(self, h: int, location: int, key_len: int, value_len: int, seq: int) -> bool:
         slots = self._slot_v
@@ -193,35 +257,45 @@ class KeyIndex:
     def load(self, hashes, locations, key_lens, value_lens, seqs) -> None:
         """Replace the contents with these entries (one per distinct key), placed vectorised."""
         n = len(hashes)
-        self._allocate_entries(max(1024, n + n // 8))
-        self.hashes[:n] = hashes
-        self.locations[:n] = locations
-        self.key_lens[:n] = key_lens
-        self.value_lens[:n] = value_lens
-        self.seqs[:n] = seqs
-        self._high = n
-        self._free = []
-        self.count = n
         bits = MIN_BITS
         while (1 << bits) * MAX_LOAD < n:
             bits += 1
-        self._rebuild(bits)
+        entries = (hashes, locations, key_lens, value_lens, seqs)
+        live = np.arange(n, dtype=np.int64)
+        length, positions, order = _placement(np.asarray(hashes, dtype=np.uint32), live, bits)
+        arrays = self._tables.allocate(bits, length, max(1024, n + n // 8))
+        for name, values in zip(("hashes", "locations", "key_lens", "value_lens", "seqs"), entries):
+            arrays[name][:n] = values
+        arrays["slots"][positions] = (live[order] + 1).astype(np.uint32)
+        self._high = n
+        self._free = []
+        self.count = n
+        self._install(bits, arrays)
 
     def _rebuild(self, bits: int) -> None:
         """Place every live entry into a fresh slot table of 2**bits home slots."""
         live = np.flatnonzero(self.locations[: self._high])
-        shift = 32 - bits
-        home = (((self.hashes[live].astype(np.uint64) * GOLDEN32) & 0xFFFFFFFF) >> shift).astype(np.int64)
-        order = np.argsort(home, kind="stable")
-        ranks = np.arange(len(live), dtype=np.int64)
-        # Linear probing without wrap-around, in closed form: in home order, each entry lands at
-        # max(its home, previous position + 1).
-        positions = np.maximum.accumulate(home[order] - ranks) + ranks if len(live) else ranks
-        length = max((1 << bits) + OVERFLOW, (int(positions[-1]) if len(live) else 0) + OVERFLOW)
-        slots = np.zeros(length, dtype=np.uint32)
-        slots[positions] = (live[order] + 1).astype(np.uint32)
-        self._set_slots(bits, slots)
+        length, positions, order = _placement(self.hashes[live], live, bits)
+        arrays = self._tables.allocate(bits, length, len(self.locations))
+        for name, previous in zip(ENTRY_ARRAYS, self._entry_arrays()):
+            arrays[name][:] = previous
+        arrays["slots"][positions] = (live[order] + 1).astype(np.uint32)
+        self._install(bits, arrays)
 
     def live_ids(self) -> np.ndarray:
         """Entry ids in use."""
         return np.flatnonzero(self.locations[: self._high])
+
+
+def _placement(hashes: np.ndarray, live: np.ndarray, bits: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Where linear probing puts entries `live` (with these hashes) in a table of 2**bits home
+    slots: (slot array length, positions, order) - entry live[order[k]] goes to positions[k]."""
+    shift = 32 - bits
+    home = (((hashes.astype(np.uint64) * GOLDEN32) & 0xFFFFFFFF) >> shift).astype(np.int64)
+    order = np.argsort(home, kind="stable")
+    ranks = np.arange(len(live), dtype=np.int64)
+    # Linear probing without wrap-around, in closed form: in home order, each entry lands at
+    # max(its home, previous position + 1).
+    positions = np.maximum.accumulate(home[order] - ranks) + ranks if len(live) else ranks
+    length = max((1 << bits) + OVERFLOW, (int(positions[-1]) if len(live) else 0) + OVERFLOW)
+    return length, positions, order

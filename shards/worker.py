@@ -19,9 +19,11 @@ import numpy as np
 import posix_ipc
 
 from shardkv import faults
+from shardkv.coordinator.manifest import shard_directory
 from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.frames import FrameServer
+from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
     PROC_DTYPE,
     PROC_UP,
@@ -46,11 +48,6 @@ COORDINATOR_OPS = frozenset((m.PREPARE, m.COMMIT, m.ABORT, m.PENDING))
 WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE, m.PREPARE, m.COMMIT, m.ABORT))
 
 
-def shard_directory(directory: str, shard: int) -> str:
-    """Where shard `shard` of the store in `directory` keeps its files."""
-    return os.path.join(directory, f"shard-{shard:03d}")
-
-
 class Worker:
     """Serves one shard; see the module docstring."""
 
@@ -73,6 +70,8 @@ class Worker:
         self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
         self.exit_code = 0
         self.engine = None
+        # The index lives in shared memory, where clients answer gets themselves (docs/IPC.md).
+        self.shared_index = IndexPublisher(names["prefix"], self.shard, self.log)
         self.compact_threshold = config.get("compact_threshold", 0.5)
         self.compact_min_bytes = config.get("compact_min_bytes", 64 << 20)
         self.compact_check_interval = config.get("compact_check_interval", 10.0)
@@ -85,13 +84,22 @@ class Worker:
         started = time.monotonic()
         try:
             self.engine = ShardEngine.open(
-                shard_directory(self.config["directory"], self.shard), shard_id=self.shard, durability=self.config["durability"]
+                shard_directory(self.config["directory"], self.shard),
+                shard_id=self.shard,
+                durability=self.config["durability"],
+                shared_index=self.shared_index,
             )
         except CorruptionError as exc:
+            self.shared_index.close()
             self.log.error("shard quarantined: log is corrupt", error=str(exc))
             return EXIT_CORRUPT
+        except BaseException:
+            self.shared_index.close()
+            raise
         self.log.info("started", pid=os.getpid(), recovery=self.engine.recovery, seconds=round(time.monotonic() - started, 3))
         self._abandon_stale_requests()
+        self._publish_locks()
+        self.shared_index.set_state(SERVING)
         entry = self.control.procs[1 + self.shard]
         entry["state"] = PROC_UP
         try:
@@ -99,6 +107,7 @@ class Worker:
         finally:
             if self.compactor is not None:
                 self.compactor.join()
+            self.shared_index.close()  # clients go back to the ring before the files close
             try:
                 self.engine.close()
             except Exception as exc:  # a failed log cannot always be closed cleanly; recovery copes
@@ -122,11 +131,21 @@ class Worker:
         unpack_state = SLOT_STATE.unpack_from
         active: list[int] = []  # leases held by a client, refreshed when a wake-up finds nothing there
         served = 0
+        from shardkv.ipc.frames import spin_for_post  # (spin-then-sleep, see there)
+
+        wake, busy = self.wake, False  # busy: the last wake-up came from a post, not the timeout
         while True:
+            # One post taken per pass, as ever (a pass that finds nothing among `active` scans
+            # every slot, so a post is never left unserved). Right after a pass, poll for the
+            # next post a little (frames.SERVER_SPIN) and take it without sleeping.
             try:
-                self.wake.acquire(1.0)
+                if busy and spin_for_post(wake):
+                    wake.acquire(0)  # (only this process takes posts of `wake`: there is one)
+                else:
+                    wake.acquire(1.0)
+                    busy = True
             except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
+                busy = False
             if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
                 return
             self._maybe_compact()
@@ -163,6 +182,10 @@ class Worker:
             if self.voted:
                 self.voted = False
                 faults.point("worker.voted")
+
+    def _publish_locks(self) -> None:
+        """Tell clients whether any key here is locked by an undecided cross-shard batch."""
+        self.shared_index.set_locked(len(self.engine._prepared.locks))
 
     def _maybe_compact(self) -> None:
         """Start a background compaction when garbage passes the threshold (checked now and then)."""
@@ -282,6 +305,7 @@ class Worker:
             writes, expects = m.decode_ops(reader)
             reader.end()
             engine.prepare(txid, writes, expects)
+            self._publish_locks()  # before the vote: from now on clients ask us about this shard
             faults.point("worker.prepare_logged")
             self.voted = True
             return m.ok()
@@ -289,6 +313,7 @@ class Worker:
             txid = reader.u64()
             reader.end()
             settled = engine.commit(txid) if op == m.COMMIT else engine.abort(txid)
+            self._publish_locks()
             return m.ok(b"\x01" if settled else b"\x00")
         if op == m.PENDING:
             reader.end()

@@ -12,7 +12,9 @@ import posix_ipc
 import numpy as np
 from crc32c import crc32c
 
-VERSION = 2
+from shardkv.ipc.sharedindex import header_name
+
+VERSION = 3
 HASH_SLOTS = 4096
 DEFAULT_LEASES = 128
 DEFAULT_SLOT_SIZE = 128 * 1024
@@ -75,6 +77,7 @@ def names(directory: str, cluster: str, shards: int, leases: int) -> dict:
         "coord_ring": f"{prefix}-ringc",
         "coord_wake": f"{prefix}-wakec",
         "coord_done": f"{prefix}-donec",
+        "index": [header_name(prefix, s) for s in range(shards)],
     }
 
 

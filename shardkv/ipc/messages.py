@@ -8,6 +8,10 @@ MessageError (a ValueError) instead of reading out of bounds.
 from __future__ import annotations
 
 import struct
+from itertools import repeat
+from operator import add
+
+import numpy as np
 
 from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
 
@@ -114,6 +118,14 @@ def u64(value: int) -> bytes:
 def encode_ops(ops) -> bytes:
     """The operation list of APPLY, PREPARE and a TXN part: u32 count, then (u8 kind, key,
     value) for each (kind, key, value) tuple; see the OP_* kinds."""
+    columns = op_columns(ops)
+    if columns is None:
+        return _encode_ops_each(ops)
+    return b"".join(ops_parts(columns)[0])
+
+
+def _encode_ops_each(ops) -> bytes:
+    """encode_ops one operation at a time (the reference `ops_parts` must match)."""
     pack = _U32.pack
     parts = [pack(len(ops))]
     append = parts.append
@@ -127,7 +139,88 @@ def encode_ops(ops) -> bytes:
 
 def encode_apply(ops, flags: int) -> bytes:
     """An APPLY request from (kind, key, value) tuples."""
-    return bytes((APPLY, flags)) + encode_ops(ops)
+    columns = op_columns(ops)
+    if columns is None:
+        return bytes((APPLY, flags)) + _encode_ops_each(ops)
+    parts = ops_parts(columns)[0]
+    parts[0] = bytes((APPLY, flags)) + parts[0]
+    return b"".join(parts)
+
+
+class CheckedOps(list):
+    """Checked (kind, key, value) operations (shardkv/batches.py builds them): a list, which
+    also keeps its keys, values and their lengths as columns (tuples of equal length), so that
+    routing and encoding need no loop over the tuples. Treat it as read-only."""
+
+    __slots__ = ("kinds", "keys", "values", "key_lens", "value_lens", "nbytes")
+
+    @classmethod
+    def of(cls, kinds, keys, values, key_lens, value_lens, nbytes: int) -> "CheckedOps":
+        """Operations from columns; kinds None: every operation is a plain put (OP_PUT).
+        nbytes: the user's bytes of keys and values (a ttl field does not count)."""
+        self = cls(zip(repeat(OP_PUT) if kinds is None else kinds, keys, values))
+        self.kinds, self.keys, self.values = kinds, keys, values
+        self.key_lens, self.value_lens, self.nbytes = key_lens, value_lens, nbytes
+        return self
+
+
+def op_columns(ops) -> tuple | None:
+    """(kinds, or None when every one is OP_PUT; keys; values; key_lens; value_lens) of
+    (kind, key, value) operations, or None if they are not all such triples of an int kind
+    and bytes-like key and value."""
+    if type(ops) is CheckedOps:
+        return ops.kinds, ops.keys, ops.values, ops.key_lens, ops.value_lens
+    if not ops:
+        return None, (), (), (), ()
+    if set(map(len, ops)) != {3}:
+        return None
+    kinds, keys, values = zip(*ops)
+    if set(map(type, kinds)) != {int} or min(kinds) < 0 or max(kinds) > 255:
+        return None
+    if not set(map(type, keys)) <= _BYTES_LIKE or not set(map(type, values)) <= _BYTES_LIKE:
+        return None
+    return (None if kinds.count(OP_PUT) == len(kinds) else kinds), keys, values, tuple(map(len, keys)), tuple(map(len, values))
+
+
+_BYTES_LIKE = frozenset((bytes, bytearray))
+
+
+class _PackCache(dict):
+    """u32 little-endian encodings of lengths (with a prefix), kept for the lengths seen most."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes):
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, n: int) -> bytes:
+        encoded = self.prefix + _U32.pack(n)
+        if len(self) < 4096:
+            self[n] = encoded
+        return encoded
+
+
+_LENGTHS = _PackCache(b"")
+_PUT_HEADS = _PackCache(bytes((OP_PUT,)))  # kind byte of a plain put, then the key length
+_KIND_BYTES = [bytes((kind,)) for kind in range(256)]
+
+
+def ops_parts(columns: tuple) -> tuple[list, int]:
+    """The pieces of an operation list (b"".join makes it) and its length in bytes, from
+    `op_columns`: one join over the whole batch, no loop per operation."""
+    kinds, keys, values, key_lens, value_lens = columns
+    n = len(keys)
+    parts = [None] * (4 * n + 1)
+    parts[0] = _U32.pack(n)
+    if kinds is None:
+        parts[1::4] = list(map(_PUT_HEADS.__getitem__, key_lens))
+    else:
+        parts[1::4] = list(map(add, map(_KIND_BYTES.__getitem__, kinds), map(_LENGTHS.__getitem__, key_lens)))
+    parts[2::4] = keys
+    parts[3::4] = list(map(_LENGTHS.__getitem__, value_lens))
+    parts[4::4] = values
+    return parts, 4 + 9 * n + sum(key_lens) + sum(value_lens)
 
 
 def decode_ops(reader: "Reader") -> tuple[list, list]:
@@ -143,6 +236,11 @@ def decode_ops(reader: "Reader") -> tuple[list, list]:
     pos += 4
     if 9 * count > size - pos:
         raise MessageError(f"list of {count} operations cannot fit in the {size - pos} bytes left")
+    if count >= 16:
+        writes = _decode_same_size_puts(data, pos, count)
+        if writes is not None:
+            reader.pos = size
+            return writes, []
     writes: list = []
     expects: list = []
     put = writes.append
@@ -176,6 +274,29 @@ def decode_ops(reader: "Reader") -> tuple[list, list]:
         pos = value_end
     reader.pos = pos
     return writes, expects
+
+
+def _decode_same_size_puts(data: bytes, pos: int, count: int) -> list | None:
+    """decode_ops' writes, decoded with numpy, when the list holds only plain puts whose keys
+    are all one length and whose values are all one length and ends the message (a batch of
+    fixed-size records); None otherwise (decode_ops then walks the list)."""
+    size = len(data)
+    if data[pos] != OP_PUT or pos + 9 > size:
+        return None
+    key_len = _U32.unpack_from(data, pos + 1)[0]
+    if not key_len or pos + 9 + key_len > size:
+        return None
+    value_len = _U32.unpack_from(data, pos + 5 + key_len)[0]
+    stride = 9 + key_len + value_len
+    if stride * count != size - pos:
+        return None
+    rows = np.frombuffer(data, dtype=np.uint8, count=stride * count, offset=pos).reshape(count, stride)
+    head, value_head = slice(0, 5), slice(5 + key_len, 9 + key_len)
+    if not ((rows[:, head] == rows[0, head]).all() and (rows[:, value_head] == rows[0, value_head]).all()):
+        return None
+    keys = rows[:, 5 : 5 + key_len].copy().view(f"V{key_len}").ravel().tolist()
+    values = rows[:, 9 + key_len :].copy().view(f"V{value_len}").ravel().tolist() if value_len else [b""] * count
+    return list(zip(repeat("put"), keys, values))
 
 
 def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
