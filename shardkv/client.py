@@ -123,6 +123,7 @@ class Client(MutableMapping):
             raise TypeError(f"direct_reads must be True or False, not {type(direct_reads).__name__}")
         self._direct_reads = direct_reads
         self._index_readers = None
+        self._direct_get = None  # each shard's IndexReader.get while direct reads are on and the client open
         self.directory = os.path.realpath(os.fspath(directory))
         self._requested_shards = shards
         self._flags = m.FLAG_FSYNC if durability == "fsync" else 0
@@ -370,10 +371,11 @@ class Client(MutableMapping):
         """The value of `key`, or `default` if it is absent."""
         if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN:
             key = check_key(key)
-        if self._index_readers is not None and not self._closed:
+        direct_get = self._direct_get
+        if direct_get is not None:
             # Answered here from the shard's shared index when it can be (docs/IPC.md).
             h = crc32c(key)
-            value = self._direct_get[self._map[h >> 20]](key, h)
+            value = direct_get[self._map[h >> 20]](key, h)
             if value is not FALLBACK:
                 return default if value is None else value
         status, body = self._call(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
@@ -381,10 +383,11 @@ class Client(MutableMapping):
 
     def _get_direct(self, key: bytes):
         """`key`'s value (None: absent) from the shard's shared index, or FALLBACK: ask the worker."""
-        if self._index_readers is None or self._closed:
+        direct_get = self._direct_get
+        if direct_get is None:
             return FALLBACK
         h = crc32c(key)
-        return self._direct_get[self._map[h >> 20]](key, h)
+        return direct_get[self._map[h >> 20]](key, h)
 
     def put(self, key, value, ttl=None) -> None:
         """Set `key` to `value`; with `ttl` (seconds), the key expires that long from now."""
@@ -628,6 +631,7 @@ class Client(MutableMapping):
         if self._closed:
             return
         self._closed = True
+        self._direct_get = None
         readers, self._index_readers = self._index_readers, None
         for reader in readers or ():
             reader.close()

@@ -255,18 +255,9 @@ class IndexReader:
         self._segments: tuple[int, dict] = (-1, {})  # (epoch, segment -> (segment, mapping, size))
         self._active: tuple = (-1, b"", 0)  # (segment, mapping, size) of the active segment
 
-    def get(self, key: bytes, h: int):
-        """The value of `key` (whose CRC-32C is `h`), None if absent, or FALLBACK."""
-        return self._read(key, h, False)
-
-    def get_many(self, keys: list, hashes: list):
-        """The values of `keys` (None: absent) read at one instant of this shard, or FALLBACK.
-        Keys locked by a prepared batch are read too: a multi-key read runs inside a snapshot
-        of cross-shard commits (client.py `_Snapshot`), in which a prepared batch is not applied."""
-        return self._read(keys, hashes, True)
-
-    def _read(self, key, h, many: bool):
-        """One key (`many` False) or a list of keys read within one unchanged version."""
+    def get(self, key, h, many: bool = False):
+        """The value of `key` (whose CRC-32C is `h`), None if absent, or FALLBACK. With `many`,
+        `key` and `h` are lists: the values of all, read within one unchanged version."""
         header, fields, version_of = self._header, HEADER_FIELDS.unpack_from, VERSION.unpack_from
         for _ in range(RETRIES):
             version, state, locked, table_number, active, epoch, active_end = fields(header, VERSION_OFFSET)
@@ -294,6 +285,12 @@ class IndexReader:
             if version_of(header, VERSION_OFFSET)[0] == version:
                 return result
         return FALLBACK
+
+    def get_many(self, keys: list, hashes: list):
+        """The values of `keys` (None: absent) read at one instant of this shard, or FALLBACK.
+        Keys locked by a prepared batch are read too: a multi-key read runs inside a snapshot
+        of cross-shard commits (client.py `_Snapshot`), in which a prepared batch is not applied."""
+        return self.get(keys, hashes, True)
 
     def _find(self, table: tuple, key: bytes, h: int, active: int, active_end: int, epoch: int, version: int):
         """Probe `table` for `key` and read its record: the value, or None. Everything read here
