@@ -150,7 +150,7 @@ class IndexPublisher(PrivateTables):
         self.enabled = SUPPORTED
         self.start_version = (version | 1) + 1  # readers of a previous worker's index retry
         self._next_table = table + 1
-        self._tables: dict[int, tuple[mmap.mmap, str]] = {}  # allocated, by id of the slot array
+        self._tables: dict[int, tuple[mmap.mmap, str, int]] = {}  # allocated, not yet installed: by id of the slot array
         self._current: tuple[mmap.mmap, str] | None = None
         VERSION.pack_into(self.header, VERSION_OFFSET, self.start_version - 1)
         U32.pack_into(self.header, STATE_OFFSET, NOT_SERVING)
