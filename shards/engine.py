@@ -32,7 +32,7 @@ from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
-from shardkv.wal.records import encode_batch, encode_columns, encode_record
+from shardkv.wal.records import COLUMNS_MIN, encode_batch, encode_columns, encode_record
 from shardkv.wal.watermark import Watermark
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
 
@@ -535,7 +535,7 @@ class ShardEngine:
     def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
         """Append `batch` as one unit and apply it to the index; the caller holds the lock.
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
-        if len(batch) >= 16:
+        if len(batch) >= COLUMNS_MIN:
             # A big batch is handled column by column: encoded in one pass (records.encode_columns)
             # and indexed in one tight loop when it holds only puts without expiry.
             n = len(batch)

@@ -156,14 +156,14 @@ def test_encode_batch_columns_match_one_at_a_time(ops, seq, uniform_lengths):
     expected = records._encode_each(ops, seq)
     assert records.encode_batch(ops, seq) == expected
     columns = [tuple(column) for column in zip(*ops)] or [(), (), (), ()]
-    saved = records._COLUMNS_MIN
-    records._COLUMNS_MIN = 1  # the column-wise code for every size
+    saved = records.COLUMNS_MIN
+    records.COLUMNS_MIN = 1  # the column-wise code for every size
     try:
         assert records.encode_batch(ops, seq) == expected
         if ops:
             assert records.encode_columns(*columns, seq) == expected
     finally:
-        records._COLUMNS_MIN = saved
+        records.COLUMNS_MIN = saved
 
 
 def test_encode_batch_records_read_back():
@@ -385,9 +385,9 @@ def test_engine_big_batches_index_and_recover(tmp_path):
         for i in range(0, 300, 5):
             model.pop(b"k%04d" % i, None)
         model.update({b"new%d" % i: b"n" for i in range(20)})
-        engine.prepare(42, [("put", b"tx%d" % i, b"t%d" % i) for i in range(50)])
+        engine.prepare(42, [("put", b"tx%d" % i, b"t%d" % i) for i in range(100)])  # its COMMIT: the column path
         assert engine.commit(42)
-        model.update({b"tx%d" % i: b"t%d" % i for i in range(50)})
+        model.update({b"tx%d" % i: b"t%d" % i for i in range(100)})
         assert dict(engine.scan()) == model
         assert len(engine) == len(model)
         now[0] += 10  # the ttl keys that were not overwritten expire

@@ -53,7 +53,7 @@ def encode_batch(ops: Sequence[tuple[int, bytes, bytes, int]], seq: int) -> tupl
     Returns the bytes and the offset of each record relative to the start of the batch.
     A batch of more than a few records is encoded column-wise (see `_encode_columns`).
     """
-    if len(ops) >= _COLUMNS_MIN:
+    if len(ops) >= COLUMNS_MIN:
         encoded = _encode_columns(ops, seq)
         if encoded is not None:
             return encoded
@@ -86,7 +86,7 @@ def _encode_each(ops: Sequence[tuple[int, bytes, bytes, int]], seq: int) -> tupl
 # (batch_left, and lengths or types that are not the same throughout). The whole-record crc
 # then continues from the latter over key + value: one crc32c call per record, the one
 # per-record cost the format requires.
-_COLUMNS_MIN = 16
+COLUMNS_MIN = 64  # below this many records numpy's fixed cost outweighs the per-record loop it saves
 _HEADER_DTYPE = np.dtype(
     [
         ("crc", "<u4"),
@@ -205,7 +205,7 @@ def encode_columns(types, keys, values, expires, seq: int, key_lens=None, value_
     them). The caller has validated everything: bytes keys and values, types 0..255, lengths
     and expiry times that fit their fields (as for encode_record)."""
     n = len(keys)
-    if n < _COLUMNS_MIN:
+    if n < COLUMNS_MIN:
         return _encode_each(list(zip(types, keys, values, expires)), seq)
     if key_lens is None:
         key_lens = list(map(len, keys))
