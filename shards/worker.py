@@ -22,7 +22,7 @@ from shardkv import faults
 from shardkv.coordinator.manifest import shard_directory
 from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
-from shardkv.ipc.frames import FrameServer
+from shardkv.ipc.frames import FrameServer, spin_for_post
 from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
     PROC_DTYPE,
@@ -131,8 +131,6 @@ class Worker:
         unpack_state = SLOT_STATE.unpack_from
         active: list[int] = []  # leases held by a client, refreshed when a wake-up finds nothing there
         served = 0
-        from shardkv.ipc.frames import spin_for_post  # (spin-then-sleep, see there)
-
         wake, busy = self.wake, False  # busy: the last wake-up came from a post, not the timeout
         while True:
             # One post taken per pass, as ever (a pass that finds nothing among `active` scans
