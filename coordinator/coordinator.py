@@ -111,18 +111,11 @@ class Coordinator:
         self.log.info("started", pid=os.getpid(), map_version=control.map_version, undelivered=len(self.undelivered))
         supervisor = self.config["supervisor_pid"]
         try:
-            busy = False  # the last wake-up came from a post, not the timeout
             while not self.stopping and control.state != STOPPING and os.getppid() == supervisor:
-                # One post per pass, as ever; right after a pass, poll a little for the next one
-                # (frames.SERVER_SPIN) before sleeping.
                 try:
-                    if busy and frames.spin_for_post(self.wake):
-                        self.wake.acquire(0)  # (this process is the only one taking posts of `wake`)
-                    else:
-                        self.wake.acquire(SWEEP_INTERVAL)
-                        busy = True
+                    self.wake.acquire(SWEEP_INTERVAL)
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
-                    busy = False
+                    pass
                 if time.monotonic() >= self.next_sweep:
                     self._sweep()
                 for slot in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():

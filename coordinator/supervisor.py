@@ -125,6 +125,7 @@ class Supervisor:
         self.backoff: list[float] = []
         self.stopping = False
         self.objects: list = []
+        self.index_headers: list = []  # read-write mappings of the workers' index headers
         self.log = get_logger("shardkv.supervisor", directory=self.directory)
 
     # -- start -----------------------------------------------------------------------------
@@ -164,7 +165,6 @@ class Supervisor:
         for name in self.names["rings"]:
             self._create_memory(name, worker_ring_slots(self.leases) * self.slot_size)
         self._create_memory(self.names["coord_ring"], self.leases * self.slot_size)
-        self.index_headers = []
         for name in self.names["index"]:
             self.index_headers.append(create_header(name))
             self.objects.append(("shm", name, self.index_headers[-1]))
@@ -325,7 +325,7 @@ class Supervisor:
                     child.kill()
                     child.wait()
         self.control = None
-        for shard, header in enumerate(getattr(self, "index_headers", [])):
+        for shard, header in enumerate(self.index_headers):
             mark_not_serving(header)  # a worker killed above could not say so itself
             unlink_tables(self.names["prefix"], shard)
         self.index_headers = []

@@ -49,7 +49,8 @@ async def _aopen(directory, shards, durability, pool, start_timeout, direct_read
     clients = [first]
     try:
         for _ in range(pool - 1):
-            clients.append(await loop.run_in_executor(None, Client, first.directory, None, durability, start_timeout))
+            # Only the first client answers gets from shared memory; the others carry requests.
+            clients.append(await loop.run_in_executor(None, lambda: Client(first.directory, None, durability, start_timeout, direct_reads=False)))
     except BaseException:
         for client in clients:
             client.close()

@@ -81,12 +81,9 @@ def _check_puts(ops: list) -> CheckedOps | None:
     if n < 8 or set(map(type, ops)) != {tuple} or set(map(len, ops)) != {3}:
         return None
     names, keys, values = zip(*ops)
-    if set(map(type, names)) != {str} or names.count("put") != n or set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
+    if set(map(type, names)) != {str} or names.count("put") != n:
         return None
-    key_lens, value_lens = tuple(map(len, keys)), tuple(map(len, values))
-    if min(key_lens) <= 0 or max(key_lens) > MAX_KEY_LEN or max(value_lens) > DEFAULT_MAX_VALUE_SIZE:
-        return None
-    return CheckedOps.of(None, keys, values, key_lens, value_lens, sum(key_lens) + sum(value_lens))
+    return _checked_puts(keys, values)
 
 
 def check_limits(checked: list, max_ops: int, max_bytes: int) -> None:
@@ -131,6 +128,12 @@ def _check_pairs(pairs: list) -> CheckedOps | None:
     if n < 8 or set(map(type, pairs)) != {tuple} or set(map(len, pairs)) != {2}:
         return None
     keys, values = zip(*pairs)
+    return _checked_puts(keys, values)
+
+
+def _checked_puts(keys: tuple, values: tuple) -> CheckedOps | None:
+    """Puts of these keys and values as CheckedOps if every key and value is bytes within the
+    limits (what check_op would accept); None otherwise (the caller checks one by one)."""
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return None
     key_lens, value_lens = tuple(map(len, keys)), tuple(map(len, values))

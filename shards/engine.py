@@ -535,57 +535,41 @@ class ShardEngine:
     def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
         """Append `batch` as one unit and apply it to the index; the caller holds the lock.
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
-        if len(batch) >= COLUMNS_MIN:
-            # A big batch is handled column by column: encoded in one pass (records.encode_columns)
-            # and indexed in one tight loop when it holds only puts without expiry.
-            n = len(batch)
-            seq = self._seq + 1
-            types, keys, values, expires = zip(*batch)
-            key_lens, value_lens = list(map(len, keys)), list(map(len, values))
-            data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
-            segment, offset = self._append(data)
-            self._seq = seq
-            if committing:
-                faults.point("shard.commit_logged")
-            base = segment << 32
-            offsets = list(map(offset.__add__, relative))
-            first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
-            self._version += 1
-            try:
-                self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
-                if types.count(PUT) == n - first and expires.count(0) == n:
-                    keys = keys[first:]
-                    locations = list(map(base.__or__, offsets[first:]))
-                    added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
-                    note_added = self._sorted.note_added
-                    for key, entry in added:
-                        note_added(key, entry)
-                    if self._expires:  # these keys now never expire
-                        pop = self._expires.pop
-                        for key in keys:
-                            pop(key, None)
-                else:
-                    index_record = self._index_record
-                    for rtype, key, value_len, expires_at, record_offset in zip(types, keys, value_lens, expires, offsets):
-                        index_record(rtype, key, base | record_offset, value_len, seq, expires_at)
-            finally:
-                self._version += 1
-            return segment, offset + len(data)
+        n = len(batch)
         seq = self._seq + 1
-        data, relative = encode_batch(batch, seq)
+        types, keys, values, expires = zip(*batch)
+        key_lens, value_lens = list(map(len, keys)), list(map(len, values))
+        columns = n >= COLUMNS_MIN  # a big batch is encoded in one pass, column by column
+        if columns:
+            data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
+        else:
+            data, relative = encode_batch(batch, seq)
         segment, offset = self._append(data)
         self._seq = seq
         if committing:
             faults.point("shard.commit_logged")
         base = segment << 32
-        offsets = [offset + rel for rel in relative]
+        offsets = list(map(offset.__add__, relative))
+        first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
         self._version += 1
         try:
-            self._active_records.add_batch(
-                offsets, [op[0] for op in batch], [len(op[1]) for op in batch], [len(op[2]) for op in batch], seq, [op[3] for op in batch]
-            )
-            for (rtype, key, value, expires_at), record_offset in zip(batch, offsets):
-                self._index_record(rtype, key, base | record_offset, len(value), seq, expires_at)
+            self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
+            if columns and types.count(PUT) == n - first and expires.count(0) == n:
+                # Only puts that never expire: indexed in one tight loop.
+                keys = keys[first:]
+                locations = list(map(base.__or__, offsets[first:]))
+                added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
+                note_added = self._sorted.note_added
+                for key, entry in added:
+                    note_added(key, entry)
+                if self._expires:  # these keys now never expire
+                    pop = self._expires.pop
+                    for key in keys:
+                        pop(key, None)
+            else:
+                index_record = self._index_record
+                for rtype, key, value_len, expires_at, record_offset in zip(types, keys, value_lens, expires, offsets):
+                    index_record(rtype, key, base | record_offset, value_len, seq, expires_at)
         finally:
             self._version += 1
         return segment, offset + len(data)

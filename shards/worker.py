@@ -22,7 +22,7 @@ from shardkv import faults
 from shardkv.coordinator.manifest import shard_directory
 from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
-from shardkv.ipc.frames import FrameServer, spin_for_post
+from shardkv.ipc.frames import FrameServer
 from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
     PROC_DTYPE,
@@ -131,19 +131,11 @@ class Worker:
         unpack_state = SLOT_STATE.unpack_from
         active: list[int] = []  # leases held by a client, refreshed when a wake-up finds nothing there
         served = 0
-        wake, busy = self.wake, False  # busy: the last wake-up came from a post, not the timeout
         while True:
-            # One post taken per pass, as ever (a pass that finds nothing among `active` scans
-            # every slot, so a post is never left unserved). Right after a pass, poll for the
-            # next post a little (frames.SERVER_SPIN) and take it without sleeping.
             try:
-                if busy and spin_for_post(wake):
-                    wake.acquire(0)  # (only this process takes posts of `wake`: there is one)
-                else:
-                    wake.acquire(1.0)
-                    busy = True
+                self.wake.acquire(1.0)
             except (posix_ipc.BusyError, posix_ipc.SignalError):
-                busy = False
+                pass
             if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
                 return
             self._maybe_compact()

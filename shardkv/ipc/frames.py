@@ -22,28 +22,22 @@ NEXT_FRAME = object()  # receive(): the requester asks for the next frame of a l
 # Spin-then-sleep (docs/IPC.md, "Waking up"). Waking a process blocked on a semaphore costs
 # tens of microseconds on this kind of machine (futex wake, then the scheduler and, in a VM, an
 # idle vCPU coming out of halt), more than the work of a whole put (a worker handles one in
-# about 15 us of Python). So each side polls for a short while before it blocks:
-#
-# REQUESTER_SPIN: a requester (client, or the coordinator towards a worker) polls its slot this
-# long before blocking on its `done` semaphore. It covers a worker that is awake and answers a
-# small request in 10-30 us (a put, a get, a small batch); a longer request (a big get_many, a
-# scan page, an fsync) blocks after wasting at most this much.
+# about 15 us of Python). So a requester (client, or the coordinator towards a worker) polls its
+# slot this long before blocking on its `done` semaphore. It covers a worker that is awake and
+# answers a small request in 10-30 us (a put, a get, a small batch); a longer request (a big
+# get_many, a scan page, an fsync) blocks after wasting at most this much.
 REQUESTER_SPIN = 50e-6
-# SERVER_SPIN: a server (worker, coordinator) that has just answered may poll its `wake`
-# semaphore this long before blocking on it, so that a client that sends its next request right
-# away (a client's own work between two puts is 3-10 us) finds it awake; only right after
-# serving, so an idle server burns no CPU. Off (0): measured on a 2-core machine, 50 us took one
-# client's puts from about 20k to 23k/s but cost 2 client processes 10-50% (the polling worker
-# keeps a core from the other worker and the clients), and processes outnumbering cores is the
-# common case. The requester's poll alone gets most of the gain (docs/IPC.md, "Waking up").
-SERVER_SPIN = 0.0
+# Servers (workers, the coordinator) do not poll their `wake` semaphore: measured on a 2-core
+# machine, a 50 us poll took one client's puts from about 20k to 23k/s but cost 2 client
+# processes 10-50% (the polling worker keeps a core from the other worker and the clients), and
+# processes outnumbering cores is the common case (docs/IPC.md, "Waking up").
 # Reading a payload after seeing its `state` word by polling, with no semaphore operation (a full
 # barrier) in between, relies on x86-64 keeping plain stores, and plain loads, in order. Elsewhere
-# nobody polls: each side blocks on its semaphore at once, as before. Polling a semaphore's count
-# needs sem_getvalue (not on every system).
+# nobody polls: each side blocks on its semaphore at once, as before. Draining a semaphore needs
+# its count, sem_getvalue (not on every system).
 _CAN_SPIN = platform.machine().lower() in ("x86_64", "amd64") and posix_ipc.SEMAPHORE_VALUE_SUPPORTED
 if not _CAN_SPIN:
-    REQUESTER_SPIN = SERVER_SPIN = 0.0
+    REQUESTER_SPIN = 0.0
 # Every poll yields the processor (sched_yield): when processes outnumber cores, a spinner hands
 # its core to whoever is runnable (often the very process it waits for); alone on a core, the
 # call returns at once.
@@ -52,58 +46,34 @@ _clock = time.perf_counter
 _unpack_state = SLOT_STATE.unpack_from
 _unpack_fields = SLOT_FIELDS.unpack_from
 # Spinning that does not pay backs off: after a poll that ran out, the next 1, 2, 4 ... up to
-# MAX_SKIP waits of that side of this process block at once (one success resets it). Polls run
-# out when the answer takes long (a big get_many, a scan page) or when processes outnumber cores
-# (the one to answer is not running); the cost is then one budget per MAX_SKIP waits.
+# MAX_SKIP waits of this process block at once (one success resets it). Polls run out when the
+# answer takes long (a big get_many, a scan page) or when processes outnumber cores (the one to
+# answer is not running); the cost is then one budget per MAX_SKIP waits.
 MAX_SKIP = 64
-_requester = [0, 0]  # waits left to skip, current penalty
-_server = [0, 0]
-
-
-def _ran_out(state: list) -> bool:
-    state[1] = min(2 * state[1] or 1, MAX_SKIP)
-    state[0] = state[1]
-    return False
+_skip = [0, 0]  # waits left to skip, current penalty
 
 
 def spin_for_response(slot, request_id: int) -> bool:
     """Poll `slot` for at most REQUESTER_SPIN seconds; True once it holds the response to
     `request_id` (the requester then need not block on its `done` semaphore)."""
-    state = _requester
-    if state[0]:
-        state[0] -= 1
+    if _skip[0]:
+        _skip[0] -= 1
         return False
     deadline = _clock() + REQUESTER_SPIN
     while True:
         if _unpack_state(slot, 0)[0] == SLOT_RESPONSE and _unpack_fields(slot, 4)[1] == request_id:
-            state[1] = 0
+            _skip[1] = 0
             return True
         if _clock() >= deadline:
-            return _ran_out(state)
-        _yield()
-
-
-def spin_for_post(semaphore) -> bool:
-    """Poll the count of `semaphore` for at most SERVER_SPIN seconds; True once it is above
-    zero. (sem_getvalue is a plain read of shared memory: no system call, nothing consumed.)"""
-    state = _server
-    if state[0] or not _CAN_SPIN:
-        state[0] -= 1
-        return False
-    deadline = _clock() + SERVER_SPIN
-    while True:
-        if semaphore.value:
-            state[1] = 0
-            return True
-        if _clock() >= deadline:
-            return _ran_out(state)
+            _skip[1] = min(2 * _skip[1] or 1, MAX_SKIP)
+            _skip[0] = _skip[1]
+            return False
         _yield()
 
 
 def drain(semaphore) -> None:
     """Take every post `semaphore` holds now, without blocking. Only for a semaphore with a
-    single consumer (a `done` semaphore by its lease's owner, a `wake` semaphore by its server)
-    and only before looking at the slots again: a post is made after the slot state it
+    single consumer (a client's `done` semaphore, the coordinator's `donec`) and only before looking at the slots again: a post is made after the slot state it
     announces is written, so every slot whose post is taken here is seen by that look, and the
     next blocking wait is for posts made after it. Keeps the count small when answers are found
     by polling (their posts are never waited for)."""

@@ -107,6 +107,13 @@ def mark_not_serving(buf) -> None:
     VERSION.pack_into(buf, VERSION_OFFSET, (version | 1) + 1)
 
 
+def _unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
 def unlink_tables(prefix: str, shard: int) -> list[str]:
     """Unlink every table of shard `shard` (a dead worker's); return their names."""
     stem = table_name(prefix, shard, 0)[1:-1]  # "<prefix>-idx<S>-" without the leading "/"
@@ -150,8 +157,10 @@ class IndexPublisher(PrivateTables):
         self.enabled = SUPPORTED
         self.start_version = (version | 1) + 1  # readers of a previous worker's index retry
         self._next_table = table + 1
-        self._tables: dict[int, tuple[mmap.mmap, str, int]] = {}  # allocated, not yet installed: by id of the slot array
-        self._current: tuple[mmap.mmap, str] | None = None
+        # Tables allocated and not yet installed (by id of their slot array), and the installed
+        # one: (name, number). A mapping lives as long as the numpy arrays made on it.
+        self._pending: dict[int, tuple[str, int]] = {}
+        self._current: str | None = None
         VERSION.pack_into(self.header, VERSION_OFFSET, self.start_version - 1)
         U32.pack_into(self.header, STATE_OFFSET, NOT_SERVING)
         U32.pack_into(self.header, EPOCH_OFFSET, (epoch + 1) & 0xFFFFFFFF)  # segment numbers may be reused
@@ -174,28 +183,24 @@ class IndexPublisher(PrivateTables):
                 return super().allocate(bits, n_slots, n_entries)
         TABLE_HEADER.pack_into(buf, 0, TABLE_MAGIC, bits, 0, n_slots, n_entries)
         arrays = {name: np.frombuffer(buf, dtype=dtype, count=length, offset=offset) for name, dtype, offset, length in layout}
-        self._tables[id(arrays["slots"])] = (buf, name, self._next_table - 1)
+        self._pending[id(arrays["slots"])] = (name, self._next_table - 1)
         return arrays
 
     def install(self, arrays: dict) -> None:
         """Name the table holding `arrays` in the header and drop the previous one. Called
         with the version odd."""
-        allocated = self._tables.pop(id(arrays["slots"]), None)
+        allocated = self._pending.pop(id(arrays["slots"]), None)
         if allocated is None:
             return  # private arrays
-        buf, name, number = allocated
+        name, number = allocated
         U32.pack_into(self.header, TABLE_OFFSET, number)
         self._drop_current()
-        self._current = (buf, name)
+        self._current = name
 
     def _drop_current(self) -> None:
         if self._current is not None:
-            _, name = self._current
-            try:
-                posix_ipc.unlink_shared_memory(name)  # readers' mappings stay valid
-            except posix_ipc.ExistentialError:
-                pass
-            self._current = None  # the mapping goes when the index's old arrays do
+            _unlink(self._current)  # readers' mappings stay valid
+            self._current = None
 
     def _disable(self, why: str) -> None:
         if self.enabled and self.log is not None:
@@ -233,12 +238,9 @@ class IndexPublisher(PrivateTables):
         """Stop serving and unlink the current table."""
         mark_not_serving(self.header)
         self._drop_current()
-        for buf, name, _ in self._tables.values():
-            try:
-                posix_ipc.unlink_shared_memory(name)
-            except posix_ipc.ExistentialError:
-                pass
-        self._tables.clear()
+        for name, _ in self._pending.values():
+            _unlink(name)
+        self._pending.clear()
 
 
 # -- client ----------------------------------------------------------------------------------
