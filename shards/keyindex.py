@@ -195,7 +195,7 @@ class KeyIndex:
             self._rebuild(self._bits)
             return self._insert_new(h, location, key_len, value_len, seq)
         e = self._new_entry(h, location, key_len, value_len, seq)
-        slots[i] = e + 1
+        self._slot_v[i] = e + 1  # not `slots`: making the entry may have installed a grown table
         return True
 
     def _new_entry(self, h: int, location: int, key_len: int, value_len: int, seq: int) -> int:

@@ -12,6 +12,7 @@ from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardkv.shards import keyindex
 from shardkv.shards.keyindex import KeyIndex
 
 
@@ -97,3 +98,19 @@ def test_upsert_many_reuses_nothing_it_should_not(deleted):
     index.upsert_many(more, [crc32c(k) for k in more], [log.append(k) for k in more], [len(k) for k in more], [2] * len(more), 2)
     expected = set(keys[deleted:]) | set(more)
     assert set(state(index, log)) == expected and index.count == len(expected)
+
+
+@pytest.mark.parametrize("count", [1025, 3000])
+def test_one_upsert_at_a_time_through_rebuilds_and_growths(count, monkeypatch):
+    """Single upserts across every resize. At a load limit of 0.5 the 1025th key of a fresh
+    index needs a bigger slot table and more entries in the same call (growing the entries
+    installs a new slot table too: a stale reference to the old one once lost that key)."""
+    monkeypatch.setattr(keyindex, "MAX_LOAD", 0.5)
+    log = Log()
+    index = KeyIndex(log.key_at)
+    keys = [b"one-%d" % i for i in range(count)]
+    for key in keys:
+        assert index.upsert(key, crc32c(key), log.append(key), len(key), 1, 1)
+    assert index.count == count
+    assert all(index.find(key, crc32c(key)) >= 0 for key in keys)
+    assert set(state(index, log)) == set(keys)
