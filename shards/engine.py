@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 import time
+from itertools import repeat
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -21,6 +22,7 @@ from crc32c import crc32c
 
 from shardkv import faults
 from shardkv.errors import Closed, Conflict, CorruptionError, Error
+from shardkv.ipc.messages import PutColumns
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
@@ -412,7 +414,8 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             if self._prepared.locks:
-                self._prepared.check_unlocked([op[1] for op in batch] + [key for key, _ in expects])
+                keys = batch.keys if type(batch) is UniformPuts else [op[1] for op in batch]
+                self._prepared.check_unlocked(list(keys) + [key for key, _ in expects])
             self._check_expects_locked(expects)
             if not batch:
                 return
@@ -441,6 +444,8 @@ class ShardEngine:
         locks a key; then nothing is logged or locked. Preparing a batch twice is a no-op."""
         _check_int("txid", txid, 0, 2**64 - 1)
         batch = self._check_ops(ops)
+        if type(batch) is UniformPuts:
+            batch = batch.tuples()  # held until the decision: the general form will do
         expects = _check_expects(expects)
         self._check_open()
         with self._lock:
@@ -505,7 +510,17 @@ class ShardEngine:
         # they must be as durable before it commits, whatever the durability level.
         self._writer.sync_upto(*end)
 
-    def _check_ops(self, ops) -> list:
+    def _check_ops(self, ops) -> list | UniformPuts:
+        """The checked batch of `ops`: (PUT/DELETE, key, value, expires_at) tuples, or, for puts
+        a worker decoded as columns, UniformPuts (checked as a whole: one size for all)."""
+        if type(ops) is PutColumns:
+            n = len(ops.keys)
+            if not 0 < ops.key_len <= MAX_KEY_LEN or ops.value_len > self.max_value_size:
+                check_key(ops.keys[0])
+                check_value(ops.values[0], self.max_value_size)
+            if n * (RECORD_HEADER_SIZE + ops.key_len + ops.value_len) > MAX_BATCH_BYTES:
+                raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+            return UniformPuts(ops.keys, ops.values, ops.key_len, ops.value_len)
         if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
             raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
         batch = []
@@ -535,15 +550,20 @@ class ShardEngine:
     def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
         """Append `batch` as one unit and apply it to the index; the caller holds the lock.
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
-        n = len(batch)
         seq = self._seq + 1
-        types, keys, values, expires = zip(*batch)
-        key_lens, value_lens = list(map(len, keys)), list(map(len, values))
+        if type(batch) is UniformPuts:
+            n = len(batch.keys)
+            types, keys, values, expires = [PUT] * n, batch.keys, batch.values, [0] * n
+            key_lens, value_lens = [batch.key_len] * n, [batch.value_len] * n
+        else:
+            n = len(batch)
+            types, keys, values, expires = zip(*batch)
+            key_lens, value_lens = list(map(len, keys)), list(map(len, values))
         columns = n >= COLUMNS_MIN  # a big batch is encoded in one pass, column by column
         if columns:
             data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
         else:
-            data, relative = encode_batch(batch, seq)
+            data, relative = encode_batch(batch.tuples() if type(batch) is UniformPuts else batch, seq)
         segment, offset = self._append(data)
         self._seq = seq
         if committing:
@@ -559,9 +579,10 @@ class ShardEngine:
                 keys = keys[first:]
                 locations = list(map(base.__or__, offsets[first:]))
                 added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
-                note_added = self._sorted.note_added
-                for key, entry in added:
-                    note_added(key, entry)
+                if self._sorted.built:
+                    note_added = self._sorted.note_added
+                    for key, entry in added:
+                        note_added(key, entry)
                 if self._expires:  # these keys now never expire
                     pop = self._expires.pop
                     for key in keys:
@@ -811,6 +832,23 @@ class ShardEngine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} keys"
         return f"<ShardEngine {self.directory!r} shard {self.shard_id}, {state}>"
+
+
+class UniformPuts:
+    """A checked batch of plain puts, every key `key_len` bytes and every value `value_len`,
+    kept as the columns it arrived in: logged and indexed without a tuple per operation."""
+
+    __slots__ = ("keys", "values", "key_len", "value_len")
+
+    def __init__(self, keys: list, values: list, key_len: int, value_len: int):
+        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def tuples(self) -> list:
+        """The batch in its general form: (PUT, key, value, expires_at) tuples."""
+        return list(zip(repeat(PUT), self.keys, self.values, repeat(0)))
 
 
 def _check_expects(expects) -> list:

@@ -7,6 +7,7 @@ same errors as its reference, and fall back to it for anything unusual.
 
 from __future__ import annotations
 
+import random
 import struct
 
 import crcmod.predefined
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardkv import batches
+from shardkv.errors import Busy
 from shardkv.ipc import messages as m
 from shardkv.shards.engine import ShardEngine
 from shardkv.wal import records
@@ -406,3 +408,48 @@ def test_put_many_of_an_endless_iterator_is_a_value_error_not_a_hang():
     pairs = ((b"k%d" % i, b"v") for i in itertools.count())
     with pytest.raises(ValueError, match="max_batch_ops"):
         batches.check_ops(batches.put_many_ops(pairs, 1000), 1000, batches.MAX_BATCH_BYTES)
+
+
+def _decoded_puts(pairs) -> "m.PutColumns":
+    """What a worker decodes from an APPLY of these same-size puts."""
+    writes, expects = _decode(m.encode_apply([(m.OP_PUT, k, v) for k, v in pairs], 0), 2)
+    assert type(writes) is m.PutColumns and expects == []
+    return writes
+
+
+def test_engine_applies_decoded_same_size_puts_like_tuples(tmp_path):
+    """A batch decoded as columns (PutColumns -> UniformPuts) leaves the engine exactly as the
+    same operations given as tuples: values, index, a reopen; over existing keys, repeated keys,
+    a key locked by a prepared batch (Busy, nothing written) and a prepare of columns."""
+    rng = random.Random(3)
+    keys = [b"%08d" % i for i in range(400)]
+    batches_ = [[(rng.choice(keys), rng.randbytes(24)) for _ in range(300)] for _ in range(4)]
+    paths = {"columns": str(tmp_path / "c"), "tuples": str(tmp_path / "t")}
+    engines = {name: ShardEngine.open(path) for name, path in paths.items()}
+    try:
+        for pairs in batches_:
+            engines["columns"].apply(_decoded_puts(pairs))
+            engines["tuples"].apply([("put", k, v) for k, v in pairs])
+        for engine in engines.values():
+            engine.prepare(7, _decoded_puts([(keys[0], b"p" * 24)] + [(b"tx%06d" % i, b"x" * 24) for i in range(30)]))
+            with pytest.raises(Busy):
+                engine.apply(_decoded_puts([(b"zz%06d" % i, b"y" * 24) for i in range(20)] + [(keys[0], b"q" * 24)]))
+            assert engine.commit(7)
+        assert dict(engines["columns"].scan()) == dict(engines["tuples"].scan())
+        assert engines["columns"].get(keys[0]) == b"p" * 24 and engines["columns"].get(b"zz000000") is None
+    finally:
+        for engine in engines.values():
+            engine.close()
+    with ShardEngine.open(paths["columns"]) as columns, ShardEngine.open(paths["tuples"]) as tuples:
+        assert dict(columns.scan()) == dict(tuples.scan())
+
+
+def test_engine_checks_decoded_same_size_puts(tmp_path):
+    """The sizes of a decoded batch are checked once for all: too long a key or value is a
+    ValueError and nothing is written."""
+    with ShardEngine.open(str(tmp_path / "a"), max_value_size=50) as engine:
+        engine.apply(_decoded_puts([(b"k%05d" % i, b"v" * 50) for i in range(20)]))
+        for pairs in ([(b"x%05d" % i, b"v" * 51) for i in range(20)], [(b"y" * (MAX_KEY_LEN + 1), b"v")] * 17):
+            with pytest.raises(ValueError):
+                engine.apply(_decoded_puts(pairs))
+        assert len(engine) == 20 and engine.get(b"x00000") is None

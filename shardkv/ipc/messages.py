@@ -296,7 +296,22 @@ def _decode_same_size_puts(data: bytes, pos: int, count: int) -> list | None:
         return None
     keys = rows[:, 5 : 5 + key_len].copy().view(f"V{key_len}").ravel().tolist()
     values = rows[:, 9 + key_len :].copy().view(f"V{value_len}").ravel().tolist() if value_len else [b""] * count
-    return list(zip(repeat("put"), keys, values))
+    return PutColumns.of(keys, values, key_len, value_len)
+
+
+class PutColumns(list):
+    """decode_ops' writes when they are all plain puts of one key length and one value length:
+    a list of ("put", key, value) like any other, which also keeps its keys and values as
+    columns, so that a shard engine can log and index the batch without a loop over tuples."""
+
+    __slots__ = ("keys", "values", "key_len", "value_len")
+
+    @classmethod
+    def of(cls, keys: list, values: list, key_len: int, value_len: int) -> "PutColumns":
+        """The puts (keys[i], values[i]); every key is `key_len` bytes, every value `value_len`."""
+        self = cls(zip(repeat("put"), keys, values))
+        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
+        return self
 
 
 def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
