@@ -21,7 +21,9 @@ GOLDEN32 = 0x9E3779B1  # Fibonacci hashing spreads CRC-32C values over the table
 MAX_LOAD = 0.5  # linear probing: ~2.5 probes to learn a key is absent (6 at 0.7), for ~2 more bytes of slots a key
 MIN_BITS = 10
 OVERFLOW = 64
-VECTOR_MIN = 64  # upsert_many places a batch's keys at empty home slots with numpy from this size
+VECTOR_MIN = 64  # upsert_many places a batch's new keys with numpy from this size
+PROBE_WINDOW = 8  # slots read at once per key by that placement (fewer than OVERFLOW)
+_PROBE_OFFSETS = np.arange(PROBE_WINDOW, dtype=np.int64)
 
 KeyAt = Callable[[int, int], bytes]
 ENTRY_ARRAYS = ("locations", "hashes", "key_lens", "value_lens", "seqs")
@@ -143,7 +145,7 @@ class KeyIndex:
             self._grow_entries_to(self._high + n)
         added = []
         if n >= VECTOR_MIN:
-            added, rest = self._place_at_empty_homes(keys, hashes, locations, key_lens, value_lens, seq)
+            added, rest = self._place_new_keys(keys, hashes, locations, key_lens, value_lens, seq)
             if added:  # the loop below takes the others, in their order
                 keys, hashes, locations = list(map(keys.__getitem__, rest)), list(map(hashes.__getitem__, rest)), list(map(locations.__getitem__, rest))
                 key_lens, value_lens = list(map(key_lens.__getitem__, rest)), list(map(value_lens.__getitem__, rest))
@@ -188,24 +190,37 @@ class KeyIndex:
             self.last_entry = added[-1][1]
         return added
 
-    def _place_at_empty_homes(self, keys, hashes, locations, key_lens, value_lens, seq: int) -> tuple[list, list]:
-        """upsert_many's first pass, vectorised: a key whose home slot is empty is not in the
-        index (probes never skip an empty slot), so if no other key of the batch has that home
-        it goes straight there. Filling empty slots keeps every other key reachable. Returns
-        (key, entry id) of the keys placed, and the positions of the others in the batch."""
+    def _place_new_keys(self, keys, hashes, locations, key_lens, value_lens, seq: int) -> tuple[list, list]:
+        """upsert_many's first pass, vectorised. A key whose probe reaches an empty slot before
+        any entry with its hash is not in the index, and linear probing would put it in that
+        slot: its home slot if empty, else the first empty one of the next PROBE_WINDOW slots,
+        read at once. Keys that picked the same slot leave it to the first of them in the batch
+        (so a key repeated in the batch, or two keys with one hash, reach the loop but once).
+        Filling empty slots keeps every other key reachable, so all the placements hold
+        together. Returns (key, entry id) of the keys placed, and the positions in the batch of
+        the others (for the loop, in order)."""
+        n = len(keys)
         h = np.asarray(hashes, dtype=np.uint64)
-        home = ((h * np.uint64(GOLDEN32)) & np.uint64(0xFFFFFFFF)) >> np.uint64(self._shift)
-        order = np.argsort(home, kind="stable")
-        ordered = home[order]
-        shared = np.zeros(len(h), dtype=bool)
-        same = ordered[1:] == ordered[:-1]  # a home two keys of the batch share (or one key twice)
-        shared[order[1:][same]] = True
-        shared[order[:-1][same]] = True
-        placed = ~shared & (self.slots[home] == 0)
-        chosen = np.flatnonzero(placed)
+        home = (((h * np.uint64(GOLDEN32)) & np.uint64(0xFFFFFFFF)) >> np.uint64(self._shift)).astype(np.int64)
+        slot = home.copy()
+        placeable = np.ones(n, dtype=bool)
+        busy = np.flatnonzero(self.slots[home])  # home taken: look further (about a third of the keys)
+        if len(busy):
+            window = self.slots[home[busy, None] + _PROBE_OFFSETS]  # the slot array ends in OVERFLOW spare slots
+            empty = window == 0
+            first_empty = empty.argmax(axis=1)
+            rows, columns = np.nonzero(_PROBE_OFFSETS < first_empty[:, None])  # the occupied slots probed
+            same_hash = self.hashes[window[rows, columns].astype(np.int64) - 1] == h[busy[rows]]
+            unsure = ~empty.any(axis=1)
+            unsure[rows[same_hash]] = True  # maybe this very key: the loop compares keys
+            slot[busy] += first_empty
+            placeable[busy[unsure]] = False
+        candidates = np.flatnonzero(placeable)
+        _, first = np.unique(slot[candidates], return_index=True)
+        chosen = np.sort(candidates[first])
         m = len(chosen)
         if not m:
-            return [], range(len(h))
+            return [], range(n)
         reuse = self._free[len(self._free) - min(m, len(self._free)) :]
         del self._free[len(self._free) - len(reuse) :]
         ids = np.empty(m, dtype=np.int64)
@@ -213,14 +228,15 @@ class KeyIndex:
         ids[len(reuse) :] = np.arange(self._high, self._high + m - len(reuse))
         self._high += m - len(reuse)
         self.hashes[ids] = h[chosen]
-        self.key_lens[ids] = np.asarray(key_lens)[chosen]
-        self.value_lens[ids] = np.asarray(value_lens)[chosen]
+        self.key_lens[ids] = _column(key_lens, chosen)
+        self.value_lens[ids] = _column(value_lens, chosen)
         self.seqs[ids] = seq
         self.locations[ids] = np.asarray(locations, dtype=np.uint64)[chosen]
-        self.slots[home[chosen]] = ids + 1
+        self.slots[slot[chosen]] = ids + 1
         self.count += m
-        chosen_list = chosen.tolist()
-        return list(zip(map(keys.__getitem__, chosen_list), ids.tolist())), np.flatnonzero(~placed).tolist()
+        placed = np.zeros(n, dtype=bool)
+        placed[chosen] = True
+        return list(zip(map(keys.__getitem__, chosen.tolist()), ids.tolist())), np.flatnonzero(~placed).tolist()
 
     def _grow_entries_to(self, n: int) -> None:
         while len(self.locations) < n:
@@ -339,3 +355,11 @@ def _placement(hashes: np.ndarray, live: np.ndarray, bits: int) -> tuple[int, np
     positions = np.maximum.accumulate(home[order] - ranks) + ranks if len(live) else ranks
     length = max((1 << bits) + OVERFLOW, (int(positions[-1]) if len(live) else 0) + OVERFLOW)
     return length, positions, order
+
+
+def _column(values, chosen: np.ndarray):
+    """values[chosen] as numpy, or the one value when a list holds only that (a batch of
+    same-size records: cheaper to check than to convert)."""
+    if type(values) is list and values and values.count(values[0]) == len(values):
+        return values[0]
+    return np.asarray(values)[chosen]
