@@ -14,7 +14,6 @@ import os
 import struct
 import threading
 import time
-from itertools import repeat
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -28,9 +27,10 @@ from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check
 from shardkv.shards import compaction
 from shardkv.shards.hints import ActiveRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
-from shardkv.shards.prepared import PreparedBatches, encode_prepare, txid_key
+from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare, txid_key
 from shardkv.shards.recovery import recover, unmap_all
 from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
+from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
@@ -414,8 +414,7 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             if self._prepared.locks:
-                keys = batch.keys if type(batch) is UniformPuts else [op[1] for op in batch]
-                self._prepared.check_unlocked(list(keys) + [key for key, _ in expects])
+                self._prepared.check_unlocked([*batch_keys(batch), *(key for key, _ in expects)])
             self._check_expects_locked(expects)
             if not batch:
                 return
@@ -444,15 +443,13 @@ class ShardEngine:
         locks a key; then nothing is logged or locked. Preparing a batch twice is a no-op."""
         _check_int("txid", txid, 0, 2**64 - 1)
         batch = self._check_ops(ops)
-        if type(batch) is UniformPuts:
-            batch = batch.tuples()  # held until the decision: the general form will do
         expects = _check_expects(expects)
         self._check_open()
         with self._lock:
             self._check_open()
             if txid in self._prepared.batches:
                 return
-            self._prepared.check_unlocked([op[1] for op in batch] + [key for key, _ in expects])
+            self._prepared.check_unlocked([*batch_keys(batch), *(key for key, _ in expects)])
             self._check_expects_locked(expects)
             end = self._log_marker(PREPARE, txid, encode_prepare(batch, expects))
             self._prepared.add(txid, batch, expects)
@@ -466,7 +463,12 @@ class ShardEngine:
             entry = self._prepared.batches.get(txid)
             if entry is None:
                 return False
-            end = self._write_locked([(COMMIT, txid_key(txid), b"", 0)] + entry[0], committing=True)
+            batch = entry[0]
+            if type(batch) is UniformPuts:
+                batch = batch.headed(COMMIT, txid_key(txid))
+            else:
+                batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
+            end = self._write_locked(batch, committing=True)
             self._prepared.pop(txid)
         self._make_durable(end)
         return True
@@ -552,9 +554,8 @@ class ShardEngine:
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
         seq = self._seq + 1
         if type(batch) is UniformPuts:
-            n = len(batch.keys)
-            types, keys, values, expires = [PUT] * n, batch.keys, batch.values, [0] * n
-            key_lens, value_lens = [batch.key_len] * n, [batch.value_len] * n
+            types, keys, values, expires, key_lens, value_lens = batch.columns()
+            n = len(types)
         else:
             n = len(batch)
             types, keys, values, expires = zip(*batch)
@@ -832,23 +833,6 @@ class ShardEngine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} keys"
         return f"<ShardEngine {self.directory!r} shard {self.shard_id}, {state}>"
-
-
-class UniformPuts:
-    """A checked batch of plain puts, every key `key_len` bytes and every value `value_len`,
-    kept as the columns it arrived in: logged and indexed without a tuple per operation."""
-
-    __slots__ = ("keys", "values", "key_len", "value_len")
-
-    def __init__(self, keys: list, values: list, key_len: int, value_len: int):
-        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def tuples(self) -> list:
-        """The batch in its general form: (PUT, key, value, expires_at) tuples."""
-        return list(zip(repeat(PUT), self.keys, self.values, repeat(0)))
 
 
 def _check_expects(expects) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 from shardkv.errors import Busy, CorruptionError
+from shardkv.shards.uniform import UniformPuts
 from shardkv.wal.format import DELETE, PREPARE_COUNT, PREPARE_ENTRY, PREPARE_EXPECT, PREPARE_EXPECT_ABSENT, PUT
 
 EXPECT = PREPARE_EXPECT  # the key must hold the value
@@ -31,8 +32,19 @@ def txid_of(key: bytes) -> int:
 def encode_prepare(batch: list, expects: list) -> bytes:
     """The value of a PREPARE record: u32 count, then per entry (type, key_len, value_len,
     expires_at), key and value. `batch` holds (PUT/DELETE, key, value, expires_at) tuples,
-    `expects` (key, value or None)."""
+    `expects` (key, value or None); or `batch` is UniformPuts, whose entries are all alike
+    but for their keys and values (one join, no loop)."""
     pack = PREPARE_ENTRY.pack
+    if type(batch) is UniformPuts:
+        if batch.head is None and not expects:
+            n = len(batch.keys)
+            parts = [None] * (3 * n + 1)
+            parts[0] = PREPARE_COUNT.pack(n)
+            parts[1::3] = [pack(PUT, batch.key_len, batch.value_len, 0)] * n
+            parts[2::3] = batch.keys
+            parts[3::3] = batch.values
+            return b"".join(parts)
+        batch = batch.tuples()
     parts = [PREPARE_COUNT.pack(len(batch) + len(expects))]
     append = parts.append
     for rtype, key, value, expires_at in batch:
@@ -105,8 +117,7 @@ class PreparedBatches:
     def add(self, txid: int, batch: list, expects: list) -> None:
         """Hold `txid`'s batch and lock its keys (the caller checked they were free)."""
         self.batches[txid] = (batch, expects)
-        for op in batch:
-            self.locks[op[1]] = txid
+        self.locks.update(dict.fromkeys(batch_keys(batch), txid))
         for key, _ in expects:
             self.locks[key] = txid
 
@@ -115,7 +126,12 @@ class PreparedBatches:
         entry = self.batches.pop(txid, None)
         if entry is not None:
             locks = self.locks
-            for key in [op[1] for op in entry[0]] + [key for key, _ in entry[1]]:
+            for key in [*batch_keys(entry[0]), *(key for key, _ in entry[1])]:
                 if locks.get(key) == txid:
                     del locks[key]
         return entry
+
+
+def batch_keys(batch) -> list:
+    """The keys a prepared batch writes."""
+    return batch.keys if type(batch) is UniformPuts else [op[1] for op in batch]

@@ -453,3 +453,37 @@ def test_engine_checks_decoded_same_size_puts(tmp_path):
             with pytest.raises(ValueError):
                 engine.apply(_decoded_puts(pairs))
         assert len(engine) == 20 and engine.get(b"x00000") is None
+
+
+def test_prepare_value_of_same_size_puts_matches_tuples():
+    """encode_prepare of columns (one join) gives the bytes of the same puts as tuples."""
+    from shardkv.shards.prepared import decode_prepare, encode_prepare
+    from shardkv.shards.uniform import UniformPuts
+
+    keys, values = [b"key-%04d" % i for i in range(50)], [b"v%04d" % i for i in range(50)]
+    uniform = UniformPuts(keys, values, 8, 5)
+    assert encode_prepare(uniform, []) == encode_prepare(uniform.tuples(), [])
+    assert encode_prepare(uniform, [(b"x", None)]) == encode_prepare(uniform.tuples(), [(b"x", None)])
+    assert decode_prepare(encode_prepare(uniform, []), "test") == (uniform.tuples(), [])
+    assert uniform.headed(COMMIT, b"12345678").tuples() == [(COMMIT, b"12345678", b"", 0)] + uniform.tuples()
+
+
+def test_prepared_same_size_puts_survive_a_reopen_and_abort_releases_them(tmp_path):
+    """A cross-shard batch prepared from decoded columns: undecided across a reopen (then
+    committed from its PREPARE record), and another one aborted: locks gone, nothing written."""
+    path = str(tmp_path / "p")
+    pairs = [(b"pk%06d" % i, b"v" * 16) for i in range(100)]
+    with ShardEngine.open(path) as engine:
+        engine.prepare(5, _decoded_puts(pairs))
+        engine.prepare(6, _decoded_puts([(b"ab%06d" % i, b"w" * 16) for i in range(40)]))
+        with pytest.raises(Busy):
+            engine.put(b"ab000003", b"x")
+        assert engine.abort(6)
+        engine.put(b"ab000003", b"x")  # released
+        assert engine.get(b"ab000004") is None and engine.get(b"pk000000") is None
+    with ShardEngine.open(path) as engine:
+        assert engine.prepared() == [5]
+        assert engine.locked(b"pk000099")
+        assert engine.commit(5)
+        assert dict(engine.scan(prefix=b"pk")) == dict(pairs)
+        assert not engine.locked(b"pk000099") and engine.get(b"ab000003") == b"x"

@@ -2,7 +2,8 @@
 
 Each operation it starts is written to LOG ("begin") and, once acknowledged, again ("ok" with
 what it did); an operation without "ok" has an unknown outcome (the client, or what it talked
-to, was killed). Operations: puts of the client's own keys, `cas` increments of shared counters,
+to, was killed). Operations: puts of the client's own keys (one at a time, and in batches of
+100-160 same-size puts), `cas` increments of shared counters,
 bank transfers between shared accounts and list appends across shards (atomic batches with
 preconditions), and reads that check the invariants (total of the accounts, the two lists equal)
 through get_many and scan: a violation is logged as "anomaly".
@@ -40,7 +41,18 @@ def main(argv: list[str]) -> int:
             if db is None:
                 db = shardkv.open(directory, durability="process", lock_timeout=30)
             choice = rng.random()
-            if choice < 0.35:
+            if choice < 0.07:
+                # A big batch of same-size puts (the numpy paths): across both shards, or all on
+                # shard 0 (one APPLY); each key is checked like a single put.
+                candidates = [b"c%03d-b%04d" % (ident, i) for i in range(400)]
+                keys = candidates[:160] if seq % 2 else [k for k in candidates if db.shard_of(k) == 0][:100]
+                value = b"c%03d-%012d" % (ident, seq)
+                for key in keys:
+                    note(op="put", seq=seq, state="begin", key=key.hex(), value=value.hex())
+                db.put_many([(key, value) for key in keys])
+                for key in keys:
+                    note(op="put", seq=seq, state="ok", key=key.hex(), value=value.hex())
+            elif choice < 0.35:
                 key, value = b"c%d-k%d" % (ident, rng.randrange(20)), b"c%d-%d" % (ident, seq)
                 note(op="put", seq=seq, state="begin", key=key.hex(), value=value.hex())
                 db.put(key, value)
