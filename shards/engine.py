@@ -40,6 +40,7 @@ from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter
 
 LOCK_FILE = "LOCK"
 MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
+DEFER_MIN = 64  # apply_deferred answers before indexing from this many records of a batch
 _RETRY = object()
 _unpack_crc = struct.Struct("<I").unpack_from
 
@@ -406,20 +407,53 @@ class ShardEngine:
         expects: (key, value) pairs that must all hold first (value None: the key is absent);
         if one does not, nothing is written and Conflict is raised.
         """
+        self._apply(ops, expects, defer=False)
+
+    def apply_deferred(self, ops: Iterable, expects: Iterable = ()) -> Callable[[], None] | None:
+        """`apply` for a shard worker that answers before it indexes. A batch of DEFER_MIN or
+        more operations without preconditions, at a durability other than "fsync", returns as
+        soon as it is logged, with the engine's lock still held and the shared index's version
+        odd (clients' direct reads ask the worker meanwhile); the function returned indexes it
+        and releases the lock, and must run before anything else uses the engine. Any other
+        batch is applied as `apply` does, and None is returned."""
+        return self._apply(ops, expects, defer=True)
+
+    def _apply(self, ops: Iterable, expects: Iterable, defer: bool) -> Callable[[], None] | None:
         batch = self._check_ops(ops)
         expects = _check_expects(expects)
         self._check_open()
         if not batch and not expects:
-            return
-        with self._lock:
+            return None
+        deferred = None
+        self._lock.acquire()
+        try:
             self._check_open()
             if self._prepared.locks:
                 self._prepared.check_unlocked([*batch_keys(batch), *(key for key, _ in expects)])
             self._check_expects_locked(expects)
             if not batch:
-                return
-            end = self._write_locked(batch)
+                return None
+            end, index = self._log_locked(batch)
+            if defer and not expects and len(batch) >= DEFER_MIN and self.durability != "fsync":
+                deferred = self._then_unlock(index)
+                return deferred
+            index()
+        finally:
+            if deferred is None:
+                self._lock.release()
         self._make_durable(end)
+        return None
+
+    def _then_unlock(self, index: Callable[[], None]) -> Callable[[], None]:
+        """`index`, then the engine's lock released (taken by the deferred write)."""
+
+        def finish() -> None:
+            try:
+                index()
+            finally:
+                self._lock.release()
+
+        return finish
 
     def _current(self, key: bytes):
         """The value of `key` (None if absent or expired); the caller holds the lock."""
@@ -458,20 +492,37 @@ class ShardEngine:
     def commit(self, txid: int) -> bool:
         """Phase two: apply prepared batch `txid` (one batch: a COMMIT record, then its writes)
         and release its locks. False if no such batch is prepared here (already settled)."""
-        with self._lock:
+        return self._commit(txid, defer=False)[0]
+
+    def commit_deferred(self, txid: int) -> tuple[bool, Callable[[], None] | None]:
+        """`commit` for a shard worker that answers before it indexes, as `apply_deferred`
+        does: (settled, the function that indexes the batch and releases the lock, or None)."""
+        return self._commit(txid, defer=True)
+
+    def _commit(self, txid: int, defer: bool) -> tuple[bool, Callable[[], None] | None]:
+        deferred = None
+        self._lock.acquire()
+        try:
             self._check_open()
             entry = self._prepared.batches.get(txid)
             if entry is None:
-                return False
+                return False, None
             batch = entry[0]
             if type(batch) is UniformPuts:
                 batch = batch.headed(COMMIT, txid_key(txid))
             else:
                 batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
-            end = self._write_locked(batch, committing=True)
-            self._prepared.pop(txid)
+            end, index = self._log_locked(batch, committing=True)
+            self._prepared.pop(txid)  # the keys stay unreadable to clients until indexed: the version is odd
+            if defer and len(batch) > DEFER_MIN and self.durability != "fsync":
+                deferred = self._then_unlock(index)
+                return True, deferred
+            index()
+        finally:
+            if deferred is None:
+                self._lock.release()
         self._make_durable(end)
-        return True
+        return True, None
 
     def abort(self, txid: int) -> bool:
         """Drop prepared batch `txid` (logging an ABORT record) and release its locks; False if
@@ -552,6 +603,14 @@ class ShardEngine:
     def _write_locked(self, batch: list, committing: bool = False) -> tuple[int, int]:
         """Append `batch` as one unit and apply it to the index; the caller holds the lock.
         (A COMMIT record at its head is logged with it but stays out of the index.)"""
+        end, index = self._log_locked(batch, committing)
+        index()
+        return end
+
+    def _log_locked(self, batch: list, committing: bool = False) -> tuple[tuple[int, int], Callable[[], None]]:
+        """Append `batch` as one unit; return where it ends, and the function that applies it
+        to the index. From the append until that function returns, the shared version is odd
+        (clients' direct reads ask the worker); the caller holds the lock throughout."""
         seq = self._seq + 1
         if type(batch) is UniformPuts:
             types, keys, values, expires, key_lens, value_lens = batch.columns()
@@ -569,10 +628,17 @@ class ShardEngine:
         self._seq = seq
         if committing:
             faults.point("shard.commit_logged")
+        self._version += 1
+        return (segment, offset + len(data)), lambda: self._index_batch(segment, offset, relative, types, keys, expires, key_lens, value_lens, seq)
+
+    def _index_batch(self, segment: int, offset: int, relative: list, types, keys, expires, key_lens, value_lens, seq: int) -> None:
+        """Point the index at the records of a batch just appended at `offset` of `segment`
+        (`relative`: their offsets in the batch); then the shared version is even again."""
+        n = len(types)
+        columns = n >= COLUMNS_MIN
         base = segment << 32
         offsets = list(map(offset.__add__, relative))
         first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
-        self._version += 1
         try:
             self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
             if columns and types.count(PUT) == n - first and expires.count(0) == n:
@@ -594,7 +660,6 @@ class ShardEngine:
                     index_record(rtype, key, base | record_offset, value_len, seq, expires_at)
         finally:
             self._version += 1
-        return segment, offset + len(data)
 
     def _index_record(self, rtype: int, key: bytes, location: int, value_len: int, seq: int, expires_at: int) -> None:
         """Point the index, the ordered view and the expiry table at one record just appended:

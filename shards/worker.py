@@ -68,6 +68,7 @@ class Worker:
         self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [posix_ipc.Semaphore(names["coord_done"])]
         self.stopping = False
         self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
+        self.finish_indexing = None  # indexes a batch answered before it was indexed (engine.apply_deferred)
         self.exit_code = 0
         self.engine = None
         # The index lives in shared memory, where clients answer gets themselves (docs/IPC.md).
@@ -105,6 +106,10 @@ class Worker:
         try:
             self._serve()
         finally:
+            try:
+                self._finish_indexing()  # it holds the engine's lock, which the compactor may wait for
+            except Exception as exc:
+                self.log.error("indexing a logged batch failed; the next worker recovers it from the log", error=repr(exc))
             if self.compactor is not None:
                 self.compactor.join()
             self.shared_index.close()  # clients go back to the ring before the files close
@@ -148,6 +153,7 @@ class Worker:
             replies = []
             sync = False
             for lease in ready:
+                self._finish_indexing()
                 reply, wants_sync = self._handle(lease)
                 if reply is not None:
                     replies.append((lease, *reply))
@@ -162,6 +168,8 @@ class Worker:
             for lease, request_id, response in replies:
                 self.frames.respond(lease, request_id, response)
                 self.done[lease].release()
+            # A big batch is answered once logged and indexed now, while its client goes on.
+            self._finish_indexing()
             failure = self.engine.write_failure()
             if failure is not None:
                 # After a failed fsync the page cache may hold data the disk never got: only a
@@ -172,6 +180,14 @@ class Worker:
             if self.voted:
                 self.voted = False
                 faults.point("worker.voted")
+
+    def _finish_indexing(self) -> None:
+        """Index the batch the last request logged and answered early (apply_deferred), if any:
+        before the engine serves anything else. If it fails, the index no longer matches the
+        log: the exception ends the worker, and its successor recovers from the log."""
+        finish, self.finish_indexing = self.finish_indexing, None
+        if finish is not None:
+            finish()
 
     def _publish_locks(self) -> None:
         """Tell clients whether any key here is locked by an undecided cross-shard batch."""
@@ -288,7 +304,7 @@ class Worker:
         if op == m.APPLY:
             writes, expects = m.decode_ops(reader)
             reader.end()
-            engine.apply(writes, expects)
+            self.finish_indexing = engine.apply_deferred(writes, expects)
             return m.ok()
         if op == m.PREPARE:
             txid = reader.u64()
@@ -302,7 +318,10 @@ class Worker:
         if op in (m.COMMIT, m.ABORT):
             txid = reader.u64()
             reader.end()
-            settled = engine.commit(txid) if op == m.COMMIT else engine.abort(txid)
+            if op == m.COMMIT:
+                settled, self.finish_indexing = engine.commit_deferred(txid)
+            else:
+                settled = engine.abort(txid)
             self._publish_locks()
             return m.ok(b"\x01" if settled else b"\x00")
         if op == m.PENDING:

@@ -613,3 +613,22 @@ def test_dead_workers_indexes_are_withdrawn_and_nothing_is_left_behind(cluster):
     wait_until(lambda: cluster.info() is None and not cluster_pids(cluster.directory), 20, message="stop of the idle embedded cluster")
     assert not index_entries(cluster.directory), f"index objects left in /dev/shm after the cluster stopped: {index_entries(cluster.directory)}"
     assert nothing_left(cluster.directory), shm_entries(cluster.directory)
+
+
+def test_a_big_batch_is_read_back_at_once_though_indexed_after_its_answer(cluster):
+    """A worker answers a big batch once it is logged and indexes it right after (so that the
+    client's next batch overlaps the indexing). A get or get_many made as soon as put_many
+    returns, by the writer or by another client, must see every key of it: the shard's
+    version stays odd until the batch is indexed, so direct reads ask the worker meanwhile."""
+    db, other = cluster.open(), cluster.open()
+    # Big enough that indexing takes longer than the client takes to wake up and read.
+    on_shard_0 = keys_by_shard(db, 5000, b"early-%06d")[0]
+    across = [b"early-x%05d" % i for i in range(5000)]
+    assert len({db.shard_of(k) for k in across}) > 1
+    for round_ in range(8):
+        keys = on_shard_0 if round_ % 2 else across  # one APPLY, or PREPARE + COMMIT on each shard
+        value = b"round-%04d" % round_
+        db.put_many([(key, value) for key in keys])
+        assert [db.get(key) for key in keys[:: 7]] == [value] * len(keys[:: 7])
+        assert other.get_many(keys) == [value] * len(keys)
+        assert [other.get(key) for key in keys[1:: 7]] == [value] * len(keys[1:: 7])

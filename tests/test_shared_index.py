@@ -322,3 +322,61 @@ def test_mappings_of_compacted_segments_are_dropped(shard):
     mapped = set(shard.reader._segments[1])
     assert mapped <= set(shard.engine._maps), "a mapping of a deleted segment was kept"
     assert not (mapped & before - set(shard.engine._maps))
+
+
+def test_a_batch_answered_before_it_is_indexed_is_never_read_half_done(shard):
+    """apply_deferred / commit_deferred (a worker answers a big batch once logged): until the
+    returned function has indexed it, direct reads of that shard fall back to the worker (the
+    version is odd) and the engine's lock is held; then every key reads its new value."""
+    engine = shard.engine
+    engine.apply([("put", b"k%04d" % i, b"old") for i in range(100)])
+    finish = engine.apply_deferred([("put", b"k%04d" % i, b"new") for i in range(100)])
+    assert finish is not None
+    try:
+        assert engine._lock.locked()
+        seen = [shard.read(b"k0000"), shard.read(b"k0099"), shard.read(b"absent")]
+    finally:
+        finish()  # (also when an assertion failed: the fixture's close needs the lock)
+    assert seen == [FALLBACK] * 3
+    assert not engine._lock.locked()
+    assert [shard.read(b"k%04d" % i) for i in range(100)] == [b"new"] * 100
+    engine.prepare(9, [("put", b"t%04d" % i, b"tx") for i in range(100)])
+    assert engine.commit_deferred(10) == (False, None)  # not prepared here: nothing to do
+    settled, finish = engine.commit_deferred(9)
+    assert finish is not None
+    try:
+        seen = shard.read(b"t0000")
+    finally:
+        finish()
+    assert settled and seen is FALLBACK
+    assert shard.read(b"t0050") == b"tx" and not engine._lock.locked()
+
+
+def _applied_at_once(finish) -> bool:
+    """Whether apply_deferred applied the batch before returning; if not, index it now (a
+    failing test must not leave the engine's lock held: closing would wait for it)."""
+    if finish is None:
+        return True
+    finish()
+    return False
+
+
+def test_batches_that_are_not_answered_early(tmp_path, shard):
+    """Small batches, batches with preconditions, and any batch at durability "fsync" are
+    applied (and indexed) before apply_deferred returns; one that fails takes no lock."""
+    from shardkv.errors import Busy, Conflict
+
+    engine = shard.engine
+    assert _applied_at_once(engine.apply_deferred([("put", b"small%d" % i, b"v") for i in range(10)]))
+    assert shard.read(b"small9") == b"v" and not engine._lock.locked()
+    assert _applied_at_once(engine.apply_deferred([("put", b"x%03d" % i, b"v") for i in range(100)], [(b"small0", b"v")]))
+    assert shard.read(b"x099") == b"v"
+    with pytest.raises(Conflict):
+        engine.apply_deferred([("put", b"y%03d" % i, b"v") for i in range(100)], [(b"small0", b"other")])
+    engine.prepare(3, [("put", b"locked", b"v")])
+    with pytest.raises(Busy):
+        engine.apply_deferred([("put", b"z%03d" % i, b"v") for i in range(100)] + [("put", b"locked", b"w")])
+    assert not engine._lock.locked() and shard.read(b"z000") is None
+    with ShardEngine.open(str(tmp_path / "fsync"), durability="fsync") as synced:
+        assert _applied_at_once(synced.apply_deferred([("put", b"f%03d" % i, b"v") for i in range(100)]))
+        assert synced.get(b"f099") == b"v"
