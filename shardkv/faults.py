@@ -17,6 +17,8 @@ The points (docs/TRANSACTIONS.md, "Crash cases"):
   worker.prepare_logged      - a participant logged PREPARE and has not voted
   worker.voted               - a participant voted (its answer is in the ring)
   shard.commit_logged        - a participant logged COMMIT and has not applied it to its index
+  worker.answered_unindexed  - a worker answered a big batch (APPLY or COMMIT) it has logged and
+                               not indexed yet
 """
 
 from __future__ import annotations

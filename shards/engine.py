@@ -20,7 +20,7 @@ import numpy as np
 from crc32c import crc32c
 
 from shardkv import faults
-from shardkv.errors import Closed, Conflict, CorruptionError, Error
+from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
 from shardkv.ipc.messages import PutColumns
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
@@ -165,6 +165,7 @@ class ShardEngine:
             os.close(self._lock_fd)
             raise
         self._closed = False
+        self._index_failure: BaseException | None = None  # the index failed to take a logged batch
 
     @property
     def _version(self) -> int:
@@ -357,6 +358,9 @@ class ShardEngine:
             try:
                 self._active_records.add(offset, PUT, len(key), len(value), seq, expires_at)
                 self._index_record(PUT, key, (segment << 32) | offset, len(value), seq, expires_at)
+            except BaseException as exc:
+                self._index_failure = exc  # see _index_batch
+                raise
             finally:
                 self._version += 1
         if self.durability == "fsync":
@@ -513,11 +517,14 @@ class ShardEngine:
             else:
                 batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
             end, index = self._log_locked(batch, committing=True)
-            self._prepared.pop(txid)  # the keys stay unreadable to clients until indexed: the version is odd
-            if defer and len(batch) > DEFER_MIN and self.durability != "fsync":
+            if defer and len(batch) >= DEFER_MIN and self.durability != "fsync":
+                # Its locks go now, so that the worker publishes the count before answering;
+                # clients still cannot read these keys: the version stays odd until indexed.
+                self._prepared.pop(txid)
                 deferred = self._then_unlock(index)
                 return True, deferred
             index()
+            self._prepared.pop(txid)
         finally:
             if deferred is None:
                 self._lock.release()
@@ -633,13 +640,15 @@ class ShardEngine:
 
     def _index_batch(self, segment: int, offset: int, relative: list, types, keys, expires, key_lens, value_lens, seq: int) -> None:
         """Point the index at the records of a batch just appended at `offset` of `segment`
-        (`relative`: their offsets in the batch); then the shared version is even again."""
-        n = len(types)
-        columns = n >= COLUMNS_MIN
-        base = segment << 32
-        offsets = list(map(offset.__add__, relative))
-        first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
+        (`relative`: their offsets in the batch); then the shared version is even again. If
+        this fails, the index no longer matches the log: the engine takes no more writes and
+        reports it through write_failure (its owner reopens it, which recovers from the log)."""
         try:
+            n = len(types)
+            columns = n >= COLUMNS_MIN
+            base = segment << 32
+            offsets = list(map(offset.__add__, relative))
+            first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
             self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
             if columns and types.count(PUT) == n - first and expires.count(0) == n:
                 # Only puts that never expire: indexed in one tight loop.
@@ -658,6 +667,9 @@ class ShardEngine:
                 index_record = self._index_record
                 for rtype, key, value_len, expires_at, record_offset in zip(types, keys, value_lens, expires, offsets):
                     index_record(rtype, key, base | record_offset, value_len, seq, expires_at)
+        except BaseException as exc:
+            self._index_failure = exc
+            raise
         finally:
             self._version += 1
 
@@ -679,6 +691,8 @@ class ShardEngine:
             self._writer.sync_upto(*end)
 
     def _append(self, data: bytes) -> tuple[int, int]:
+        if self._index_failure is not None:
+            raise StorageError(f"shard {self.shard_id}: the index failed to take a logged batch ({self._index_failure!r}); reopen to recover")
         segment, offset = self._writer.append(data)
         if segment != self._active:
             self._start_active(segment)
@@ -853,14 +867,19 @@ class ShardEngine:
         Returns {"before": space, "after": space, "seconds": ..., ...} with space as in stats().
         """
         with self._compaction_lock:
+            if self._index_failure is not None:  # it keeps what the index points at: not now
+                raise StorageError(f"shard {self.shard_id}: the index failed to take a logged batch; reopen to recover")
             result = compaction.compact(self)
             self._last_compaction = result
             return result
 
     def write_failure(self) -> str | None:
-        """Why the log stopped accepting writes (a failed write or fsync), or None. Writes then
-        raise StorageError until the shard is reopened, which recovers from what is on disk."""
+        """Why the log stopped accepting writes (a failed write or fsync, or an index that failed
+        to take a logged batch), or None. Writes then raise StorageError until the shard is
+        reopened, which recovers from what is on disk."""
         failure = self._writer._failure
+        if failure is None and self._index_failure is not None:
+            return f"the index failed to take a logged batch: {self._index_failure!r}"
         return None if failure is None else repr(failure)
 
     def sync(self) -> None:
@@ -878,7 +897,8 @@ class ShardEngine:
                 self._writer.close()
                 segment, end = self._writer.position
                 try:
-                    write_hint(self.directory, self.shard_id, segment, end, self._active_records, self._maps[segment])
+                    if self._index_failure is None:  # else the record table may lack a logged batch: recovery reads the segment
+                        write_hint(self.directory, self.shard_id, segment, end, self._active_records, self._maps[segment])
                 except OSError:
                     pass
             finally:

@@ -106,10 +106,7 @@ class Worker:
         try:
             self._serve()
         finally:
-            try:
-                self._finish_indexing()  # it holds the engine's lock, which the compactor may wait for
-            except Exception as exc:
-                self.log.error("indexing a logged batch failed; the next worker recovers it from the log", error=repr(exc))
+            self._finish_indexing()  # it holds the engine's lock, which the compactor and close wait for
             if self.compactor is not None:
                 self.compactor.join()
             self.shared_index.close()  # clients go back to the ring before the files close
@@ -153,7 +150,8 @@ class Worker:
             replies = []
             sync = False
             for lease in ready:
-                self._finish_indexing()
+                if not self._finish_indexing():
+                    return  # the successor answers the requests left: Unavailable
                 reply, wants_sync = self._handle(lease)
                 if reply is not None:
                     replies.append((lease, *reply))
@@ -169,7 +167,9 @@ class Worker:
                 self.frames.respond(lease, request_id, response)
                 self.done[lease].release()
             # A big batch is answered once logged and indexed now, while its client goes on.
-            self._finish_indexing()
+            if self.finish_indexing is not None:
+                faults.point("worker.answered_unindexed")
+            self._finish_indexing()  # a failure shows in write_failure
             failure = self.engine.write_failure()
             if failure is not None:
                 # After a failed fsync the page cache may hold data the disk never got: only a
@@ -181,13 +181,21 @@ class Worker:
                 self.voted = False
                 faults.point("worker.voted")
 
-    def _finish_indexing(self) -> None:
+    def _finish_indexing(self) -> bool:
         """Index the batch the last request logged and answered early (apply_deferred), if any:
-        before the engine serves anything else. If it fails, the index no longer matches the
-        log: the exception ends the worker, and its successor recovers from the log."""
+        before the engine serves anything else. False if that failed: the index no longer
+        matches the log, the engine takes no more writes, and the worker must end (its
+        successor recovers from the log)."""
         finish, self.finish_indexing = self.finish_indexing, None
-        if finish is not None:
+        if finish is None:
+            return True
+        try:
             finish()
+            return True
+        except Exception as exc:
+            self.log.error("indexing a logged batch failed; restarting to recover from the log", error=repr(exc))
+            self.exit_code = EXIT_STORAGE
+            return False
 
     def _publish_locks(self) -> None:
         """Tell clients whether any key here is locked by an undecided cross-shard batch."""

@@ -380,3 +380,50 @@ def test_batches_that_are_not_answered_early(tmp_path, shard):
     with ShardEngine.open(str(tmp_path / "fsync"), durability="fsync") as synced:
         assert _applied_at_once(synced.apply_deferred([("put", b"f%03d" % i, b"v") for i in range(100)]))
         assert synced.get(b"f099") == b"v"
+
+
+@pytest.mark.parametrize("failing", ["index", "record_table"])
+@pytest.mark.parametrize("deferred", [True, False], ids=["answered-early", "answered-after"])
+def test_an_index_that_fails_to_take_a_logged_batch_stops_the_engine_until_reopened(tmp_path, deferred, failing):
+    """If indexing a logged batch fails (MemoryError from the key index, or from the active
+    segment's record table, which the hint is written from), the index no longer matches the
+    log: the engine reports a write failure, refuses writes and compactions, closes without a
+    hint for the active segment, and a reopen recovers the batch from the log. A small COMMIT
+    refused this way stays prepared (retryable)."""
+    from shardkv.errors import StorageError
+
+    path = str(tmp_path / "e")
+    batch = [("put", b"b%04d" % i, b"new") for i in range(100)]
+    with ShardEngine.open(path, durability="process") as engine:
+        engine.apply([("put", b"b%04d" % i, b"old") for i in range(100)])
+        engine.prepare(4, [("put", b"tx", b"committed")])
+
+        def fail(*args, **kwargs):
+            raise MemoryError("test")
+
+        if failing == "index":
+            engine._index.upsert_many = fail
+        else:
+            engine._active_records.add_batch = fail
+        if deferred:
+            finish = engine.apply_deferred(batch)
+            assert finish is not None
+            with pytest.raises(MemoryError):
+                finish()
+        else:
+            with pytest.raises(MemoryError):
+                engine.apply(batch)
+        assert not engine._lock.locked() and engine._version % 2 == 0
+        assert "index failed" in engine.write_failure()
+        with pytest.raises(StorageError):
+            engine.put(b"later", b"x")
+        with pytest.raises(StorageError):
+            engine.commit(4)
+        assert engine.prepared() == [4]
+        with pytest.raises(StorageError):
+            engine.compact()
+    with ShardEngine.open(path, durability="process") as engine:
+        assert engine.write_failure() is None
+        assert [engine.get(b"b%04d" % i) for i in range(100)] == [b"new"] * 100
+        assert engine.get(b"later") is None and engine.prepared() == [4]
+        assert engine.commit(4) and engine.get(b"tx") == b"committed"

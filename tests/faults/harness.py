@@ -31,7 +31,7 @@ from shardkv.ops.verify import verify_store
 from .client import ACCOUNTS, COUNTERS, LISTS, TOTAL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAULT_POINTS = ["coordinator.decision_logged", "coordinator.commit_sent", "worker.voted", "shard.commit_logged", "worker.prepare_logged"]
+FAULT_POINTS = ["coordinator.decision_logged", "coordinator.commit_sent", "worker.voted", "shard.commit_logged", "worker.prepare_logged", "worker.answered_unindexed"]
 
 
 class Harness:
