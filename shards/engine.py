@@ -438,7 +438,7 @@ class ShardEngine:
             if not batch:
                 return None
             end, index = self._log_locked(batch)
-            if defer and not expects and len(batch) >= DEFER_MIN and self.durability != "fsync":
+            if not expects and self._answers_early(defer, batch):
                 deferred = self._then_unlock(index)
                 return deferred
             index()
@@ -447,6 +447,11 @@ class ShardEngine:
                 self._lock.release()
         self._make_durable(end)
         return None
+
+    def _answers_early(self, defer: bool, batch) -> bool:
+        """Whether a deferred write may be answered before it is indexed: a big batch, unless
+        every write is fsynced before its answer."""
+        return defer and len(batch) >= DEFER_MIN and self.durability != "fsync"
 
     def _then_unlock(self, index: Callable[[], None]) -> Callable[[], None]:
         """`index`, then the engine's lock released (taken by the deferred write)."""
@@ -517,7 +522,7 @@ class ShardEngine:
             else:
                 batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
             end, index = self._log_locked(batch, committing=True)
-            if defer and len(batch) >= DEFER_MIN and self.durability != "fsync":
+            if self._answers_early(defer, batch):
                 # Its locks go now, so that the worker publishes the count before answering;
                 # clients still cannot read these keys: the version stays odd until indexed.
                 self._prepared.pop(txid)
