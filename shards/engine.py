@@ -34,7 +34,7 @@ from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
-from shardkv.wal.records import COLUMNS_MIN, encode_batch, encode_columns, encode_record
+from shardkv.wal.records import COLUMNS_MIN, encode_columns, encode_record
 from shardkv.wal.watermark import Watermark
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter, check_durability
 
@@ -626,16 +626,11 @@ class ShardEngine:
         seq = self._seq + 1
         if type(batch) is UniformPuts:
             types, keys, values, expires, key_lens, value_lens = batch.columns()
-            n = len(types)
         else:
-            n = len(batch)
             types, keys, values, expires = zip(*batch)
             key_lens, value_lens = list(map(len, keys)), list(map(len, values))
-        columns = n >= COLUMNS_MIN  # a big batch is encoded in one pass, column by column
-        if columns:
-            data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
-        else:
-            data, relative = encode_batch(batch.tuples() if type(batch) is UniformPuts else batch, seq)
+        # (A big batch is encoded in one pass, column by column; a small one record by record.)
+        data, relative = encode_columns(types, keys, values, expires, seq, key_lens, value_lens)
         segment, offset = self._append(data)
         self._seq = seq
         if committing:

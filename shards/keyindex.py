@@ -201,7 +201,7 @@ class KeyIndex:
         the others (for the loop, in order)."""
         n = len(keys)
         h = np.asarray(hashes, dtype=np.uint64)
-        home = (((h * np.uint64(GOLDEN32)) & np.uint64(0xFFFFFFFF)) >> np.uint64(self._shift)).astype(np.int64)
+        home = _homes(h, self._bits)
         slot = home.copy()
         placeable = np.ones(n, dtype=bool)
         busy = np.flatnonzero(self.slots[home])  # home taken: look further (about a third of the keys)
@@ -316,11 +316,10 @@ class KeyIndex:
         bits = MIN_BITS
         while (1 << bits) * MAX_LOAD < n:
             bits += 1
-        entries = (hashes, locations, key_lens, value_lens, seqs)
         live = np.arange(n, dtype=np.int64)
         length, positions, order = _placement(np.asarray(hashes, dtype=np.uint32), live, bits)
         arrays = self._tables.allocate(bits, length, max(1024, n + n // 8))
-        for name, values in zip(("hashes", "locations", "key_lens", "value_lens", "seqs"), entries):
+        for name, values in zip(ENTRY_ARRAYS, (locations, hashes, key_lens, value_lens, seqs)):
             arrays[name][:n] = values
         arrays["slots"][positions] = (live[order] + 1).astype(np.uint32)
         self._high = n
@@ -346,8 +345,7 @@ class KeyIndex:
 def _placement(hashes: np.ndarray, live: np.ndarray, bits: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Where linear probing puts entries `live` (with these hashes) in a table of 2**bits home
     slots: (slot array length, positions, order) - entry live[order[k]] goes to positions[k]."""
-    shift = 32 - bits
-    home = (((hashes.astype(np.uint64) * GOLDEN32) & 0xFFFFFFFF) >> shift).astype(np.int64)
+    home = _homes(hashes, bits)
     order = np.argsort(home, kind="stable")
     ranks = np.arange(len(live), dtype=np.int64)
     # Linear probing without wrap-around, in closed form: in home order, each entry lands at
@@ -355,6 +353,11 @@ def _placement(hashes: np.ndarray, live: np.ndarray, bits: int) -> tuple[int, np
     positions = np.maximum.accumulate(home[order] - ranks) + ranks if len(live) else ranks
     length = max((1 << bits) + OVERFLOW, (int(positions[-1]) if len(live) else 0) + OVERFLOW)
     return length, positions, order
+
+
+def _homes(hashes: np.ndarray, bits: int) -> np.ndarray:
+    """`KeyIndex.home` of each hash, for a table of 2**bits home slots (int64)."""
+    return (((hashes.astype(np.uint64) * GOLDEN32) & 0xFFFFFFFF) >> (32 - bits)).astype(np.int64)
 
 
 def _column(values, chosen: np.ndarray):
