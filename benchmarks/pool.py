@@ -88,22 +88,52 @@ def _cached(cls, n: int, seed: int):
     return _cache[(cls, n, seed)]
 
 
-def _prepare(job: dict, index: int) -> tuple[list[bytes], list[bool] | None, list[bytes]]:
-    """The operations of one process for `job`: keys, read-or-update flags, update values."""
-    keys = _cached(Keys, job["n"], job["seed"])
+def _prepare(job: dict, index: int, client=None) -> tuple[list[bytes], list[bool] | None, list[bytes]]:
+    """The operations of one process for `job`: keys, read-or-update flags, update values.
+
+    Batch jobs ("put_batches": keys anywhere; "put_batches_one_shard": every batch's keys on one
+    shard, by `client.shard_of`, the process's batches going round the shards from its own
+    index on) draw `job["keys"]` fresh random keys, written once each unless the timed phase
+    outruns them (then round and round again, as overwrites)."""
     rng = np.random.default_rng([job["seed"], job["stream"], index])
-    count = min(JOB_KEYS, max(CHECK_EVERY, job["n"]))
-    if job["kind"] == "reads":
-        return keys.take(rng.integers(0, job["n"], size=count)), None, []
-    if job["kind"] == "put_batches":  # batches of fresh random keys (used round and round)
+    if job["kind"] in ("put_batches", "put_batches_one_shard"):
+        count = job.get("keys", JOB_KEYS)
         raw = rng.bytes(KEY_SIZE * count)
         fresh = [raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)]
         pool = value_pool(job["value_size"], job["seed"] + 1)
+        pairs = [(k, pool[j % VALUE_POOL]) for j, k in enumerate(fresh)]
         batch = job["batch"]
-        return [[(k, pool[j % VALUE_POOL]) for j, k in enumerate(fresh[i : i + batch])] for i in range(0, count, batch)], "batches", []
+        if job["kind"] == "put_batches":
+            return [pairs[i : i + batch] for i in range(0, count, batch)], "batches", []
+        return _one_shard_batches(pairs, batch, client.shard_of, job["shards"], index), "batches", []
+    keys = _cached(Keys, job["n"], job["seed"])
+    count = min(JOB_KEYS, max(CHECK_EVERY, job["n"]))
+    if job["kind"] == "reads":
+        return keys.take(rng.integers(0, job["n"], size=count)), None, []
     indices = _cached(Zipfian, job["n"], job["seed"]).draw(rng, count)
     reads = (rng.random(count) < job["read_fraction"]).tolist()
     return keys.take(indices), reads, value_pool(job["value_size"], job["seed"] + 1)
+
+
+def _one_shard_batches(pairs: list, batch: int, shard_of, shards: int, first: int) -> list[list]:
+    """Full batches of `batch` pairs whose keys share a shard, taking the shards in turn from
+    `first` on (so that processes start on different shards)."""
+    by_shard: list[list] = [[] for _ in range(shards)]
+    for pair in pairs:
+        by_shard[shard_of(pair[0])].append(pair)
+    per_shard = [[bucket[i : i + batch] for i in range(0, len(bucket) - batch + 1, batch)] for bucket in by_shard]
+    order = [per_shard[(first + j) % shards] for j in range(shards)]
+    return [lists[i] for i in range(max(map(len, order))) for lists in order if i < len(lists)]
+
+
+def run_here(client, job: dict, duration: float, index: int = 0) -> dict:
+    """Run `job` in this process on `client` (a store that only one process may write, such as
+    RocksDB): the same loop as a pool process's, timed alike."""
+    ops = _prepare(job, index, client)
+    start_at = time.monotonic() + START_DELAY
+    out = _run(client, ops, start_at, duration)
+    seconds = out["end"] - start_at
+    return {"ops": out["ops"], "seconds": seconds, "ops_per_s": out["ops"] / seconds, "missing": out["missing"]}
 
 
 def _run(client, ops: tuple, start_at: float, duration: float) -> dict:
@@ -168,7 +198,7 @@ def _worker(conn, index: int, preload: Sequence[str]) -> None:
                     client = connect(arg, reader=True)
                     answer = None
                 elif command == "prepare":
-                    ops = _prepare(arg, index)
+                    ops = _prepare(arg, index, client)
                     answer = None
                 elif command == "go":
                     answer = _run(client, ops, arg["start_at"], arg["duration"])

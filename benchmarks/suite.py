@@ -88,7 +88,7 @@ from benchmarks.common import (
     timed,
 )
 from benchmarks.peers import LABELS, MODULES, PEERS, SHARDS, STORES, Client, Served, Unsupported, check_available, connect, serve, versions
-from benchmarks.pool import ClientPool, Keys, Zipfian, value_pool
+from benchmarks.pool import ClientPool, Keys, Zipfian, run_here, value_pool
 
 SEED = 20261122
 BATCH = 1000
@@ -265,7 +265,7 @@ class Suite:
         self.args, self.scale, self.stores, self.base, self.results = args, args.scale, stores, base, results
         self.seed = args.seed
         self.readers_by_procs: dict[int, Row] = {}
-        self.shard_rows: dict[int, tuple[Row, Row]] = {}  # shards -> (batched puts, gets)
+        self.shard_rows: dict[int, tuple[Row, Row, Row]] = {}  # shards -> (puts anywhere, puts one shard per batch, gets)
 
     @contextlib.contextmanager
     def session(self, name: str, fsync: bool = False, map_size: int = 1 << 30, shards: int = SHARDS) -> Iterator[tuple[Served, Client]]:
@@ -565,38 +565,89 @@ class Suite:
     # -- shard scaling (for machines with many cores) -------------------------------------------
     def shards(self) -> None:
         """Batched-put and random-get throughput of the cluster with 1, 2, 4, ... shards, from
-        a fixed number of client processes (only the shard count varies)."""
+        a fixed number of client processes (only the shard count varies), beside the peers'
+        batched puts from one process (RocksDB and LMDB take one writer at a time) and LMDB's
+        gets from the same number of processes."""
         s, args = self.scale, self.args
         clients = args.shard_clients
         keys = Keys(s.reader_keys, self.seed + 7)
         pool = value_pool(s.reader_value, self.seed + 7)
         if "shardkv" not in self.stores:
             return
-        self.results.note(f"shard scaling: {clients} client processes on {os.cpu_count()} CPUs; batched puts = put_many of {BATCH} fresh keys "
-                          f"(cross-shard two-phase commit from 2 shards on); gets over {s.reader_keys:,} keys x {s.reader_value} B.")  # fmt: skip
-        with ClientPool(clients, preload=["shardkv"]) as procs:
+        self.results.note(f"shard scaling: {clients} client processes on {os.cpu_count()} CPUs; batched puts = put_many of {BATCH} "
+                          f"fresh keys x {s.reader_value} B, 'keys anywhere' spanning the shards (two-phase commit from 2 shards on), "
+                          f"'one shard per batch' keys picked by shard_of (one log append each); RocksDB WriteBatch and LMDB write "
+                          f"transactions from 1 process (their one writer); gets over {s.reader_keys:,} keys x {s.reader_value} B "
+                          f"(LMDB: {clients} processes, one read transaction per get).")  # fmt: skip
+        with ClientPool(clients, preload=["shardkv", "lmdb"]) as procs:
+            peers = {}
+            for name in ("rocksdb", "lmdb"):
+                if name in self.stores:
+                    self.guarded(f"{LABELS[name]} shard-scaling reference", lambda name=name: peers.update({name: self._shards_peer(name, keys, pool, procs, clients)}))
             for count in args.shard_counts:
-                self.guarded(f"shardkv {count} shards", lambda count=count: self._shards_one(count, keys, pool, procs, clients))
+                self.guarded(f"shardkv {count} shards", lambda count=count: self._shards_one(count, keys, pool, procs, clients, peers))
 
-    def _shards_one(self, count: int, keys: Keys, pool: list[bytes], procs: ClientPool, clients: int) -> None:
+    def _batch_job(self, kind: str, seed: int, stream: int, **extra) -> dict:
+        """A timed job of atomic batches of BATCH fresh keys, enough that none is written twice
+        below 300k keys/s per process (a client's own encoding caps it near 1.5M)."""
+        s = self.scale
+        return {"kind": kind, "keys": int(300_000 * s.phase_s) // BATCH * BATCH, "seed": seed, "stream": stream, "batch": BATCH,
+                "value_size": s.reader_value, **extra}  # fmt: skip
+
+    def _shards_peer(self, name: str, keys: Keys, pool: list[bytes], procs: ClientPool, clients: int) -> dict:
+        """A peer's figures for the shard-scaling rows: batched puts from this process (its one
+        writer) and, where other processes may read, gets from `clients` processes."""
+        s, n = self.scale, len(keys)
+        out = {}
+        with self.session(name, map_size=8 << 30) as (served, client):
+            load(client, keys, pool)
+            if client.readers_in_other_processes and name == "lmdb":
+                procs.open(served.spec, clients)
+                try:
+                    got = procs.run({"kind": "reads", "n": n, "seed": keys.seed, "stream": 200}, clients, s.phase_s)
+                finally:
+                    procs.close_clients(clients)
+                self.check(got["missing"] == 0, f"{LABELS[name]} shard scaling: {got['missing']} gets found nothing")
+                out["gets"] = got["ops_per_s"]
+            put = run_here(client, self._batch_job("put_batches", keys.seed, 300), s.phase_s)
+            out["puts"] = put["ops_per_s"]
+            print(f"    {LABELS[name]:<9} shard scaling: 1 process, batches of {BATCH}: {fmt_rate(put['ops_per_s'])} keys/s"
+                  + (f"; gets from {clients} processes: {fmt_rate(out['gets'])}" if "gets" in out else ""), flush=True)  # fmt: skip
+        return out
+
+    def _shards_one(self, count: int, keys: Keys, pool: list[bytes], procs: ClientPool, clients: int, peers: dict) -> None:
         s, results = self.scale, self.results
         n = len(keys)
         workload = f"shard scaling, {clients} procs"
-        rows = (results.row(workload, f"{count} shard{'s' if count > 1 else ''}: put_many {BATCH}"),
-                results.row(workload, f"{count} shard{'s' if count > 1 else ''}: random gets"))  # fmt: skip
+        label = f"{count} shard{'s' if count > 1 else ''}"
+        rows = (results.row(workload, f"{label}: put_many {BATCH}, keys anywhere"),
+                results.row(workload, f"{label}: put_many {BATCH}, one shard per batch"),
+                results.row(workload, f"{label}: random gets"))  # fmt: skip
         self.shard_rows[count] = rows
+        for name, figures in peers.items():
+            for row in rows[:2]:
+                row.values[name] = figures["puts"]
+            if "gets" in figures:
+                rows[2].values[name] = figures["gets"]
         with self.session("shardkv", shards=count) as (served, client):
             load(client, keys, pool)
             procs.open(served.spec, clients)
             try:
                 out = procs.run({"kind": "reads", "n": n, "seed": keys.seed, "stream": 200 + count}, clients, s.phase_s)
                 self.check(out["missing"] == 0, f"shardkv {count} shards: {out['missing']} gets found nothing")
-                results.put(rows[1], "shardkv", out["ops_per_s"], f"  ({out['ops']:,} in {out['seconds']:.2f} s)")
-                job = {"kind": "put_batches", "n": 1 << 18, "seed": keys.seed, "stream": 300 + count, "batch": BATCH, "value_size": s.reader_value}
-                out = procs.run(job, clients, s.phase_s)
-                results.put(rows[0], "shardkv", out["ops_per_s"], f"  ({out['ops']:,} keys in {out['seconds']:.2f} s)")
+                results.put(rows[2], "shardkv", out["ops_per_s"], f"  ({out['ops']:,} in {out['seconds']:.2f} s)")
+                written_keys = 0
+                for row, kind, stream in ((rows[0], "put_batches", 300), (rows[1], "put_batches_one_shard", 400)):
+                    out = procs.run(self._batch_job(kind, keys.seed, stream + count, shards=count), clients, s.phase_s)
+                    results.put(row, "shardkv", out["ops_per_s"], f"  ({out['ops']:,} keys in {out['seconds']:.2f} s)")
+                    written_keys += out["ops"]
             finally:
                 procs.close_clients(clients)
+            written, total = client.count() - n, int(written_keys)
+            # Every key a batch job writes is fresh unless a process ran out of keys and began again.
+            exact = total <= self._batch_job("put_batches", 0, 0)["keys"]
+            self.check(written == total if exact else 0 < written <= total,
+                       f"shardkv {count} shards: {written:,} new keys after {total:,} batched puts")  # fmt: skip
 
 
 # -- the chart ------------------------------------------------------------------------------------
@@ -639,28 +690,35 @@ def write_chart(suite: Suite, path: str, title: str) -> bool:
 
 def write_shards_chart(suite: Suite, path: str, title: str) -> bool:
     rows = suite.shard_rows
-    points = sorted((c, r[0].values.get("shardkv"), r[1].values.get("shardkv")) for c, r in rows.items())
-    if not points:
+    counts = sorted(rows)
+    if not counts:
         return False
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for column, label, marker in ((1, f"put_many of {BATCH} (keys/s)", "o"), (2, "random gets (ops/s)", "s")):
-        xy = [(p[0], p[column]) for p in points if p[column] is not None]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    lines = ((0, f"put_many {BATCH}, keys anywhere (keys/s)", "o"), (1, f"put_many {BATCH}, one shard per batch (keys/s)", "D"),
+             (2, "random gets (ops/s)", "s"))  # fmt: skip
+    for column, label, marker in lines:
+        xy = [(c, rows[c][column].values["shardkv"]) for c in counts if "shardkv" in rows[c][column].values]
         if xy:
-            ax.plot(*zip(*xy), marker=marker, label=label)
+            ax.plot(*zip(*xy), marker=marker, linewidth=2.4, label=f"shardkv: {label}")
+    first = rows[counts[0]]
+    for column, what, style in ((0, f"batches of {BATCH}, 1 process", "--"), (2, "gets", ":")):
+        for store, value in first[column].values.items():
+            if store in PEERS:
+                ax.axhline(value, linestyle=style, linewidth=1.2, color="gray" if store == "rocksdb" else "tab:brown", label=f"{LABELS[store]}: {what}")
     ax.set_xscale("log", base=2)
-    ax.set_xticks([p[0] for p in points])
-    ax.set_xticklabels([str(p[0]) for p in points])
+    ax.set_xticks(counts)
+    ax.set_xticklabels([str(c) for c in counts])
     ax.set_yscale("log")
     ax.set_xlabel("shards (worker processes)")
     ax.set_ylabel("throughput, all client processes")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
