@@ -47,7 +47,11 @@ fsync" rows fsync nothing per write, "fsync" rows fsync every acknowledged write
 1 s (the 10M-key row, whose tenth is the 1M row of the full run, is left out); about 2.5 minutes
 on 2 cores. diskcache is left out of the 10M row unless --all-10m (it would take ~17 minutes).
 A "shards" workload (only when named in --workloads) measures the cluster's batched-put and get
-throughput with 1, 2, 4, 8 and 16 shards, for machines with that many cores.
+throughput with 1, 2, 4, 8 and 16 shards, for machines with that many cores: put_many of 1000
+fresh keys spread over every shard (two-phase commit) and with each batch's keys on one shard
+(picked with shard_of), random gets, all from --shard-clients processes; beside them RocksDB's
+WriteBatch and LMDB's write transactions from one process (the one writer each allows) and LMDB's
+gets from as many processes.
 
 Figures are ops/s (keys per second for batches and iteration) unless the operation names
 another unit. Ratio: shardkv / best peer as a speed ratio - above 1x shardkv is faster (or
