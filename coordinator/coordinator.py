@@ -2,8 +2,11 @@
 shards (docs/TRANSACTIONS.md).
 
 Hash slot h belongs to shard h mod N. Clients send TXN requests through the coordinator's ring;
-the coordinator talks to each worker through the ring slot reserved for it (slot L) and answers
-one batch at a time, so cross-shard batches never wait on each other's locks.
+the coordinator talks to each worker through the COORDINATOR_SLOTS ring slots reserved for it
+(slots L, L + 1, ...). It runs the TXNs waiting in its ring in rounds of up to COORDINATOR_SLOTS
+batches: one PREPARE fan-out for the whole round, the decisions, one COMMIT fan-out. A PREPARE
+never waits on a lock (it votes Busy), so batches never wait on each other; one that met the
+lock of another batch of its round runs again alone right after it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from shardkv.ipc import frames
 from shardkv.ipc import messages as m
 from shardkv.ipc.frames import FrameServer
 from shardkv.ipc.layout import (
+    COORDINATOR_SLOTS,
     HASH_SLOTS,
     PROC_QUARANTINED,
     PROC_UP,
@@ -89,7 +93,9 @@ class Coordinator:
         self.seen_generation = [0] * self.shards  # worker generation whose prepared batches were settled
         self.next_sweep = 0.0
         self.next_pending_check = 0.0
-        self.stats = {"committed": 0, "aborted": 0}
+        # rounds: rounds of cross-shard batches run; largest_round: the most batches in one;
+        # ran_again: batches run again alone after meeting a lock of their round.
+        self.stats = {"committed": 0, "aborted": 0, "rounds": 0, "largest_round": 0, "ran_again": 0}
         self.served = 0
 
     # -- life cycle ------------------------------------------------------------------------
@@ -118,8 +124,9 @@ class Coordinator:
                     pass
                 if time.monotonic() >= self.next_sweep:
                     self._sweep()
-                for slot in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
-                    self._serve(slot)
+                ready = np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist()
+                if ready:
+                    self._serve(ready)
         finally:
             self.decisions.close()
             self.log.info("stopped", **self.stats)
@@ -134,95 +141,150 @@ class Coordinator:
             self.frames.respond(slot, request_id, m.error_response(error))
             self.client_done[slot].release()
 
-    def _serve(self, slot: int) -> None:
-        request_id, message, reply = self.frames.receive(slot)
-        if message is not None:
-            try:
-                reply = self._execute(message, slot)
-            except (ValueError, TypeError, Unavailable, Conflict) as exc:
-                reply = m.error_response(exc)
-            except Exception as exc:  # keep serving everyone else
-                self.log.error("request failed", error=repr(exc))
-                reply = m.error_response(exc)
+    def _serve(self, slots: list[int]) -> None:
+        """Answer the requests in these slots of the coordinator's ring: TXNs in rounds of up to
+        COORDINATOR_SLOTS batches, anything else at once."""
+        batches = []
+        for slot in slots:
+            request_id, message, reply = self.frames.receive(slot)
+            if message is not None:
+                try:
+                    if message[0] == m.TXN:
+                        batches.append(self._parse_txn(slot, request_id, message))
+                        continue
+                    reply = self._execute(message)
+                except (ValueError, TypeError) as exc:
+                    reply = m.error_response(exc)
+                except Exception as exc:  # keep serving everyone else
+                    self.log.error("request failed", error=repr(exc))
+                    reply = m.error_response(exc)
+            self._answer(slot, request_id, reply)
+        for start in range(0, len(batches), COORDINATOR_SLOTS):
+            self._transact(batches[start : start + COORDINATOR_SLOTS])
+
+    def _answer(self, slot: int, request_id: int, reply: bytes) -> None:
         self.served += 1
         self.control.procs[0]["requests"] = self.served  # counted before answering, as workers do
         self.frames.respond(slot, request_id, reply)
         self.client_done[slot].release()
 
-    def _execute(self, message: bytes, lease: int) -> bytes:
+    def _execute(self, message: bytes) -> bytes:
+        """The answer to a request that is not a TXN."""
         op = message[0]
-        if op == m.TXN:
-            return self._transact(message, lease)
         if op == m.PING and len(message) == 2:
             return m.ok()
         if op == m.STATS and len(message) == 2:
             return m.ok(json.dumps({**self.stats, "undelivered": len(self.undelivered)}).encode())
         raise m.MessageError(f"op {op} is not served by the coordinator")
 
-    # -- two-phase commit ------------------------------------------------------------------
-    def _transact(self, message: bytes, lease: int) -> bytes:
-        """Run one cross-shard batch: PREPARE everywhere, decide, COMMIT everywhere."""
-        flags = message[1] & m.FLAG_FSYNC
+    def _parse_txn(self, slot: int, request_id: int, message: bytes) -> "_Batch":
+        """A TXN request as a batch to run (MessageError if malformed)."""
         parts = decode_txn_parts(message)
         shards = [shard for shard, _ in parts]
         if not parts or len(set(shards)) != len(shards) or max(shards) >= self.shards:
             raise m.MessageError(f"TXN parts must name distinct shards below {self.shards}, not {shards}")
-        txid = secrets.randbits(64) or 1
-        prefix = bytes((m.PREPARE, flags)) + _U64.pack(txid)
-        votes = self._call_workers({shard: prefix + part for shard, part in parts}, fault="coordinator.prepare_sent")
-        failures = [vote for vote in votes.values() if isinstance(vote, BaseException)]
-        if failures:
-            self._abort(txid, shards)
-            for kind in (Conflict, ValueError, TypeError):
-                for failure in failures:
-                    if isinstance(failure, kind):
-                        raise failure
-            raise Busy(f"a shard could not prepare the batch ({failures[0]}); it was not applied")
-        try:
-            self.decisions.log_commit(txid, shards, durable=bool(flags))
-        except BaseException:
-            self._abort(txid, shards)  # not logged, so not committed
-            raise
-        faults.point("coordinator.decision_logged")
-        self.undelivered[txid] = set(shards)
-        self._wait_for_readers(lease)
-        self.control.commits_started += 1
-        self._deliver(flags)
-        self.stats["committed"] += 1
-        return m.ok()
+        return _Batch(slot, request_id, message[1] & m.FLAG_FSYNC, parts)
 
-    def _abort(self, txid: int, shards: list[int]) -> None:
+    # -- two-phase commit ------------------------------------------------------------------
+    def _transact(self, batches: list["_Batch"]) -> None:
+        """Run a round of cross-shard batches and answer each client; then run again, alone,
+        each batch that met the lock of another batch of the round."""
+        try:
+            again = self._round(batches)
+        except Exception as exc:  # keep serving everyone else
+            self.log.error("cross-shard batch failed", error=repr(exc))
+            for batch in batches:
+                if not batch.answered:
+                    self._answer_batch(batch, m.error_response(exc))
+            return
+        self.stats["ran_again"] += len(again)
+        for batch in again:
+            self._transact([batch.renewed()])
+
+    def _round(self, batches: list["_Batch"]) -> list["_Batch"]:
+        """PREPARE every batch everywhere at once (batch k through coordinator slot k of each
+        of its shards), decide each, COMMIT the committed ones everywhere at once, answer.
+        Returns the batches to run again alone: those that met a lock held by another batch of
+        the round (in a round of one, that is answered Busy, as the client retries it)."""
+        self.stats["rounds"] += 1
+        self.stats["largest_round"] = max(self.stats["largest_round"], len(batches))
+        votes = self._call_workers(
+            {(shard, k): bytes((m.PREPARE, batch.flags)) + _U64.pack(batch.txid) + part for k, batch in enumerate(batches) for shard, part in batch.parts},
+            fault="coordinator.prepare_sent",
+        )  # fmt: skip
+        again, failed, prepared = [], [], []
+        for k, batch in enumerate(batches):
+            failures = [vote for vote in (votes[(shard, k)] for shard in batch.shards) if isinstance(vote, BaseException)]
+            (failed if failures else prepared).append((k, batch, failures))
+        if failed:
+            self._abort([(k, batch) for k, batch, _ in failed])
+            for _, batch, failures in failed:
+                if len(batches) > 1 and all(type(failure) is Busy for failure in failures):
+                    again.append(batch)  # a lock of a batch of this round (or an older one)
+                else:
+                    self._answer_batch(batch, m.error_response(_prepare_error(failures)))
+        decided = []
+        for k, batch, _ in prepared:
+            try:
+                self.decisions.log_commit(batch.txid, batch.shards, durable=bool(batch.flags))
+            except Exception as exc:
+                self._abort([(k, batch)])  # not logged, so not committed
+                self._answer_batch(batch, m.error_response(exc))
+                continue
+            decided.append(batch)
+        if decided:
+            faults.point("coordinator.decision_logged")
+            for batch in decided:
+                self.undelivered[batch.txid] = set(batch.shards)
+            self._wait_for_readers({batch.slot for batch in batches})
+            self.control.commits_started += 1
+            self._deliver(max(batch.flags for batch in decided))
+            self.stats["committed"] += len(decided)
+            for batch in decided:
+                self._answer_batch(batch, m.ok())
+        return again
+
+    def _answer_batch(self, batch: "_Batch", reply: bytes) -> None:
+        batch.answered = True
+        self._answer(batch.slot, batch.request_id, reply)
+
+    def _abort(self, batches: list[tuple[int, "_Batch"]]) -> None:
         """Presumed abort: nothing is logged; tell the participants, best effort (one that does
-        not hear it settles the batch when the sweep asks for its prepared batches)."""
-        self.stats["aborted"] += 1
-        self._call_workers({shard: bytes((m.ABORT, 0)) + _U64.pack(txid) for shard in shards})
+        not hear it settles the batch when the sweep asks for its prepared batches).
+        `batches`: (coordinator slot, batch) pairs."""
+        self.stats["aborted"] += len(batches)
+        self._call_workers({(shard, k): bytes((m.ABORT, 0)) + _U64.pack(batch.txid) for k, batch in batches for shard in batch.shards})
 
     def _deliver(self, flags: int = m.FLAG_FSYNC) -> None:
-        """Send COMMIT for every decided batch to each participant that has not applied it;
-        once none is left, close the commit phase (docs/TRANSACTIONS.md, "Isolation")."""
-        for txid in list(self.undelivered):
-            shards = self.undelivered[txid]
-            answers = self._call_workers({shard: bytes((m.COMMIT, flags)) + _U64.pack(txid) for shard in sorted(shards)}, fault="coordinator.commit_sent")
-            for shard, answer in answers.items():
+        """Send COMMIT for every decided batch to each participant that has not applied it, up
+        to COORDINATOR_SLOTS batches at once; once none is left, close the commit phase
+        (docs/TRANSACTIONS.md, "Isolation")."""
+        txids = list(self.undelivered)
+        for start in range(0, len(txids), COORDINATOR_SLOTS):
+            group = txids[start : start + COORDINATOR_SLOTS]
+            messages = {(shard, k): bytes((m.COMMIT, flags)) + _U64.pack(txid) for k, txid in enumerate(group) for shard in sorted(self.undelivered[txid])}
+            answers = self._call_workers(messages, fault="coordinator.commit_sent")
+            for (shard, k), answer in answers.items():
                 if not isinstance(answer, BaseException):
-                    shards.discard(shard)
-            if not shards:
-                del self.undelivered[txid]
-                self.decisions.applied(txid)
+                    self.undelivered[group[k]].discard(shard)
+            for txid in group:
+                if not self.undelivered[txid]:
+                    del self.undelivered[txid]
+                    self.decisions.applied(txid)
         if not self.undelivered:
             self.control.commits_finished = self.control.commits_started
 
-    def _wait_for_readers(self, requester: int) -> None:
+    def _wait_for_readers(self, requesters: set[int]) -> None:
         """Hold the commit phase back while clients run multi-key reads (up to READER_WAIT),
-        so that long scans finish instead of starting over. The requesting client's own flag
-        is not waited for: its reading thread may be queued behind the thread that sent this."""
+        so that long scans finish instead of starting over. The requesting clients' own flags
+        are not waited for: a reading thread may be queued behind the thread that sent a batch."""
         leases = self.control.leases
         if not leases["reading"].any():
             return
         started = time.monotonic()
         pause = 0.00005
         while True:
-            reading = [i for i in np.flatnonzero(leases["reading"]).tolist() if i != requester]
+            reading = [i for i in np.flatnonzero(leases["reading"]).tolist() if i not in requesters]
             if not reading:
                 return
             waited = time.monotonic() - started
@@ -255,7 +317,7 @@ class Coordinator:
             generation = int(entry["generation"])
             if (generation == self.seen_generation[shard] and not recheck) or entry["state"] != PROC_UP:
                 continue
-            answer = self._call_workers({shard: bytes((m.PENDING, 0))})[shard]
+            answer = self._call_worker(shard, bytes((m.PENDING, 0)))
             if isinstance(answer, BaseException):
                 continue
             body = answer[1]
@@ -265,40 +327,47 @@ class Coordinator:
                     self.undelivered[txid].add(shard)
                 else:
                     self.log.info("aborting a prepared batch with no decision", shard=shard, txid=txid)
-                    self._call_workers({shard: bytes((m.ABORT, 0)) + _U64.pack(txid)})
+                    self._call_worker(shard, bytes((m.ABORT, 0)) + _U64.pack(txid))
             self.seen_generation[shard] = generation
         if self.undelivered:
             self._deliver()
 
     # -- talking to workers ----------------------------------------------------------------
-    def _call_workers(self, messages: dict[int, bytes], fault: str | None = None) -> dict:
-        """Send each worker its message at once and wait for every answer: shard -> (status,
-        body), or the exception its answer carried (WorkerUnavailable if none came)."""
+    def _call_worker(self, shard: int, message: bytes):
+        """Send one worker one message (through the coordinator's first slot) and wait for the
+        answer: (status, body), or the exception it carried (WorkerUnavailable if none came)."""
+        return self._call_workers({(shard, 0): message})[(shard, 0)]
+
+    def _call_workers(self, messages: dict[tuple[int, int], bytes], fault: str | None = None) -> dict:
+        """Send every message at once - (shard, k) through coordinator slot k of that shard's
+        ring - and wait for every answer: (shard, k) -> (status, body), or the exception its
+        answer carried (WorkerUnavailable if none came). A worker serves its slots in order,
+        so at each shard the message of the lowest k is served first."""
         answers: dict = {}
         pending = {}
-        for shard, message in messages.items():
+        for (shard, k), message in messages.items():
             ring = self.worker_rings[shard]
-            slot = ring.slot(self.leases)
+            slot = ring.slot(self.leases + k)
             if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_REQUEST:
-                answers[shard] = WorkerUnavailable(f"shard {shard} has not answered an earlier request")
+                answers[(shard, k)] = WorkerUnavailable(f"shard {shard} has not answered an earlier request")
                 continue
             request_id = self._next_id()
             if len(message) <= ring.capacity:
                 write_frame(slot, SLOT_REQUEST, 0, request_id, message, len(message))
                 self.worker_wake[shard].release()
-                pending[shard] = (slot, request_id)
+                pending[(shard, k)] = (slot, request_id)
             else:
-                answers[shard] = self._send_long(shard, slot, request_id, message)
+                answers[(shard, k)] = self._send_long(shard, slot, request_id, message)
             if fault is not None and len(messages) > 1:
                 faults.point(fault)
                 fault = None
         deadline = time.monotonic() + WORKER_TIMEOUT
-        for shard, (slot, request_id) in pending.items():
+        for (shard, k), (slot, request_id) in pending.items():
             try:
                 self._wait(shard, slot, request_id, deadline)
-                answers[shard] = m.parse_response(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + read_frame(slot)[3]]))
+                answers[(shard, k)] = m.parse_response(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + read_frame(slot)[3]]))
             except Exception as exc:
-                answers[shard] = exc
+                answers[(shard, k)] = exc
         return answers
 
     def _send_long(self, shard: int, slot, request_id: int, message: bytes):
@@ -335,6 +404,32 @@ class Coordinator:
     def _next_id(self) -> int:
         self.request_id = (self.request_id + 1) & 0xFFFFFFFFFFFFFFFF
         return self.request_id
+
+
+class _Batch:
+    """One cross-shard batch in the coordinator: where its client waits, its parts, its txid."""
+
+    __slots__ = ("slot", "request_id", "flags", "parts", "shards", "txid", "answered")
+
+    def __init__(self, slot: int, request_id: int, flags: int, parts: list):
+        self.slot, self.request_id, self.flags, self.parts = slot, request_id, flags, parts
+        self.shards = [shard for shard, _ in parts]
+        self.txid = secrets.randbits(64) or 1
+        self.answered = False
+
+    def renewed(self) -> "_Batch":
+        """The same batch under a new txid (an aborted txid is never used again)."""
+        return _Batch(self.slot, self.request_id, self.flags, self.parts)
+
+
+def _prepare_error(failures: list[BaseException]) -> BaseException:
+    """What the client is told when a batch could not prepare: a precondition or input error
+    as it is, anything else as Busy (nothing was applied; the client retries)."""
+    for kind in (Conflict, ValueError, TypeError):
+        for failure in failures:
+            if isinstance(failure, kind):
+                return failure
+    return Busy(f"a shard could not prepare the batch ({failures[0]}); it was not applied")
 
 
 def main(argv: list[str] | None = None) -> int:

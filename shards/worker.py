@@ -25,6 +25,7 @@ from shardkv.ipc import messages as m
 from shardkv.ipc.frames import FrameServer
 from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
+    COORDINATOR_SLOTS,
     PROC_DTYPE,
     PROC_UP,
     SLOT_REQUEST,
@@ -63,9 +64,11 @@ class Worker:
         self.ring = Ring(self.ring_buf, worker_ring_slots(config["leases"]), config["slot_size"])
         self.frames = FrameServer(self.ring, self.max_message)
         self.wake = posix_ipc.Semaphore(names["wake"][self.shard])
-        # Slot L (after the leases) belongs to the coordinator; its answers post coord_done.
-        self.coordinator_slot = config["leases"]
-        self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [posix_ipc.Semaphore(names["coord_done"])]
+        # The slots after the leases (L, L + 1, ...) belong to the coordinator, which runs up to
+        # COORDINATOR_SLOTS cross-shard batches at once; their answers post coord_done.
+        self.coordinator_slots = list(range(config["leases"], config["leases"] + COORDINATOR_SLOTS))
+        coordinator_done = posix_ipc.Semaphore(names["coord_done"])
+        self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [coordinator_done] * COORDINATOR_SLOTS
         self.stopping = False
         self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
         self.finish_indexing = None  # indexes a batch answered before it was indexed (engine.apply_deferred)
@@ -143,7 +146,7 @@ class Worker:
             self._maybe_compact()
             ready = [lease for lease in active if unpack_state(slot_state[lease], 0)[0] == SLOT_REQUEST]
             if not ready:
-                active = np.flatnonzero(leases["pid"]).tolist() + [self.coordinator_slot]
+                active = np.flatnonzero(leases["pid"]).tolist() + self.coordinator_slots
                 ready = np.flatnonzero(states == SLOT_REQUEST).tolist()
                 if not ready:
                     continue
@@ -237,7 +240,7 @@ class Worker:
         request_id, message, reply = self.frames.receive(lease)
         if message is None:
             return (request_id, reply), False
-        if message[0] in COORDINATOR_OPS and lease != self.coordinator_slot:
+        if message[0] in COORDINATOR_OPS and lease < self.coordinator_slots[0]:
             return (request_id, m.error_response(ValueError(f"op {message[0]} is only accepted from the coordinator"))), False
         wants_sync = len(message) > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
         return (request_id, self._dispatch(message)), wants_sync

@@ -9,6 +9,7 @@ and no /dev/shm entry behind.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -367,6 +368,90 @@ def test_threads_sharing_a_client_run_batches_and_snapshot_reads(cluster):
     assert not errors, errors
     assert db.get_many(keys) == [b"149"] * 4
     assert os.getpid() == db._pid
+
+
+# -- rounds: batches waiting together are prepared and committed together ----------------------
+def _in_one_round(db, clients, batches: list[dict]) -> list:
+    """Send batch i through clients[i] while the coordinator is stopped (SIGSTOP), so that they
+    all wait in its ring, then let it go on: it finds them together. The errors raised."""
+    from shardkv.ipc.layout import SLOT_REQUEST
+
+    coordinator = db.health()["coordinator"]["pid"]
+    errors: list = []
+
+    def send(client, batch):
+        try:
+            client.put_many(batch)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=pair) for pair in zip(clients, batches)]
+    os.kill(coordinator, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        coordinator_ring = db._rings[-1]
+        wait_until(lambda: int((coordinator_ring.states == SLOT_REQUEST).sum()) == len(batches), timeout=30, message="every batch waiting")
+    finally:
+        os.kill(coordinator, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
+def test_batches_waiting_together_run_as_one_round(cluster):
+    db = cluster.open()
+    clients = [cluster.open() for _ in range(5)]
+    keys = spread(db, 30, b"round%d")
+    batches = [{k: b"from %d" % i for k in keys[6 * i : 6 * i + 6]} for i in range(5)]
+    assert all(len({db.shard_of(k) for k in batch}) == db.shards for batch in batches)
+    assert _in_one_round(db, clients, batches) == []
+    stats = coordinator_stats(db)
+    assert (stats["largest_round"], stats["committed"], stats["ran_again"], stats["aborted"]) == (5, 5, 0, 0)
+    for batch in batches:
+        assert db.get_many(list(batch)) == list(batch.values())
+    assert verify_store(cluster.directory)["ok"]
+
+
+def test_batches_of_one_round_on_the_same_keys_commit_one_after_another(cluster):
+    """The first batch of the round locks the keys; the others vote Busy there, are aborted and
+    run again alone after the round, each whole: none fails, and the keys end up all from one."""
+    db = cluster.open()
+    clients = [cluster.open() for _ in range(4)]
+    keys = spread(db, 6, b"same%d")
+    db.put_many({k: b"before" for k in keys})
+    batches = [{k: b"from %d" % i for k in keys} for i in range(4)]
+    assert _in_one_round(db, clients, batches) == []
+    stats = coordinator_stats(db)
+    assert (stats["largest_round"], stats["committed"], stats["ran_again"], stats["aborted"]) == (4, 1 + 4, 3, 3)
+    values = db.get_many(keys)
+    assert len(set(values)) == 1 and values[0] in {b"from %d" % i for i in range(1, 4)}, values  # batch 0 went first
+    assert verify_store(cluster.directory)["ok"]
+
+
+def test_a_failed_precondition_in_a_round_fails_that_batch_only(cluster):
+    db = cluster.open()
+    clients = [cluster.open() for _ in range(3)]
+    keys = spread(db, 12, b"pre%d")
+    checked = b"checked, in no batch"
+    db.put(checked, b"old")
+    errors = []
+
+    def conflicting(client, batch):
+        try:
+            client.write([("expect", checked, b"not what it holds")] + [("put", k, v) for k, v in batch.items()])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    batches = [{k: b"ok" for k in keys[4 * i : 4 * i + 4]} for i in range(3)]
+    clients[1].put_many = lambda batch, client=clients[1]: conflicting(client, batch)  # the middle one fails
+    assert _in_one_round(db, clients, batches) == []
+    assert len(errors) == 1 and isinstance(errors[0], shardkv.Conflict), errors
+    assert db.get_many(keys[4:8]) == [None] * 4
+    assert db.get_many(keys[:4]) == [b"ok"] * 4 and db.get_many(keys[8:]) == [b"ok"] * 4
+    stats = coordinator_stats(db)
+    assert (stats["largest_round"], stats["ran_again"], stats["aborted"]) == (3, 0, 1)
 
 
 def test_a_corrupt_decision_log_quarantines_the_coordinator_only(cluster):

@@ -14,10 +14,11 @@ from crc32c import crc32c
 
 from shardkv.ipc.sharedindex import header_name
 
-VERSION = 3
+VERSION = 4  # 4: a worker's ring ends with COORDINATOR_SLOTS slots, not one
 HASH_SLOTS = 4096
 DEFAULT_LEASES = 128
 DEFAULT_SLOT_SIZE = 128 * 1024
+COORDINATOR_SLOTS = 8  # a worker ring's slots for the coordinator: cross-shard batches run at once
 
 CTL_MAGIC = b"SHKVCTL\n"
 CTL_HEADER = struct.Struct("<8sHHHHIIIII4xQQ8x")  # magic, version, shards, leases, hash_slots, state, map_version, slot_size, supervisor_pid, attaches, commits_started, commits_finished
@@ -158,8 +159,8 @@ class ControlBlock:
 
 
 def worker_ring_slots(leases: int) -> int:
-    """Slots of a worker's ring: one per lease, then one for the coordinator."""
-    return leases + 1
+    """Slots of a worker's ring: one per lease, then COORDINATOR_SLOTS for the coordinator."""
+    return leases + COORDINATOR_SLOTS
 
 
 class Ring:
