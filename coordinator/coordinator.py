@@ -94,8 +94,9 @@ class Coordinator:
         self.next_sweep = 0.0
         self.next_pending_check = 0.0
         # rounds: rounds of cross-shard batches run; largest_round: the most batches in one;
-        # ran_again: batches run again alone after meeting a lock of their round.
-        self.stats = {"committed": 0, "aborted": 0, "rounds": 0, "largest_round": 0, "ran_again": 0}
+        # ran_again: batches run again alone after meeting a lock of their round;
+        # decision_fsyncs: fsyncs of the decision log (one per round that asks for one).
+        self.stats = {"committed": 0, "aborted": 0, "rounds": 0, "largest_round": 0, "ran_again": 0, "decision_fsyncs": 0}
         self.served = 0
 
     # -- life cycle ------------------------------------------------------------------------
@@ -223,15 +224,25 @@ class Coordinator:
                     again.append(batch)  # a lock of a batch of this round (or an older one)
                 else:
                     self._answer_batch(batch, m.error_response(_prepare_error(failures)))
-        decided = []
+        logged = []
         for k, batch, _ in prepared:
             try:
-                self.decisions.log_commit(batch.txid, batch.shards, durable=bool(batch.flags))
+                self.decisions.log_commit(batch.txid, batch.shards, durable=False)
             except Exception as exc:
                 self._abort([(k, batch)])  # not logged, so not committed
                 self._answer_batch(batch, m.error_response(exc))
                 continue
-            decided.append(batch)
+            logged.append((k, batch))
+        if any(batch.flags for _, batch in logged):
+            try:
+                self.decisions.sync()  # one fsync makes every decision of the round durable
+                self.stats["decision_fsyncs"] += 1
+            except Exception as exc:
+                self._abort(logged)  # as when logging failed: no COMMIT has been sent
+                for _, batch in logged:
+                    self._answer_batch(batch, m.error_response(exc))
+                logged = []
+        decided = [batch for _, batch in logged]
         if decided:
             faults.point("coordinator.decision_logged")
             for batch in decided:

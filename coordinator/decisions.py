@@ -85,6 +85,10 @@ class DecisionLog:
         if durable:
             self.writer.sync_upto(segment, offset + RECORD_HEADER_SIZE + 8 + len(value))
 
+    def sync(self) -> None:
+        """fsync every decision logged so far (one fsync for a round of batches)."""
+        self.writer.sync()
+
     def applied(self, txid: int) -> None:
         """Every participant applied batch `txid`: its record is no longer needed."""
         entry = self.outstanding.pop(txid, None)

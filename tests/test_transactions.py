@@ -430,6 +430,22 @@ def test_batches_of_one_round_on_the_same_keys_commit_one_after_another(cluster)
     assert verify_store(cluster.directory)["ok"]
 
 
+def test_a_round_at_durability_fsync_fsyncs_its_decisions_once(cluster):
+    db = cluster.open()
+    clients = [cluster.open(durability="fsync") for _ in range(4)]
+    keys = spread(db, 16, b"durable%d")
+    batches = [{k: b"d%d" % i for k in keys[4 * i : 4 * i + 4]} for i in range(4)]
+    assert _in_one_round(db, clients, batches) == []
+    stats = coordinator_stats(db)
+    assert (stats["largest_round"], stats["committed"], stats["decision_fsyncs"]) == (4, 4, 1)
+    db.put_many({k: b"not fsynced" for k in keys[:4]})  # durability "interval": no fsync asked
+    assert coordinator_stats(db)["decision_fsyncs"] == 1
+    clients[0].put_many({k: b"fsynced" for k in keys[:4]})
+    assert coordinator_stats(db)["decision_fsyncs"] == 2
+    for i, batch in enumerate(batches[1:], 1):
+        assert db.get_many(list(batch)) == [b"d%d" % i] * 4
+
+
 def test_a_failed_precondition_in_a_round_fails_that_batch_only(cluster):
     db = cluster.open()
     clients = [cluster.open() for _ in range(3)]
