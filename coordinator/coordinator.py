@@ -352,8 +352,7 @@ class Coordinator:
     def _call_workers(self, messages: dict[tuple[int, int], bytes], fault: str | None = None) -> dict:
         """Send every message at once - (shard, k) through coordinator slot k of that shard's
         ring - and wait for every answer: (shard, k) -> (status, body), or the exception its
-        answer carried (WorkerUnavailable if none came). A worker serves its slots in order,
-        so at each shard the message of the lowest k is served first."""
+        answer carried (WorkerUnavailable if none came)."""
         answers: dict = {}
         pending = {}
         for (shard, k), message in messages.items():

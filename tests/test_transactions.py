@@ -416,7 +416,9 @@ def test_batches_waiting_together_run_as_one_round(cluster):
 
 def test_batches_of_one_round_on_the_same_keys_commit_one_after_another(cluster):
     """The first batch of the round locks the keys; the others vote Busy there, are aborted and
-    run again alone after the round, each whole: none fails, and the keys end up all from one."""
+    run again alone after the round, in order, each whole: none fails, and the keys end up
+    all from the last. (A worker that scans its slots while the coordinator is still filling
+    them may serve batch 1 before batch 0: then batch 0 loses too and runs again first.)"""
     db = cluster.open()
     clients = [cluster.open() for _ in range(4)]
     keys = spread(db, 6, b"same%d")
@@ -424,9 +426,9 @@ def test_batches_of_one_round_on_the_same_keys_commit_one_after_another(cluster)
     batches = [{k: b"from %d" % i for k in keys} for i in range(4)]
     assert _in_one_round(db, clients, batches) == []
     stats = coordinator_stats(db)
-    assert (stats["largest_round"], stats["committed"], stats["ran_again"], stats["aborted"]) == (4, 1 + 4, 3, 3)
-    values = db.get_many(keys)
-    assert len(set(values)) == 1 and values[0] in {b"from %d" % i for i in range(1, 4)}, values  # batch 0 went first
+    assert (stats["largest_round"], stats["committed"]) == (4, 1 + 4)
+    assert stats["ran_again"] in (3, 4) and stats["aborted"] == stats["ran_again"], stats
+    assert db.get_many(keys) == [b"from 3"] * len(keys)
     assert verify_store(cluster.directory)["ok"]
 
 
