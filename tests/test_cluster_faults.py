@@ -324,7 +324,7 @@ def test_open_never_attaches_to_a_killed_clusters_description(cluster):
 
 STALE_SCRIPT = """
 import sys, time, shardkv
-db = shardkv.open(sys.argv[1])
+db = shardkv.open(sys.argv[1], shards=int(sys.argv[2]))  # as many as the fixture's (not one per CPU)
 db.put(b"before", b"1")
 print("ready", flush=True)
 for line in sys.stdin:
@@ -344,7 +344,7 @@ def test_client_of_a_killed_cluster_fails_fast_after_a_new_cluster_starts(cluste
     check of "is some supervisor holding run/supervisor.lock" would pass and hang it for
     REQUEST_TIMEOUT = 600 s).
     """
-    p = cluster.spawn(STALE_SCRIPT, cluster.directory)
+    p = cluster.spawn(STALE_SCRIPT, cluster.directory, str(SHARDS))
     p.expect("ready", 60)
     old = kill_cluster(cluster)
     p.send("while-down")

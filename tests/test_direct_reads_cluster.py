@@ -43,7 +43,7 @@ import shardkv
 from shardkv.ipc.layout import PROC_UP
 from shardkv.ipc.sharedindex import FALLBACK, HEADER, NOT_SERVING, SUPPORTED
 
-from cluster_support import alive, cluster_fixture, cluster_pids, keys_by_shard, nothing_left, shm_entries, wait_until
+from cluster_support import SHARDS, alive, cluster_fixture, cluster_pids, keys_by_shard, nothing_left, shm_entries, wait_until
 
 pytestmark = [
     pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (elsewhere clients always use the ring)"),
@@ -461,7 +461,7 @@ def test_locked_keys_are_read_through_the_ring_until_the_batch_is_settled(cluste
 # -- 5. a client of a killed cluster ----------------------------------------------------------------------
 STALE_GET_SCRIPT = r"""
 import sys, time, shardkv
-db = shardkv.open(sys.argv[1])
+db = shardkv.open(sys.argv[1], shards=int(sys.argv[2]))  # as many as the fixture's (not one per CPU)
 print("ready", db._info["cluster"], flush=True)
 for line in sys.stdin:
     started = time.monotonic()
@@ -523,7 +523,7 @@ def test_a_get_through_a_killed_cluster_fails_fast(cluster):
     """A put through a killed cluster raises Unavailable at once (its supervisor is gone:
     test_cluster_faults.py::test_client_of_a_killed_cluster_fails_fast_after_a_new_cluster_starts);
     a get, now sent to the ring because the index says "not serving", must too."""
-    p = cluster.spawn(STALE_GET_SCRIPT, cluster.directory)
+    p = cluster.spawn(STALE_GET_SCRIPT, cluster.directory, str(SHARDS))
     p.expect("ready", 60)
     start_over_a_killed_cluster(cluster, b"key")
     p.send("key")
