@@ -48,7 +48,7 @@ from shardkv.ipc.layout import (
     write_frame,
 )
 from shardkv.log import configure_service_logging, get_logger
-from shardkv.shards.worker import EXIT_CORRUPT
+from shardkv.shards.worker import EXIT_CORRUPT, EXIT_STORAGE
 
 WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PREPARE included)
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress
@@ -98,6 +98,7 @@ class Coordinator:
         # decision_fsyncs: fsyncs of the decision log (one per round that asks for one).
         self.stats = {"committed": 0, "aborted": 0, "rounds": 0, "largest_round": 0, "ran_again": 0, "decision_fsyncs": 0}
         self.served = 0
+        self.exit_code = 0
 
     # -- life cycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -128,10 +129,11 @@ class Coordinator:
                 ready = np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist()
                 if ready:
                     self._serve(ready)
+                self._decision_log_failed()  # the background fsync may have failed meanwhile
         finally:
             self.decisions.close()
             self.log.info("stopped", **self.stats)
-        return 0
+        return self.exit_code
 
     def _abandon_stale_requests(self) -> None:
         """A request left in the ring by the previous coordinator may have been decided already:
@@ -161,6 +163,8 @@ class Coordinator:
                     reply = m.error_response(exc)
             self._answer(slot, request_id, reply)
         for start in range(0, len(batches), COORDINATOR_SLOTS):
+            if self.stopping:
+                break  # the requests left are answered by the next coordinator (Unavailable)
             self._transact(batches[start : start + COORDINATOR_SLOTS])
 
     def _answer(self, slot: int, request_id: int, reply: bytes) -> None:
@@ -198,8 +202,11 @@ class Coordinator:
                 if not batch.answered:
                     self._answer_batch(batch, m.error_response(exc))
             return
-        self.stats["ran_again"] += len(again)
         for batch in again:
+            if self.stopping:  # aborted and not logged: not applied, the client sends it again
+                self._answer_batch(batch, m.error_response(Busy("the coordinator is restarting; the batch was not applied")))
+                continue
+            self.stats["ran_again"] += 1
             self._transact([batch.renewed()])
 
     def _round(self, batches: list["_Batch"]) -> list["_Batch"]:
@@ -229,7 +236,9 @@ class Coordinator:
             try:
                 self.decisions.log_commit(batch.txid, batch.shards, durable=False)
             except Exception as exc:
-                self._abort([(k, batch)])  # not logged, so not committed
+                # A failed write leaves no whole record (a torn tail is cut on recovery): the
+                # batch is not committed, and aborting it is safe.
+                self._abort([(k, batch)])
                 self._answer_batch(batch, m.error_response(exc))
                 continue
             logged.append((k, batch))
@@ -237,11 +246,17 @@ class Coordinator:
             try:
                 self.decisions.sync()  # one fsync makes every decision of the round durable
                 self.stats["decision_fsyncs"] += 1
-            except Exception as exc:
-                self._abort(logged)  # as when logging failed: no COMMIT has been sent
+            except Exception:
+                # The records are written but may never reach the disk: committed or not is
+                # decided by what the next coordinator reads back, so send neither COMMIT nor
+                # ABORT now, and tell the clients the outcome is unknown.
                 for _, batch in logged:
-                    self._answer_batch(batch, m.error_response(exc))
+                    self._answer_batch(batch, m.error_response(Unavailable(_DECISION_UNKNOWN)))
                 logged = []
+        if self._decision_log_failed():
+            for _, batch in logged:
+                self._answer_batch(batch, m.error_response(Unavailable(_DECISION_UNKNOWN)))
+            return again
         decided = [batch for _, batch in logged]
         if decided:
             faults.point("coordinator.decision_logged")
@@ -254,6 +269,20 @@ class Coordinator:
             for batch in decided:
                 self._answer_batch(batch, m.ok())
         return again
+
+    def _decision_log_failed(self) -> bool:
+        """True if a write or fsync of the decision log failed; the coordinator then stops with
+        EXIT_STORAGE and the supervisor starts another, which reads the log back and makes what
+        it finds durable: after a failed fsync only a fresh reader knows which decisions hold
+        (as for a worker, shards/worker.py)."""
+        failure = self.decisions.failure()
+        if failure is None:
+            return False
+        if not self.stopping:
+            self.log.error("the decision log failed a write or fsync; restarting to recover from it", error=repr(failure))
+        self.stopping = True
+        self.exit_code = EXIT_STORAGE
+        return True
 
     def _answer_batch(self, batch: "_Batch", reply: bytes) -> None:
         batch.answered = True
@@ -416,6 +445,9 @@ class Coordinator:
         return self.request_id
 
 
+_DECISION_UNKNOWN = "the coordinator's decision log failed; the batch may or may not have been applied (each batch is all or nothing)"
+
+
 class _Batch:
     """One cross-shard batch in the coordinator: where its client waits, its parts, its txid."""
 
@@ -445,6 +477,7 @@ def _prepare_error(failures: list[BaseException]) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m shardkv.coordinator.coordinator CONFIG_JSON`."""
     config = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    faults.set_role("coordinator")
     configure_service_logging(config["log_dir"], "coordinator")
     coordinator = Coordinator(config)
 

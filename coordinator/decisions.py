@@ -48,6 +48,9 @@ class DecisionLog:
         self.active = numbers[-1]
         self._sealed = set(numbers[:-1])
         self.writer = LogWriter(directory, 0, self.active, end, durability="interval", segment_size=segment_size, on_seal=self._on_seal, kind=KIND_DECISIONS)
+        # What was read back is made durable before anything is decided from it: after an fsync
+        # failed, the page cache may hold decisions the disk lacks (docs/TRANSACTIONS.md).
+        self.writer.sync()
         self._seq = 0
         for number in list(self._sealed):
             self._delete_if_done(number)
@@ -88,6 +91,10 @@ class DecisionLog:
     def sync(self) -> None:
         """fsync every decision logged so far (one fsync for a round of batches)."""
         self.writer.sync()
+
+    def failure(self) -> BaseException | None:
+        """The write or fsync error after which this log takes nothing more, or None."""
+        return self.writer.failure
 
     def applied(self, txid: int) -> None:
         """Every participant applied batch `txid`: its record is no longer needed."""

@@ -9,6 +9,8 @@ across restarts (a marker file remembers it), so a restarted process recovers un
 Disk faults work the same way through SHARDKV_DISK_FAULTS, a list of `op:ERRNO@N`: the Nth
 file operation `op` of the process (see wal/fileio.py: write, fsync, create, rename, ...) fails
 with OSError(ERRNO) (ENOSPC, EIO, ...) instead of running; `@N+` makes it fail from the Nth on.
+`role/op:ERRNO@N` counts and fails only in the processes of that role (`coordinator`, `worker`:
+each names itself with set_role when it starts).
 
 The points (docs/TRANSACTIONS.md, "Crash cases"):
   coordinator.prepare_sent   - PREPARE sent to some participants, not to all
@@ -30,6 +32,7 @@ import signal
 _ARMED: dict[str, int] = {}
 _HITS: dict[str, int] = {}
 _STATE_DIR = os.environ.get("SHARDKV_FAULTS_STATE")
+_ROLE: list[str | None] = [None]  # this process's role, for disk faults of one role (set_role)
 
 for _item in filter(None, os.environ.get("SHARDKV_FAULTS", "").split(",")):
     _name, _, _count = _item.strip().partition("@")
@@ -40,15 +43,16 @@ def _disk_faults(spec: str):
     """The fileio injector described by SHARDKV_DISK_FAULTS."""
     rules = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
+        role, _, item = item.rpartition("/")
         op, _, rest = item.partition(":")
         code, _, count = rest.partition("@")
         persistent = count.endswith("+")
-        rules.append((op, getattr(errno, code), int(count.rstrip("+") or 1), persistent))
+        rules.append((role or None, op, getattr(errno, code), int(count.rstrip("+") or 1), persistent))
     seen: dict[str, int] = {}
 
     def inject(op: str, target) -> None:
-        for rule_op, code, nth, persistent in rules:
-            if rule_op != op:
+        for role, rule_op, code, nth, persistent in rules:
+            if rule_op != op or (role is not None and role != _ROLE[0]):
                 continue
             seen[op] = hits = seen.get(op, 0) + 1
             if hits == nth or (persistent and hits > nth):
@@ -84,6 +88,11 @@ def point(name: str) -> None:
         except FileExistsError:
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_role(role: str) -> None:
+    """Name this process's role ("coordinator", "worker") for role-scoped disk faults."""
+    _ROLE[0] = role
 
 
 def armed() -> bool:

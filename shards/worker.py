@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m shardkv.shards.worker CONFIG_JSON`."""
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(argv[0])
+    faults.set_role("worker")
     # A background compaction is CPU-bound Python: hand the GIL back to the serving thread every
     # millisecond (default 5 ms) so that requests do not queue behind it.
     sys.setswitchinterval(0.001)

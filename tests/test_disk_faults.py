@@ -17,7 +17,7 @@ import shardkv
 from shardkv.errors import StorageError
 from shardkv.wal import fileio
 
-from cluster_support import cluster_fixture, wait_until
+from cluster_support import cluster_fixture, keys_by_shard, wait_until
 from engine_support import crash, open_engine
 
 
@@ -123,7 +123,7 @@ def run_with_fault(directory, injector, keep_going: bool = False) -> tuple[list,
     fileio.set_injector(injector)
     try:
         e = open_engine(directory, durability="fsync", segment_size=4096)
-    except OSError:
+    except (OSError, StorageError):  # the open's own writes and fsyncs can fail too
         fileio.set_injector(None)
         return acknowledged, failed
     try:
@@ -246,6 +246,39 @@ def test_a_worker_whose_fsync_failed_restarts_and_recovers(cluster, monkeypatch,
     assert db.get_many(list(acknowledged)) == list(acknowledged.values())
     db.put(b"after", b"ok")
     assert db.get(b"after") == b"ok"
+
+
+def test_a_coordinator_whose_decision_fsync_failed_restarts_and_batches_stay_whole(cluster, monkeypatch, tmp_path):
+    """EIO on an fsync of the coordinator's decision log (durability "fsync"): the batches
+    whose decision it was to make durable are answered Unavailable (outcome unknown), the
+    coordinator exits and is restarted, reads its log back and settles each of them all or
+    nothing; cross-shard batches go through again. (Before, it kept running with a log that
+    refused every later write: every cross-shard batch failed until the cluster restarted.)"""
+    state = tmp_path / "faults"
+    state.mkdir()
+    monkeypatch.setenv("SHARDKV_DISK_FAULTS", "coordinator/fsync:EIO@4")
+    monkeypatch.setenv("SHARDKV_FAULTS_STATE", str(state))
+    db = cluster.open(durability="fsync")
+    found = keys_by_shard(db, 40, b"decided-%d")
+    batches = [{found[0][i]: b"v%d" % i, found[1][i]: b"v%d" % i} for i in range(40)]
+    outcome = {}
+    for i, batch in enumerate(batches):
+        try:
+            db.put_many(batch)
+            outcome[i] = "acknowledged"
+        except (shardkv.Unavailable, StorageError):
+            outcome[i] = "unknown"
+    assert (state / "disk-fsync.fired").exists()
+    assert "unknown" in outcome.values()
+    wait_until(lambda: db.health()["status"] == "healthy", 30, message="the coordinator back up")
+    assert db.health()["coordinator"]["restarts"] >= 1
+    for i, batch in enumerate(batches):
+        values = db.get_many(list(batch))
+        assert values in ([b"v%d" % i] * 2, [None] * 2), f"batch {i} half applied: {values}"
+        if outcome[i] == "acknowledged":
+            assert values == [b"v%d" % i] * 2, f"acknowledged batch {i} lost"
+    db.put_many({found[0][0]: b"after", found[1][0]: b"after"})
+    assert db.get_many([found[0][0], found[1][0]]) == [b"after", b"after"]
 
 
 # -- a sector of zeros inside a sealed segment ---------------------------------------------------------------

@@ -412,6 +412,28 @@ def test_interval_durability_syncs_in_the_background(tmp_path, monkeypatch):
         writer.close()
 
 
+def test_the_first_sync_after_open_fsyncs_what_was_found(tmp_path, monkeypatch):
+    """What a writer finds in its segment at open may be in the page cache only (the process
+    before it may have died after a failed fsync): its first sync fsyncs it, rather than take
+    it as durable."""
+    directory = str(tmp_path)
+    create_segment(directory, 1, KIND_LOG, 0, 4096)
+    before = LogWriter(directory, 0, 1, SEGMENT_HEADER_SIZE, durability="process", segment_size=4096)
+    before.append(encode_record(PUT, b"k", b"v", 1))  # never fsynced: that process "died"
+    calls = []
+    real_sync = fileio.sync_data
+    monkeypatch.setattr(fileio, "sync_data", lambda fd: (calls.append(fd), real_sync(fd)))
+    after = LogWriter(directory, 0, 1, before.position[1], durability="process", segment_size=4096)
+    try:
+        after.sync()
+        assert len(calls) == 1
+        after.sync()  # nothing new since: no second fsync
+        assert len(calls) == 1
+    finally:
+        after.close()
+        before.close()
+
+
 def test_fsync_durability_group_commit_single_thread(tmp_path, monkeypatch):
     calls = []
     real_sync = fileio.sync_data

@@ -78,7 +78,9 @@ class LogWriter:
         self._fd = fileio.open_rw(os.path.join(directory, segment_name(segment)))
         self._capacity = max(os.fstat(self._fd).st_size, end)
         self._next_number = segment + 1
-        self._synced = (segment, end)
+        # Nothing is vouched for until this writer's first fsync: what recovery read back may be
+        # only in the page cache (the process before this one may have died after a failed fsync).
+        self._synced = (segment, 0)
         self.last_sync = time.time()  # wall-clock time of the last completed fsync
         self._failure: BaseException | None = None
         self._closed = False
@@ -89,6 +91,11 @@ class LogWriter:
             self._syncer.start()
 
     # -- appending -------------------------------------------------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        """The write or fsync error that stopped this writer (every later append raises), or None."""
+        return self._failure
+
     @property
     def position(self) -> tuple[int, int]:
         """(segment, end) of the data written so far."""
