@@ -118,6 +118,6 @@ class DecisionLog:
     def close(self) -> None:
         """fsync and close; when every batch is applied, seal the active segment first so that
         it is deleted and the next start has nothing to deliver again."""
-        if not self.outstanding:
+        if not self.outstanding and self.writer.failure is None:
             self.writer.seal()
         self.writer.close()

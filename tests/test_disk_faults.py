@@ -272,6 +272,8 @@ def test_a_coordinator_whose_decision_fsync_failed_restarts_and_batches_stay_who
     assert "unknown" in outcome.values()
     wait_until(lambda: db.health()["status"] == "healthy", 30, message="the coordinator back up")
     assert db.health()["coordinator"]["restarts"] >= 1
+    with open(os.path.join(cluster.directory, "logs", "supervisor.log")) as f:
+        assert "exit code 66" in f.read()  # EXIT_STORAGE: it stopped by itself, it did not crash
     for i, batch in enumerate(batches):
         values = db.get_many(list(batch))
         assert values in ([b"v%d" % i] * 2, [None] * 2), f"batch {i} half applied: {values}"
