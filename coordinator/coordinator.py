@@ -247,13 +247,12 @@ class Coordinator:
                 self.decisions.sync()  # one fsync makes every decision of the round durable
                 self.stats["decision_fsyncs"] += 1
             except Exception:
-                # The records are written but may never reach the disk: committed or not is
-                # decided by what the next coordinator reads back, so send neither COMMIT nor
-                # ABORT now, and tell the clients the outcome is unknown.
-                for _, batch in logged:
-                    self._answer_batch(batch, m.error_response(Unavailable(_DECISION_UNKNOWN)))
-                logged = []
+                if self.decisions.failure is None:
+                    raise  # not a failed fsync (the log was closed, say): the round fails as a whole
         if self._decision_log_failed():
+            # The records written may or may not reach the disk: committed or not is decided by
+            # what the next coordinator reads back, so send neither COMMIT nor ABORT now, and
+            # tell the clients the outcome is unknown.
             for _, batch in logged:
                 self._answer_batch(batch, m.error_response(Unavailable(_DECISION_UNKNOWN)))
             return again
@@ -275,7 +274,7 @@ class Coordinator:
         EXIT_STORAGE and the supervisor starts another, which reads the log back and makes what
         it finds durable: after a failed fsync only a fresh reader knows which decisions hold
         (as for a worker, shards/worker.py)."""
-        failure = self.decisions.failure()
+        failure = self.decisions.failure
         if failure is None:
             return False
         if not self.stopping:

@@ -92,6 +92,7 @@ class DecisionLog:
         """fsync every decision logged so far (one fsync for a round of batches)."""
         self.writer.sync()
 
+    @property
     def failure(self) -> BaseException | None:
         """The write or fsync error after which this log takes nothing more, or None."""
         return self.writer.failure
@@ -118,6 +119,6 @@ class DecisionLog:
     def close(self) -> None:
         """fsync and close; when every batch is applied, seal the active segment first so that
         it is deleted and the next start has nothing to deliver again."""
-        if not self.outstanding and self.writer.failure is None:
+        if not self.outstanding and self.failure is None:
             self.writer.seal()
         self.writer.close()

@@ -32,7 +32,7 @@ import signal
 _ARMED: dict[str, int] = {}
 _HITS: dict[str, int] = {}
 _STATE_DIR = os.environ.get("SHARDKV_FAULTS_STATE")
-_ROLE: list[str | None] = [None]  # this process's role, for disk faults of one role (set_role)
+_role: str | None = None  # this process's role, for disk faults of one role (set_role)
 
 for _item in filter(None, os.environ.get("SHARDKV_FAULTS", "").split(",")):
     _name, _, _count = _item.strip().partition("@")
@@ -52,7 +52,7 @@ def _disk_faults(spec: str):
 
     def inject(op: str, target) -> None:
         for role, rule_op, code, nth, persistent in rules:
-            if rule_op != op or (role is not None and role != _ROLE[0]):
+            if rule_op != op or (role is not None and role != _role):
                 continue
             seen[op] = hits = seen.get(op, 0) + 1
             if hits == nth or (persistent and hits > nth):
@@ -92,7 +92,8 @@ def point(name: str) -> None:
 
 def set_role(role: str) -> None:
     """Name this process's role ("coordinator", "worker") for role-scoped disk faults."""
-    _ROLE[0] = role
+    global _role
+    _role = role
 
 
 def armed() -> bool:

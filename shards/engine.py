@@ -877,7 +877,7 @@ class ShardEngine:
         """Why the log stopped accepting writes (a failed write or fsync, or an index that failed
         to take a logged batch), or None. Writes then raise StorageError until the shard is
         reopened, which recovers from what is on disk."""
-        failure = self._writer._failure
+        failure = self._writer.failure
         if failure is None and self._index_failure is not None:
             return f"the index failed to take a logged batch: {self._index_failure!r}"
         return None if failure is None else repr(failure)
