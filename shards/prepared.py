@@ -126,6 +126,11 @@ class PreparedBatches:
         entry = self.batches.pop(txid, None)
         if entry is not None:
             locks = self.locks
+            if not self.batches:
+                # Every lock belongs to a prepared batch, so the last one's going frees them all:
+                # the common case (one batch at a time) costs no loop over its keys.
+                locks.clear()
+                return entry
             for key in [*batch_keys(entry[0]), *(key for key, _ in entry[1])]:
                 if locks.get(key) == txid:
                     del locks[key]
