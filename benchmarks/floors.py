@@ -61,7 +61,8 @@ def _rate(function, keys, repeat: int) -> float:
 
 def floor_get(reader):
     """(floor, bare probe) of the module docstring, over `reader`'s current table and active
-    segment (so made after a real get)."""
+    segment (so made after a real get). `floor` is a deliberately stripped copy of
+    `IndexReader._find` (shardkv/ipc/sharedindex.py): keep the two alike when the probe changes."""
     from shardkv.ipc.sharedindex import GOLDEN32, HEADER_FIELDS, VERSION, VERSION_OFFSET  # noqa: PLC0415
     from shardkv.wal.format import RECORD_HEADER_SIZE  # noqa: PLC0415
 
