@@ -26,27 +26,20 @@ from shardkv import faults
 from shardkv.batches import decode_txn_parts
 from shardkv.coordinator.decisions import DecisionLog, decisions_directory
 from shardkv.errors import Busy, Conflict, CorruptionError, Unavailable
-from shardkv.ipc import frames
 from shardkv.ipc import messages as m
-from shardkv.ipc.frames import FrameServer
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
     HASH_SLOTS,
     PROC_QUARANTINED,
     PROC_UP,
-    SLOT_HEADER_SIZE,
-    SLOT_REQUEST,
-    SLOT_RESPONSE,
-    SLOT_STATE,
     STOPPING,
     ControlBlock,
     Ring,
     map_shared_memory,
     process_start_time,
-    read_frame,
     worker_ring_slots,
-    write_frame,
 )
+from shardkv.ipc.transport import Channel, Requester, RingServer
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.shards.worker import EXIT_CORRUPT, EXIT_STORAGE
 
@@ -79,14 +72,18 @@ class Coordinator:
         self.control = ControlBlock(self.control_buf, self.shards, self.leases)
         self.ring_buf = map_shared_memory(names["coord_ring"])
         self.ring = Ring(self.ring_buf, self.leases, config["slot_size"])
-        self.frames = FrameServer(self.ring, config["max_message"])
         self.wake = posix_ipc.Semaphore(names["coord_wake"])
         self.client_done = [posix_ipc.Semaphore(name) for name in names["done"]]
+        self.server = RingServer(self.ring, self.wake, self.client_done, config["max_message"])
         self.worker_bufs = [map_shared_memory(name) for name in names["rings"]]
         self.worker_rings = [Ring(buf, worker_ring_slots(self.leases), config["slot_size"]) for buf in self.worker_bufs]
         self.worker_wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
         self.worker_done = posix_ipc.Semaphore(names["coord_done"])
-        self.request_id = secrets.randbits(62)
+        # channels[shard][k]: coordinator slot k of that worker's ring (slot leases + k).
+        self.channels = [
+            [Channel(self.worker_rings[s], self.leases + k, self.worker_wake[s], s, f"shard {s}") for k in range(COORDINATOR_SLOTS)] for s in range(self.shards)
+        ]
+        self.requester = Requester(self.worker_done, self._check_worker)
         self.stopping = False
         self.decisions: DecisionLog | None = None
         self.undelivered: dict[int, set[int]] = {}  # decided txid -> shards yet to apply it
@@ -119,14 +116,9 @@ class Coordinator:
         self.log.info("started", pid=os.getpid(), map_version=control.map_version, undelivered=len(self.undelivered))
         supervisor = self.config["supervisor_pid"]
         try:
-            while not self.stopping and control.state != STOPPING and os.getppid() == supervisor:
-                try:
-                    self.wake.acquire(SWEEP_INTERVAL)
-                except (posix_ipc.BusyError, posix_ipc.SignalError):
-                    pass
+            for ready in self.server.serve(lambda: not self.stopping and control.state != STOPPING and os.getppid() == supervisor, SWEEP_INTERVAL):
                 if time.monotonic() >= self.next_sweep:
                     self._sweep()
-                ready = np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist()
                 if ready:
                     self._serve(ready)
                 self._decision_log_failed()  # the background fsync may have failed meanwhile
@@ -138,18 +130,14 @@ class Coordinator:
     def _abandon_stale_requests(self) -> None:
         """A request left in the ring by the previous coordinator may have been decided already:
         answer it Unavailable (outcome unknown) rather than run it twice."""
-        for slot in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
-            request_id = read_frame(self.ring.slot(slot))[2]
-            error = Unavailable("the coordinator restarted; the batch may or may not have been applied (each batch is all or nothing)")
-            self.frames.respond(slot, request_id, m.error_response(error))
-            self.client_done[slot].release()
+        self.server.abandon_stale(Unavailable("the coordinator restarted; the batch may or may not have been applied (each batch is all or nothing)"))
 
     def _serve(self, slots: list[int]) -> None:
         """Answer the requests in these slots of the coordinator's ring: TXNs in rounds of up to
         COORDINATOR_SLOTS batches, anything else at once."""
         batches = []
         for slot in slots:
-            request_id, message, reply = self.frames.receive(slot)
+            request_id, message, reply = self.server.receive(slot)
             if message is not None:
                 try:
                     if message[0] == m.TXN:
@@ -170,8 +158,7 @@ class Coordinator:
     def _answer(self, slot: int, request_id: int, reply: bytes) -> None:
         self.served += 1
         self.control.procs[0]["requests"] = self.served  # counted before answering, as workers do
-        self.frames.respond(slot, request_id, reply)
-        self.client_done[slot].release()
+        self.server.answer(slot, request_id, reply)
 
     def _execute(self, message: bytes) -> bytes:
         """The answer to a request that is not a TXN."""
@@ -381,67 +368,33 @@ class Coordinator:
         """Send every message at once - (shard, k) through coordinator slot k of that shard's
         ring - and wait for every answer: (shard, k) -> (status, body), or the exception its
         answer carried (WorkerUnavailable if none came)."""
+        keys = list(messages)
+        results = self.requester.call_many(
+            [(self.channels[shard][k], messages[(shard, k)]) for shard, k in keys],
+            WORKER_TIMEOUT,
+            after_first_post=None if fault is None else (lambda: faults.point(fault)),
+        )
         answers: dict = {}
-        pending = {}
-        for (shard, k), message in messages.items():
-            ring = self.worker_rings[shard]
-            slot = ring.slot(self.leases + k)
-            if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_REQUEST:
-                answers[(shard, k)] = WorkerUnavailable(f"shard {shard} has not answered an earlier request")
+        for key, result in zip(keys, results):
+            if isinstance(result, BaseException):
+                answers[key] = result if isinstance(result, WorkerUnavailable) else WorkerUnavailable(str(result))
                 continue
-            request_id = self._next_id()
-            if len(message) <= ring.capacity:
-                write_frame(slot, SLOT_REQUEST, 0, request_id, message, len(message))
-                self.worker_wake[shard].release()
-                pending[(shard, k)] = (slot, request_id)
-            else:
-                answers[(shard, k)] = self._send_long(shard, slot, request_id, message)
-            if fault is not None and len(messages) > 1:
-                faults.point(fault)
-                fault = None
-        deadline = time.monotonic() + WORKER_TIMEOUT
-        for (shard, k), (slot, request_id) in pending.items():
             try:
-                self._wait(shard, slot, request_id, deadline)
-                answers[(shard, k)] = m.parse_response(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + read_frame(slot)[3]]))
+                answers[key] = m.parse_response(result)
             except Exception as exc:
-                answers[(shard, k)] = exc
+                answers[key] = exc
         return answers
 
-    def _send_long(self, shard: int, slot, request_id: int, message: bytes):
-        deadline = time.monotonic() + WORKER_TIMEOUT
-        try:
-            response = frames.send(slot, self.worker_rings[shard].capacity, self.worker_wake[shard], request_id, message, lambda: self._wait(shard, slot, request_id, deadline))
-            return m.parse_response(response)
-        except Exception as exc:
-            return exc
-
-    def _wait(self, shard: int, slot, request_id: int, deadline: float) -> None:
-        # Spin-then-sleep, as a client does (Client._wait): posts of answers found by polling
-        # are taken first (only this process takes posts of `worker_done`), then the slot is
-        # polled for frames.REQUESTER_SPIN before sleeping on the semaphore.
-        frames.drain(self.worker_done)
-        if frames.spin_for_response(slot, request_id):
-            return
-        while True:
-            if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_RESPONSE and read_frame(slot)[2] == request_id:
-                return
-            try:
-                self.worker_done.acquire(0.05)
-                continue
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
-            if self.control.procs[1 + shard]["state"] == PROC_QUARANTINED:
-                raise WorkerUnavailable(f"shard {shard} is quarantined")
-            if os.getppid() != self.config["supervisor_pid"]:
-                self.stopping = True
-                raise WorkerUnavailable("the supervisor is gone")
-            if time.monotonic() > deadline or self.control.state == STOPPING:
-                raise WorkerUnavailable(f"shard {shard} did not answer within {WORKER_TIMEOUT} s")
-
-    def _next_id(self) -> int:
-        self.request_id = (self.request_id + 1) & 0xFFFFFFFFFFFFFFFF
-        return self.request_id
+    def _check_worker(self, channel: Channel) -> None:
+        """The liveness check of a wait for a worker's answer (transport.Requester)."""
+        shard = channel.target
+        if self.control.procs[1 + shard]["state"] == PROC_QUARANTINED:
+            raise WorkerUnavailable(f"shard {shard} is quarantined")
+        if os.getppid() != self.config["supervisor_pid"]:
+            self.stopping = True
+            raise WorkerUnavailable("the supervisor is gone")
+        if self.control.state == STOPPING:
+            raise WorkerUnavailable("the cluster is stopping")
 
 
 _DECISION_UNKNOWN = "the coordinator's decision log failed; the batch may or may not have been applied (each batch is all or nothing)"

@@ -9,6 +9,7 @@ import numpy as np
 
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import SLOT_REQUEST
+from shardkv.ipc.transport import Unresponsive
 
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
 SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments", "last_fsync_age")
@@ -25,13 +26,23 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     before = client._control.procs["requests"].copy()
     started = time.monotonic()
     health = health_from_control(client._control, client._info)
+    coordinator = health["coordinator"]
+    if coordinator["state"] == "up":
+        try:
+            client._probe(client.shards, m.request(m.PING))
+        except Unresponsive:
+            coordinator["state"] = "unresponsive"
+        except Exception:  # noqa: BLE001 — shown by its state in the process table
+            pass
     for entry in health["shards"]:
         shard = entry["shard"]
         entry["waiting"] = int(np.count_nonzero(client._rings[shard].states == SLOT_REQUEST))
         stats = None
         if entry["state"] == "up":
             try:
-                stats = json.loads(bytes(client._call(shard, m.request(m.STATS), read=True)[1]))
+                stats = json.loads(bytes(client._probe(shard, m.request(m.STATS))[1]))
+            except Unresponsive:
+                entry["state"] = "unresponsive"  # alive (it is "up") but answered no probe in time
             except Exception:  # noqa: BLE001 — a shard that cannot answer is shown without figures
                 stats = None
         for name in SHARD_FIELDS:
@@ -47,6 +58,8 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
             entry["ops_per_second"] = round(float(after[index] - before[index]) / elapsed, 1)
         else:
             entry["ops_per_second"] = round(entry["requests"] / entry["uptime"], 1) if entry["uptime"] else 0.0
+    if health["status"] == "healthy" and any(e["state"] != "up" for e in [coordinator, *health["shards"]]):
+        health["status"] = "degraded"
     health["exit_code"] = exit_code(health)
     return health
 

@@ -21,36 +21,51 @@ import time
 import posix_ipc
 
 from shardkv.batches import Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
-from shardkv.client import Client, _Snapshot
+from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS
+from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
-from shardkv.ipc.layout import FLAG_MORE, SLOT_HEADER_SIZE, SLOT_REQUEST, SLOT_RESPONSE, SLOT_STATE, read_frame, write_frame
+from shardkv.ipc.transport import Unresponsive, exchange
 from shardkv.ipc.sharedindex import FALLBACK
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
 
 RETRY_TIMEOUT = 30.0
 
 
-def aopen(directory, shards: int | None = None, durability: str = "interval", *, pool: int = 4, start_timeout: float = 60.0, direct_reads: bool = True) -> "_Opening":
+def aopen(
+    directory,
+    shards: int | None = None,
+    durability: str = "interval",
+    *,
+    pool: int = 4,
+    start_timeout: float = 60.0,
+    direct_reads: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_batch_ops: int = MAX_BATCH_OPS,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+) -> "_Opening":
     """Attach to (or start, like `shardkv.open`) the cluster serving `directory`.
 
     `db = await shardkv.aopen(dir)` or `async with shardkv.aopen(dir) as db:`. `pool` is the
     number of leases the client holds: how many requests per shard can be in flight at once.
-    `direct_reads` as in `shardkv.open`: a `get` answered from shared memory never waits.
+    The other options are `shardkv.open`'s; `direct_reads`: a `get` answered from shared
+    memory never waits.
     """
-    return _Opening(_aopen(directory, shards, durability, pool, start_timeout, direct_reads))
+    options = {"lock_timeout": lock_timeout, "max_batch_ops": max_batch_ops, "max_batch_bytes": max_batch_bytes, "request_timeout": request_timeout}
+    return _Opening(_aopen(directory, shards, durability, pool, start_timeout, direct_reads, options))
 
 
-async def _aopen(directory, shards, durability, pool, start_timeout, direct_reads=True) -> "AsyncClient":
+async def _aopen(directory, shards, durability, pool, start_timeout, direct_reads, options) -> "AsyncClient":
     if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 16:
         raise ValueError(f"pool must be an int between 1 and 16, not {pool!r}")
     loop = asyncio.get_running_loop()
-    first = await loop.run_in_executor(None, lambda: Client(directory, shards, durability, start_timeout, direct_reads=direct_reads))
+    first = await loop.run_in_executor(None, lambda: Client(directory, shards, durability, start_timeout, direct_reads=direct_reads, **options))
     clients = [first]
     try:
         for _ in range(pool - 1):
             # Only the first client answers gets from shared memory; the others carry requests.
-            clients.append(await loop.run_in_executor(None, lambda: Client(first.directory, None, durability, start_timeout, direct_reads=False)))
+            clients.append(await loop.run_in_executor(None, lambda: Client(first.directory, None, durability, start_timeout, direct_reads=False, **options)))
     except BaseException:
         for client in clients:
             client.close()
@@ -85,14 +100,14 @@ class AsyncClient:
         self.shards = clients[0].shards
         self.directory = clients[0].directory
         self._flags = clients[0]._flags
+        self._request_timeout = clients[0].request_timeout
         # One queue of free leases per shard worker, and one (the last) for the coordinator.
         self._free = [asyncio.Queue() for _ in range(self.shards + 1)]
         for queue in self._free:
             for index in range(len(clients)):
                 queue.put_nowait(index)
-        # (client index, shard) -> (request id, future, or None once its coroutine was cancelled)
-        self._pending: dict[tuple[int, int], tuple[int, asyncio.Future | None]] = {}
-        self._next_id = clients[0]._request_id
+        # (lease index, shard) -> [request id, future (None once its caller gave up), deadline]
+        self._pending: dict[tuple[int, int], list] = {}
         self._closed = False
         self._stop = threading.Event()
         self._waiters = [threading.Thread(target=self._wait_for_answers, args=(i,), name=f"shardkv-aio-{i}", daemon=True) for i in range(len(clients))]
@@ -101,50 +116,55 @@ class AsyncClient:
 
     # -- completions -----------------------------------------------------------------------
     def _wait_for_answers(self, index: int) -> None:
-        """Waiter thread of lease `index`: every post of its `done` semaphore wakes the loop."""
+        """Waiter thread of lease `index`: every post of its `done` semaphore wakes the loop;
+        without one for half a second, the loop checks deadlines and liveness."""
         done = self._clients[index]._done
         while not self._stop.is_set():
             try:
                 done.acquire(0.5)
+                callback = self._complete
             except posix_ipc.BusyError:
-                try:
-                    self._loop.call_soon_threadsafe(self._check_alive)
-                except RuntimeError:
-                    return  # the loop is closed
-                continue
+                callback = self._check_pending
+            except posix_ipc.SignalError:
+                continue  # a signal handler ran (in the main thread): wait on
             except posix_ipc.ExistentialError:
                 return
             try:
-                self._loop.call_soon_threadsafe(self._complete, index)
+                self._loop.call_soon_threadsafe(callback, index)
             except RuntimeError:
-                return
+                return  # the loop is closed
 
     def _complete(self, index: int) -> None:
         """In the loop: resolve the futures of lease `index`'s answered slots."""
-        client = self._clients[index]
+        channels = self._clients[index]._channels
         for shard in range(self.shards + 1):
             entry = self._pending.get((index, shard))
-            if entry is None:
+            if entry is None or not channels[shard].answered(entry[0]):
                 continue
-            slot = client._rings[shard].slot(client._lease)
-            if SLOT_STATE.unpack_from(slot, 0)[0] != SLOT_RESPONSE or read_frame(slot)[2] != entry[0]:
-                continue
+            channels[shard].outstanding = None
             del self._pending[(index, shard)]
             future = entry[1]
             if future is None:
-                self._free[shard].put_nowait(index)  # its coroutine was cancelled: the slot is free now
+                self._free[shard].put_nowait(index)  # its caller gave up: the slot is free now
             elif not future.done():
                 future.set_result(None)
 
-    def _check_alive(self) -> None:
-        """In the loop: fail the requests of a shard that is quarantined, or of a dead cluster."""
-        for shard in {shard for _, shard in self._pending}:
+    def _check_pending(self, index: int) -> None:
+        """In the loop: fail the requests of lease `index` whose server is quarantined or gone,
+        or that waited past the request timeout (they stay outstanding: see transport.exchange)."""
+        self._complete(index)  # an answer whose post was taken by a drain
+        client, now = self._clients[index], time.monotonic()
+        for (lease, shard), entry in list(self._pending.items()):
+            future = entry[1]
+            if lease != index or future is None or future.done():
+                continue
+            channel = client._channels[shard]
             try:
-                self._clients[0]._check_cluster(shard, 0.0)
+                client._check_serving(channel)
+                if now > entry[2]:
+                    raise Unresponsive(f"{channel.name} did not answer in time (request_timeout); the request may or may not have been applied")
             except Exception as exc:  # noqa: BLE001 — CorruptionError (quarantine) or Unavailable
-                for (_, pending_shard), (_, future) in list(self._pending.items()):
-                    if pending_shard == shard and future is not None and not future.done():
-                        future.set_exception(exc)
+                future.set_exception(exc)
 
     # -- one request -----------------------------------------------------------------------
     async def _call(self, shard: int, message: bytes, read: bool):
@@ -158,55 +178,47 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.01)
+            except Unresponsive:
+                raise
             except Unavailable:
                 if not read or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.01)
 
     async def _exchange(self, shard: int, message: bytes) -> bytes:
+        """One request through a free lease's slot for `shard`, driving transport.exchange with
+        futures. A caller that gives up (cancelled, timed out, closed) leaves the request
+        outstanding: the slot goes back to the pool when its late answer arrives."""
         if self._closed:
             raise Closed("the shardkv client is closed")
-        index = await self._free[shard].get()
-        client = self._clients[index]
-        ring = client._rings[shard]
-        slot = ring.slot(client._lease)
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
-        request_id = self._next_id
-        in_flight = False
         try:
-            view, total, pos, capacity = memoryview(message), len(message), 0, ring.capacity
+            index = await asyncio.wait_for(self._free[shard].get(), self._request_timeout)
+        except asyncio.TimeoutError:
+            raise Unresponsive(f"no slot for shard {shard} came free within the request timeout: earlier requests are still unanswered") from None
+        if self._closed:
+            self._free[shard].put_nowait(index)  # wakes the next waiter, which sees closed too
+            raise Closed("the shardkv client is closed")
+        client = self._clients[index]
+        channel = client._channels[shard]
+        request_id = client._requester.next_id()
+        deadline = time.monotonic() + self._request_timeout
+        steps = exchange(channel, request_id, message)
+        try:
             while True:
-                chunk = view[pos : pos + capacity]
-                pos += len(chunk)
-                more = pos < total
-                await self._send(index, shard, slot, FLAG_MORE if more else 0, request_id, chunk, total)
-                in_flight = False
-                _, flags, _, frame_len, response_total = read_frame(slot)
-                if not (more and frame_len == 0 and response_total == 0):
-                    break
-            parts = [bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len])]
-            while flags & FLAG_MORE:
-                in_flight = True
-                await self._send(index, shard, slot, 0, request_id, b"", 0)
-                in_flight = False
-                _, flags, _, frame_len, _ = read_frame(slot)
-                parts.append(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        except asyncio.CancelledError:
-            in_flight = (index, shard) in self._pending
-            if in_flight:
-                self._pending[(index, shard)] = (self._pending[(index, shard)][0], None)  # freed on its answer
-            raise
-        finally:
-            if not in_flight:
+                future = self._loop.create_future()
+                self._pending[(index, shard)] = [request_id, future, deadline]
+                next(steps)  # posts a frame
+                await future
+        except StopIteration as finished:
+            self._free[shard].put_nowait(index)
+            return finished.value
+        except BaseException:
+            entry = self._pending.get((index, shard))
+            if entry is not None and entry[0] == request_id:
+                entry[1] = None  # outstanding: freed by _complete when its answer arrives
+            else:
                 self._free[shard].put_nowait(index)
-
-    async def _send(self, index: int, shard: int, slot, flags: int, request_id: int, payload, total: int) -> None:
-        future = self._loop.create_future()
-        self._pending[(index, shard)] = (request_id, future)
-        write_frame(slot, SLOT_REQUEST, flags, request_id, payload, total)
-        self._clients[index]._wake[shard].release()
-        await future
+            raise
 
     def _shard_of(self, key: bytes) -> int:
         if self._closed:
@@ -382,14 +394,24 @@ class AsyncClient:
 
     # -- closing ---------------------------------------------------------------------------
     async def close(self) -> None:
-        """Wait for requests in flight, stop the waiters and give the leases back. Idempotent."""
+        """End the requests in flight with shardkv.Closed, stop the waiters and give the leases
+        back. Idempotent. A request left unanswered stays outstanding in its slot: the lease's
+        next owner waits for its answer before reusing the slot (transport.Channel)."""
         if self._closed:
             return
         self._closed = True
-        deadline = time.monotonic() + 5
-        while self._pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)  # cancelled requests: their slots must be answered first
+        for entry in self._pending.values():
+            future = entry[1]
+            if future is not None and not future.done():
+                future.set_exception(Closed("the client was closed while this request waited; it may or may not have been applied"))
+        for queue in self._free:
+            queue.put_nowait(0)  # a caller waiting for a free slot wakes, sees closed and passes it on
         self._stop.set()
+        for client in self._clients:
+            try:
+                client._done.release()  # wakes its waiter thread at once
+            except posix_ipc.Error:
+                pass
         for thread in self._waiters:
             await self._loop.run_in_executor(None, thread.join)
         for client in self._clients:

@@ -10,7 +10,6 @@ import fcntl
 import heapq
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -34,25 +33,18 @@ from shardkv.coordinator.runfiles import (
 )
 from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
 from shardkv.errors import Busy, Closed, CorruptionError, Unavailable
-from shardkv.ipc import frames
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
-    FLAG_MORE,
     PROC_QUARANTINED,
     PROC_STATE_NAMES,
     READY,
-    SLOT_HEADER_SIZE,
-    SLOT_REQUEST,
-    SLOT_RESPONSE,
-    SLOT_STATE,
     ControlBlock,
     Ring,
     map_shared_memory,
     process_start_time,
-    read_frame,
     worker_ring_slots,
-    write_frame,
 )
+from shardkv.ipc.transport import Channel, Requester, Unresponsive, drain
 from shardkv.ipc.sharedindex import FALLBACK, SUPPORTED, IndexReader
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.wal.writer import check_durability
@@ -63,12 +55,18 @@ _LIVE_CLIENTS: "weakref.WeakValueDictionary[int, Client]" = weakref.WeakValueDic
 
 def _mark_forked() -> None:
     # A child sees every inherited client as forked: it takes a lease of its own on next use.
+    # Its locks are new: another thread of the parent may have held one at the fork, and that
+    # thread does not exist here to release it.
     for client in list(_LIVE_CLIENTS.values()):
+        client._lock = threading.RLock()
+        client._reading_lock = threading.Lock()
+        client._closing_lock = threading.Lock()
         client._forked = True
 
 
 os.register_at_fork(after_in_child=_mark_forked)
-REQUEST_TIMEOUT = 600.0
+DEFAULT_REQUEST_TIMEOUT = 20.0
+PROBE_TIMEOUT = 1.0  # health(): a process that does not answer a probe this fast is "unresponsive"
 RETRY_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
 _UNSET = object()
@@ -84,6 +82,7 @@ def open(  # noqa: A001
     max_batch_ops: int = MAX_BATCH_OPS,
     max_batch_bytes: int = MAX_BATCH_BYTES,
     direct_reads: bool = True,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> "Client":
     """Attach to the cluster serving `directory`, starting one (embedded) if none is running.
 
@@ -96,20 +95,24 @@ def open(  # noqa: A001
     bytes of keys and values); a larger one is a ValueError before anything is written.
     direct_reads: answer `get` in this process from the shards' shared indexes and segment
     files when possible (docs/IPC.md, "Shared index"); False sends every get to the worker.
+    request_timeout: seconds a request waits for a worker (or the coordinator) that is alive but
+    does not answer (stopped, wedged) before it raises shardkv.Unavailable; a write may then
+    have been applied or not.
     """
-    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes, direct_reads)
+    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes, direct_reads, request_timeout)
 
 
 class Client(MutableMapping):
     """A connection to one store; see `shardkv.open`."""
 
-    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES, direct_reads=True):
-        for name, value in (("lock_timeout", lock_timeout), ("max_batch_ops", max_batch_ops), ("max_batch_bytes", max_batch_bytes)):
+    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES, direct_reads=True, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+        for name, value in (("lock_timeout", lock_timeout), ("max_batch_ops", max_batch_ops), ("max_batch_bytes", max_batch_bytes), ("request_timeout", request_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, not {type(value).__name__}")
             if not value > 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
         self.lock_timeout = float(lock_timeout)
+        self.request_timeout = float(request_timeout)
         self.max_batch_ops = int(max_batch_ops)
         self.max_batch_bytes = int(max_batch_bytes)
         if not isinstance(directory, (str, os.PathLike)):
@@ -128,6 +131,7 @@ class Client(MutableMapping):
         self._requested_shards = shards
         self._flags = m.FLAG_FSYNC if durability == "fsync" else 0
         self._closed = True
+        self._closing_lock = threading.Lock()
         self._lease_fd = -1
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._attach(start_timeout)
@@ -150,7 +154,6 @@ class Client(MutableMapping):
         self._readers = 0  # multi-key reads in progress (the lease's "reading" flag is set)
         self._pid = os.getpid()
         self._forked = False
-        self._request_id = random.getrandbits(62)
         self._closed = False
         _LIVE_CLIENTS[id(self)] = self
 
@@ -227,17 +230,12 @@ class Client(MutableMapping):
         entry["pid"], entry["start_time"], entry["reading"] = os.getpid(), process_start_time(os.getpid()), 0
         self._control.note_attach()
         self._done = posix_ipc.Semaphore(info["names"]["done"][lease])
-        # A dead previous owner may have left a request in flight: let the workers answer it.
-        deadline = time.monotonic() + 10
-        for ring in self._rings:
-            slot = ring.slot(lease)
-            while SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_REQUEST and time.monotonic() < deadline:
-                time.sleep(0.001)
-        while True:
-            try:
-                self._done.acquire(0)
-            except posix_ipc.BusyError:
-                break
+        drain(self._done)  # posts of answers to a previous owner's requests
+        # Slot `lease` of every ring; a request a dead previous owner left in flight in one is
+        # waited for by the first call through it (transport.Channel).
+        self._channels = [Channel(self._rings[s], lease, self._wake[s], s, f"shard {s}") for s in range(self.shards)]
+        self._channels.append(Channel(self._rings[self.shards], lease, self._wake[self.shards], self.shards, "the coordinator"))
+        self._requester = Requester(self._done, self._check_serving)
 
     def _check(self) -> None:
         if self._closed:
@@ -249,82 +247,38 @@ class Client(MutableMapping):
         # The inherited lease lock belongs to the parent: closing our copy of the descriptor
         # keeps the parent's lock (flock follows the open file, which the parent still holds).
         os.close(self._lease_fd)
-        self._lock = threading.RLock()
-        self._reading_lock = threading.Lock()
         self._readers = 0
         self._pid = os.getpid()
         self._forked = False
         self._take_lease(self._info)
 
     # -- one request -----------------------------------------------------------------------
-    def _next_id(self) -> int:
-        self._request_id = (self._request_id + 1) & 0xFFFFFFFFFFFFFFFF
-        return self._request_id
-
-    def _call(self, shard: int, message: bytes, read: bool):
+    def _call(self, shard: int, message: bytes, read: bool, timeout: float | None = None):
         """Send `message` to `shard` (N: the coordinator); return (status, body). Reads are
-        retried after a restart; anything answered Busy (not applied) until the lock timeout."""
+        retried while a worker restarts; anything answered Busy (not applied) until the lock
+        timeout. A server that does not answer within `timeout` (default: request_timeout)
+        raises transport.Unresponsive, an Unavailable, at once."""
         with self._lock:
             self._check()
+            channel, call = self._channels[shard], self._requester.call
+            timeout = self.request_timeout if timeout is None else timeout
             now = time.monotonic()
             deadline, busy_deadline, pause = now + RETRY_TIMEOUT, now + self.lock_timeout, 0.0001
             while True:
                 try:
-                    return m.parse_response(self._exchange(shard, message))
+                    return m.parse_response(call(channel, message, timeout))
                 except Busy:
                     if time.monotonic() > busy_deadline:
                         raise
                     time.sleep(pause)
                     pause = min(pause * 2, 0.01)
+                except Unresponsive:
+                    raise  # waiting longer is the caller's choice (request_timeout)
                 except Unavailable:
                     # Reads are retried while a worker restarts; not once the whole cluster is gone.
                     if not read or time.monotonic() > deadline or not self._cluster_alive():
                         raise
                     time.sleep(0.01)
-
-    def _exchange(self, shard: int, message: bytes) -> bytes:
-        ring = self._rings[shard]
-        slot = ring.slot(self._lease)
-        request_id = self._next_id()
-        return frames.send(slot, ring.capacity, self._wake[shard], request_id, message, lambda: self._wait(shard, slot, request_id))
-
-    def _wait(self, shard: int, slot, request_id: int) -> None:
-        """Block until `slot` holds the response to `request_id`: poll it for a few tens of
-        microseconds (frames.REQUESTER_SPIN), then sleep on the lease's `done` semaphore."""
-        # Posts of answers found by polling were never waited for: take them now (before the
-        # slot is looked at again, see frames.drain) so that they neither pile up nor wake the
-        # blocking wait below for nothing.
-        frames.drain(self._done)
-        if frames.spin_for_response(slot, request_id):
-            return
-        started = time.monotonic()
-        next_check = started + 0.2
-        while True:
-            if SLOT_STATE.unpack_from(slot, 0)[0] == SLOT_RESPONSE and read_frame(slot)[2] == request_id:
-                return
-            try:
-                self._done.acquire(0.2)
-                continue
-            except posix_ipc.BusyError:
-                pass
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 1.0
-                self._check_cluster(shard, now - started)
-
-    def _cluster_alive(self) -> bool:
-        """Whether the supervisor this client attached to still runs (pid and start time)."""
-        return process_start_time(self._info["pid"]) == self._info["start_time"]
-
-    def _check_cluster(self, shard: int, waited: float) -> None:
-        if shard < self.shards and self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
-            raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
-        if shard == self.shards and self._control.procs[0]["state"] == PROC_QUARANTINED:
-            raise CorruptionError("the coordinator is quarantined: its decision log is corrupt (see shardkv verify)")
-        if not self._cluster_alive():
-            raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
-        if waited > REQUEST_TIMEOUT:
-            raise Unavailable(f"shard {shard} did not answer within {REQUEST_TIMEOUT} s")
 
     def _call_many(self, messages: dict[int, bytes]) -> dict[int, tuple[int, memoryview]]:
         """Send one read message to each of several shards at once; return their answers."""
@@ -333,32 +287,38 @@ class Client(MutableMapping):
             return {shard: self._call(shard, message, read=True)}
         with self._lock:
             self._check()
+            shards = list(messages)
+            results = self._requester.call_many([(self._channels[s], messages[s]) for s in shards], self.request_timeout)
             answers = {}
-            pending = {}
-            for shard, message in messages.items():
-                ring = self._rings[shard]
-                if len(message) > ring.capacity:
-                    answers[shard] = None  # too big for one frame: sent on its own below
-                    continue
-                slot = ring.slot(self._lease)
-                request_id = self._next_id()
-                write_frame(slot, SLOT_REQUEST, 0, request_id, message, len(message))
-                self._wake[shard].release()
-                pending[shard] = (slot, request_id)
-            for shard, (slot, request_id) in pending.items():
-                self._wait(shard, slot, request_id)
-                _, flags, _, frame_len, _ = read_frame(slot)
-                if flags & FLAG_MORE:
-                    answers[shard] = None  # a long answer: fetched again on its own
-                    continue
-                try:
-                    answers[shard] = m.parse_response(bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + frame_len]))
-                except Unavailable:
-                    answers[shard] = None
-            for shard, answer in answers.items():
-                if answer is None:
-                    answers[shard] = self._call(shard, messages[shard], read=True)
+            for shard, result in zip(shards, results):
+                if isinstance(result, (Unresponsive, CorruptionError)):
+                    raise result
+                if not isinstance(result, Exception):
+                    try:
+                        answers[shard] = m.parse_response(result)
+                        continue
+                    except Unavailable:
+                        pass
+                answers[shard] = self._call(shard, messages[shard], read=True)  # retried on its own
             return answers
+
+    def _cluster_alive(self) -> bool:
+        """Whether the supervisor this client attached to still runs (pid and start time)."""
+        return process_start_time(self._info["pid"]) == self._info["start_time"]
+
+    def _check_serving(self, channel: Channel) -> None:
+        """The liveness check of a wait for `channel`'s server (transport.Requester)."""
+        shard = channel.target
+        if shard < self.shards and self._control.procs[1 + shard]["state"] == PROC_QUARANTINED:
+            raise CorruptionError(f"shard {shard} is quarantined: its log is corrupt (see shardkv status)")
+        if shard == self.shards and self._control.procs[0]["state"] == PROC_QUARANTINED:
+            raise CorruptionError("the coordinator is quarantined: its decision log is corrupt (see shardkv verify)")
+        if not self._cluster_alive():
+            raise Unavailable(f"the cluster this client attached to on {self.directory} has stopped; open the store again")
+
+    def _probe(self, shard: int, message: bytes) -> tuple[int, memoryview]:
+        """A request for health(): raises Unresponsive unless answered within PROBE_TIMEOUT."""
+        return self._call(shard, message, read=True, timeout=min(PROBE_TIMEOUT, self.request_timeout))
 
     def shard_of(self, key: bytes) -> int:
         """The shard that owns `key` (through the coordinator's shard map)."""
@@ -628,30 +588,28 @@ class Client(MutableMapping):
 
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Give the lease back and unmap everything. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Give the lease back. Idempotent, and safe from any thread at any time: a call waiting
+        in another thread ends with shardkv.Closed (soon: its wait is woken), and one that
+        starts later raises Closed. The shared-memory mappings go with the object, since
+        another thread may still be reading through them."""
+        with self._closing_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._direct_get = None
-        readers, self._index_readers = self._index_readers, None
-        for reader in readers or ():
-            reader.close()
         if not self._forked:
-            entry = self._control.leases[self._lease]
-            entry["pid"], entry["start_time"], entry["reading"] = 0, 0, 0
-            os.close(self._lease_fd)
-        self._done.close()
-        for sem in self._wake:
-            sem.close()
-        for ring in self._rings:
-            ring.release()
-        self._map.release()
-        self._control = None
-        for buf in self._ring_bufs + [self._control_buf]:
-            try:
-                buf.close()
-            except BufferError:
-                pass
+            self._requester.close()  # wakes a waiter in another thread, which then raises Closed
+        with self._lock:  # no call is in flight past here: the semaphores can go
+            readers, self._index_readers = self._index_readers, None
+            for reader in readers or ():
+                reader.close()
+            if not self._forked:
+                entry = self._control.leases[self._lease]
+                entry["pid"], entry["start_time"], entry["reading"] = 0, 0, 0
+                os.close(self._lease_fd)
+            self._done.close()
+            for sem in self._wake:
+                sem.close()
 
     def __enter__(self) -> "Client":
         return self

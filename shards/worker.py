@@ -22,19 +22,16 @@ from shardkv import faults
 from shardkv.coordinator.manifest import shard_directory
 from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
-from shardkv.ipc.frames import FrameServer
+from shardkv.ipc.transport import RingServer
 from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
     PROC_DTYPE,
     PROC_UP,
-    SLOT_REQUEST,
-    SLOT_STATE,
     STOPPING,
     ControlBlock,
     Ring,
     map_shared_memory,
-    read_frame,
     worker_ring_slots,
 )
 from shardkv.log import configure_service_logging, get_logger
@@ -62,13 +59,15 @@ class Worker:
         self.control = ControlBlock(self.control_buf, config["shards"], config["leases"])
         self.ring_buf = map_shared_memory(names["rings"][self.shard])
         self.ring = Ring(self.ring_buf, worker_ring_slots(config["leases"]), config["slot_size"])
-        self.frames = FrameServer(self.ring, self.max_message)
         self.wake = posix_ipc.Semaphore(names["wake"][self.shard])
         # The slots after the leases (L, L + 1, ...) belong to the coordinator, which runs up to
         # COORDINATOR_SLOTS cross-shard batches at once; their answers post coord_done.
         self.coordinator_slots = list(range(config["leases"], config["leases"] + COORDINATOR_SLOTS))
         coordinator_done = posix_ipc.Semaphore(names["coord_done"])
         self.done = [posix_ipc.Semaphore(name) for name in names["done"]] + [coordinator_done] * COORDINATOR_SLOTS
+        # Most wake-ups look only at the slots of leases held by a client (and the coordinator's).
+        leases = self.control.leases
+        self.server = RingServer(self.ring, self.wake, self.done, self.max_message, lambda: np.flatnonzero(leases["pid"]).tolist() + self.coordinator_slots)
         self.stopping = False
         self.voted = False  # a PREPARE was answered in this pass (for the worker.voted fault point)
         self.finish_indexing = None  # indexes a batch answered before it was indexed (engine.apply_deferred)
@@ -123,33 +122,16 @@ class Worker:
     def _abandon_stale_requests(self) -> None:
         """Requests left by a previous generation of this worker may have been applied already:
         answer them Unavailable rather than apply them twice."""
-        for lease in np.flatnonzero(self.ring.states == SLOT_REQUEST).tolist():
-            slot = self.ring.slot(lease)
-            request_id = read_frame(slot)[2]
-            self.frames.respond(lease, request_id, m.error_response(Unavailable("the shard worker restarted; the request may or may not have been applied")))
-            self.done[lease].release()
+        self.server.abandon_stale(Unavailable("the shard worker restarted; the request may or may not have been applied"))
 
     def _serve(self) -> None:
         supervisor = self.config["supervisor_pid"]
-        states, leases = self.ring.states, self.control.leases
-        slot_state = [self.ring.slot(lease) for lease in range(self.ring.leases)]
-        unpack_state = SLOT_STATE.unpack_from
-        active: list[int] = []  # leases held by a client, refreshed when a wake-up finds nothing there
+        control, server = self.control, self.server
         served = 0
-        while True:
-            try:
-                self.wake.acquire(1.0)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
-            if self.stopping or self.control.state == STOPPING or os.getppid() != supervisor:
-                return
+        for ready in server.serve(lambda: not self.stopping and control.state != STOPPING and os.getppid() == supervisor, 1.0):
             self._maybe_compact()
-            ready = [lease for lease in active if unpack_state(slot_state[lease], 0)[0] == SLOT_REQUEST]
             if not ready:
-                active = np.flatnonzero(leases["pid"]).tolist() + self.coordinator_slots
-                ready = np.flatnonzero(states == SLOT_REQUEST).tolist()
-                if not ready:
-                    continue
+                continue
             replies = []
             sync = False
             for lease in ready:
@@ -167,8 +149,7 @@ class Worker:
             served += len(ready)  # counted before answering: a client that has its answer sees it
             _COUNTER.pack_into(self.control_buf, self.requests_offset, served)
             for lease, request_id, response in replies:
-                self.frames.respond(lease, request_id, response)
-                self.done[lease].release()
+                server.answer(lease, request_id, response)
             # A big batch is answered once logged and indexed now, while its client goes on.
             if self.finish_indexing is not None:
                 faults.point("worker.answered_unindexed")
@@ -237,7 +218,7 @@ class Worker:
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, lease: int):
         """Take the frame in slot `lease`; return ((request_id, response), wants_sync)."""
-        request_id, message, reply = self.frames.receive(lease)
+        request_id, message, reply = self.server.receive(lease)
         if message is None:
             return (request_id, reply), False
         if message[0] in COORDINATOR_OPS and lease < self.coordinator_slots[0]:

@@ -342,7 +342,7 @@ def test_client_of_a_killed_cluster_fails_fast_after_a_new_cluster_starts(cluste
     that will never come, neither while the directory has no cluster nor once another cluster
     runs on it (its requests go to the old cluster's unlinked rings, which nobody serves; a
     check of "is some supervisor holding run/supervisor.lock" would pass and hang it for
-    REQUEST_TIMEOUT = 600 s).
+    its request_timeout, 20 s by default).
     """
     p = cluster.spawn(STALE_SCRIPT, cluster.directory, str(SHARDS))
     p.expect("ready", 60)
