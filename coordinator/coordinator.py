@@ -37,6 +37,7 @@ from shardkv.ipc.layout import (
     Ring,
     map_shared_memory,
     process_start_time,
+    readers_waited_for,
     worker_ring_slots,
 )
 from shardkv.ipc.transport import Channel, Requester, RingServer
@@ -305,12 +306,12 @@ class Coordinator:
         so that long scans finish instead of starting over. The requesting clients' own flags
         are not waited for: a reading thread may be queued behind the thread that sent a batch."""
         leases = self.control.leases
-        if not leases["reading"].any():
+        if not readers_waited_for(leases["reading"]).any():
             return
         started = time.monotonic()
         pause = 0.00005
         while True:
-            reading = [i for i in np.flatnonzero(leases["reading"]).tolist() if i not in requesters]
+            reading = [i for i in np.flatnonzero(readers_waited_for(leases["reading"])).tolist() if i not in requesters]
             if not reading:
                 return
             waited = time.monotonic() - started

@@ -341,7 +341,9 @@ class AsyncClient:
 
         async def refill(shard: int) -> None:
             lo, hi = bounds[shard][:2]
+            snapshot.fetching(True)
             _, body = await self._call(shard, m.encode_scan(lo, hi, reverse, prefix, page), read=True)
+            snapshot.fetching(False)
             items, more[shard] = m.decode_items(body)
             if not items:
                 more[shard] = False

@@ -37,11 +37,14 @@ from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
     PROC_STATE_NAMES,
+    READING_GRACE,
+    READING_HOLD,
     READY,
     ControlBlock,
     Ring,
     map_shared_memory,
     process_start_time,
+    reading_until,
     worker_ring_slots,
 )
 from shardkv.ipc.transport import Channel, Requester, Unresponsive, drain
@@ -448,7 +451,9 @@ class Client(MutableMapping):
 
     def _scan_shard(self, shard, start, stop, reverse, prefix, page, snapshot):
         while True:
+            snapshot.fetching(True)
             _, body = self._call(shard, m.encode_scan(start, stop, reverse, prefix, page), read=True)
+            snapshot.fetching(False)
             items, more = m.decode_items(body)
             if not snapshot.still_valid():
                 if snapshot.yielded:
@@ -626,10 +631,12 @@ class _SnapshotMoved(Exception):
 
 
 class _Snapshot:
-    """The window of one multi-key read. While it is open the client's lease says "reading",
-    so the coordinator holds back the commit phase of cross-shard batches (for a while); and
-    the read is good only if no commit phase began during it: `commits_started` unchanged
-    and, at the start, equal to `commits_finished` (docs/TRANSACTIONS.md, "Isolation")."""
+    """The window of one multi-key read. While it fetches, the client's lease says "reading"
+    (a deadline: layout.READING_HOLD), so the coordinator holds back the commit phase of
+    cross-shard batches for a while; between the pages of a scan only for READING_GRACE, so a
+    held iterator stalls no writer. The read is good only if no commit phase began during it:
+    `commits_started` unchanged and, at the start, equal to `commits_finished`
+    (docs/TRANSACTIONS.md, "Isolation")."""
 
     def __init__(self, client: Client):
         self.client = client
@@ -646,13 +653,23 @@ class _Snapshot:
         return self
 
     def _set_reading(self, change: int) -> None:
-        """Count this read in or out; the lease's flag is set while any runs."""
+        """Count this read in or out; the lease's `reading` holds while any runs."""
         client = self.client
         if client._closed or client._forked:
             return
         with client._reading_lock:
             client._readers += change
-            client._control.leases[client._lease]["reading"] = 1 if client._readers else 0
+            client._control.leases[client._lease]["reading"] = reading_until(READING_HOLD) if client._readers else 0
+
+    def fetching(self, busy: bool) -> None:
+        """A page fetch begins (busy) or ends: ask commit phases to wait for READING_HOLD, or
+        only READING_GRACE while the caller consumes the page."""
+        client = self.client
+        if client._closed or client._forked:
+            return
+        with client._reading_lock:
+            if client._readers:
+                client._control.leases[client._lease]["reading"] = reading_until(READING_HOLD if busy else READING_GRACE)
 
     def restart(self) -> None:
         """Wait until no commit phase is running; take that moment as the snapshot."""

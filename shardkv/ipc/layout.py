@@ -6,6 +6,7 @@ import hashlib
 import mmap
 import os
 import struct
+import time
 
 import posix_ipc
 
@@ -14,7 +15,7 @@ from crc32c import crc32c
 
 from shardkv.ipc.sharedindex import header_name
 
-VERSION = 4  # 4: a worker's ring ends with COORDINATOR_SLOTS slots, not one
+VERSION = 5  # 5: a lease's `reading` is a deadline, not a flag; 4: COORDINATOR_SLOTS slots per worker ring
 HASH_SLOTS = 4096
 DEFAULT_LEASES = 128
 DEFAULT_SLOT_SIZE = 128 * 1024
@@ -35,6 +36,24 @@ PROC_DTYPE = np.dtype([("pid", "<u4"), ("state", "<u4"), ("generation", "<u4"), 
 PROC_DOWN, PROC_STARTING, PROC_UP, PROC_RESTARTING, PROC_QUARANTINED = 0, 1, 2, 3, 4
 PROC_STATE_NAMES = {0: "down", 1: "starting", 2: "up", 3: "restarting", 4: "quarantined"}
 LEASE_DTYPE = np.dtype([("pid", "<u4"), ("reading", "<u4"), ("start_time", "<u8")])
+# A lease's `reading` (docs/TRANSACTIONS.md, "Isolation"): 0, or the instant until which the
+# client asks commit phases to wait for its multi-key read, in CLOCK_MONOTONIC milliseconds
+# modulo 2**32 (one clock for every process of the machine). While it fetches, a read asks for
+# READING_HOLD; between the pages of a scan only for READING_GRACE, so that an iterator held
+# but not read stalls no writer for longer.
+READING_HOLD = 5.0
+READING_GRACE = 0.1
+
+
+def reading_until(seconds: float) -> int:
+    """The `reading` word for "wait for me until `seconds` from now" (never 0)."""
+    return (time.monotonic_ns() // 1_000_000 + int(seconds * 1000)) & 0xFFFFFFFF or 1
+
+
+def readers_waited_for(reading: np.ndarray) -> np.ndarray:
+    """The mask of leases whose `reading` deadline is still ahead (wrap-around safe)."""
+    now = np.uint32(time.monotonic_ns() // 1_000_000 & 0xFFFFFFFF)
+    return (reading != 0) & ((reading - now) < np.uint32(0x80000000))
 
 SLOT_HEADER_SIZE = 64
 SLOT_STATE = struct.Struct("<I")
