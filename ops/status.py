@@ -18,37 +18,21 @@ SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments"
 def collect_status(client, sample_seconds: float = 0.25) -> dict:
     """Health plus, for every shard: space, requests waiting in its ring, operations per second,
     age of the last fsync and in-doubt batches (prepared, awaiting the coordinator's decision).
+    Each process marked up is probed (a second at most): one that does not answer is shown
+    "unresponsive".
 
     ops_per_second is measured over `sample_seconds`; with 0 it is the average since the start.
     """
-    from shardkv.client import health_from_control  # noqa: PLC0415 (the client imports this module)
-
     before = client._control.procs["requests"].copy()
     started = time.monotonic()
-    health = health_from_control(client._control, client._info)
-    coordinator = health["coordinator"]
-    if coordinator["state"] == "up":
+    health = status_from_shared_memory(client)
+    answers = {}
+    for target, message in probes(health, client.shards).items():
         try:
-            client._probe(client.shards, m.request(m.PING))
-        except Unresponsive:
-            coordinator["state"] = "unresponsive"
-        except Exception:  # noqa: BLE001 — shown by its state in the process table
-            pass
-    for entry in health["shards"]:
-        shard = entry["shard"]
-        entry["waiting"] = int(np.count_nonzero(client._rings[shard].states == SLOT_REQUEST))
-        stats = None
-        if entry["state"] == "up":
-            try:
-                stats = json.loads(bytes(client._probe(shard, m.request(m.STATS))[1]))
-            except Unresponsive:
-                entry["state"] = "unresponsive"  # alive (it is "up") but answered no probe in time
-            except Exception:  # noqa: BLE001 — a shard that cannot answer is shown without figures
-                stats = None
-        for name in SHARD_FIELDS:
-            entry[name] = None if stats is None else stats[name]
-        entry["compacting"] = bool(stats and stats["compaction"]["running"])
-        entry["in_doubt"] = None if stats is None else stats["in_doubt"]
+            answers[target] = client._probe(target, message)
+        except Exception as exc:  # noqa: BLE001 — recorded: see record_probes
+            answers[target] = exc
+    record_probes(health, answers, client.shards)
     if sample_seconds > 0:
         time.sleep(max(0.0, sample_seconds - (time.monotonic() - started)))
         elapsed = time.monotonic() - started
@@ -58,7 +42,44 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
             entry["ops_per_second"] = round(float(after[index] - before[index]) / elapsed, 1)
         else:
             entry["ops_per_second"] = round(entry["requests"] / entry["uptime"], 1) if entry["uptime"] else 0.0
-    if health["status"] == "healthy" and any(e["state"] != "up" for e in [coordinator, *health["shards"]]):
+    return finish_status(health)
+
+
+def status_from_shared_memory(client) -> dict:
+    """The health object as the control block and the rings show it, before any probe."""
+    from shardkv.client import health_from_control  # noqa: PLC0415 (the client imports this module)
+
+    health = health_from_control(client._control, client._info)
+    for entry in health["shards"]:
+        entry["waiting"] = int(np.count_nonzero(client._rings[entry["shard"]].states == SLOT_REQUEST))
+    return health
+
+
+def probes(health: dict, shards: int) -> dict[int, bytes]:
+    """The probe of each process marked up: target (shard; `shards` for the coordinator) -> message."""
+    targets = {shards: m.request(m.PING)} if health["coordinator"]["state"] == "up" else {}
+    targets.update({entry["shard"]: m.request(m.STATS) for entry in health["shards"] if entry["state"] == "up"})
+    return targets
+
+
+def record_probes(health: dict, answers: dict, shards: int) -> None:
+    """Put the probes' answers ((status, body) or the exception raised) into `health`."""
+    if isinstance(answers.get(shards), Unresponsive):
+        health["coordinator"]["state"] = "unresponsive"
+    for entry in health["shards"]:
+        answer = answers.get(entry["shard"])
+        if isinstance(answer, Unresponsive):
+            entry["state"] = "unresponsive"  # alive (it is "up") but answered no probe in time
+        stats = json.loads(bytes(answer[1])) if isinstance(answer, tuple) else None  # an error: shown without figures
+        for name in SHARD_FIELDS:
+            entry[name] = None if stats is None else stats[name]
+        entry["compacting"] = bool(stats and stats["compaction"]["running"])
+        entry["in_doubt"] = None if stats is None else stats["in_doubt"]
+
+
+def finish_status(health: dict) -> dict:
+    """The overall status and exit code, once every process's state is known."""
+    if health["status"] == "healthy" and any(e["state"] != "up" for e in [health["coordinator"], *health["shards"]]):
         health["status"] = "degraded"
     health["exit_code"] = exit_code(health)
     return health

@@ -1,6 +1,6 @@
 """shardkv: a persistent, sharded key-value store for Python that uses every core."""
 
-from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Error, StorageError, Unavailable
+from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Error, StorageError, StoreNotFound, Unavailable
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "DURABILITY_LEVELS",
     "Error",
     "StorageError",
+    "StoreNotFound",
     "Unavailable",
     "__version__",
     "aopen",

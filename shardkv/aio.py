@@ -15,29 +15,37 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import os
 import threading
 import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import timedelta
+from typing import Any, Callable
 
 import posix_ipc
 
-from shardkv.batches import Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
-from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS
-from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Client, _Snapshot
+from shardkv import codecs
+from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
+from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PROBE_TIMEOUT, Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
-from shardkv.ipc.transport import Unresponsive, exchange
 from shardkv.ipc.sharedindex import FALLBACK
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, check_key, check_scan_args, check_value, ttl_milliseconds
+from shardkv.ipc.transport import Unresponsive, exchange
+from shardkv.ops import status
+from shardkv.requests import Fanout, Request
 
 RETRY_TIMEOUT = 30.0
 
 
 def aopen(
-    directory,
+    directory: str | os.PathLike[str],
     shards: int | None = None,
     durability: str = "interval",
     *,
     pool: int = 4,
+    create: bool = True,
+    key_codec: str | codecs.Codec = "bytes",
+    value_codec: str | codecs.Codec = "bytes",
     start_timeout: float = 60.0,
     direct_reads: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -49,10 +57,13 @@ def aopen(
 
     `db = await shardkv.aopen(dir)` or `async with shardkv.aopen(dir) as db:`. `pool` is the
     number of leases the client holds: how many requests per shard can be in flight at once.
-    The other options are `shardkv.open`'s; `direct_reads`: a `get` answered from shared
-    memory never waits.
+    The other options are `shardkv.open`'s (codecs, create, timeouts, batch limits);
+    `direct_reads`: a `get` answered from shared memory never waits.
     """
-    options = {"lock_timeout": lock_timeout, "max_batch_ops": max_batch_ops, "max_batch_bytes": max_batch_bytes, "request_timeout": request_timeout}
+    options = {
+        "lock_timeout": lock_timeout, "max_batch_ops": max_batch_ops, "max_batch_bytes": max_batch_bytes, "request_timeout": request_timeout,
+        "create": create, "key_codec": key_codec, "value_codec": value_codec,
+    }  # fmt: skip
     return _Opening(_aopen(directory, shards, durability, pool, start_timeout, direct_reads, options))
 
 
@@ -101,6 +112,7 @@ class AsyncClient:
         self.directory = clients[0].directory
         self._flags = clients[0]._flags
         self._request_timeout = clients[0].request_timeout
+        self._requests = clients[0]._requests
         # One queue of free leases per shard worker, and one (the last) for the coordinator.
         self._free = [asyncio.Queue() for _ in range(self.shards + 1)]
         for queue in self._free:
@@ -167,12 +179,13 @@ class AsyncClient:
                 future.set_exception(exc)
 
     # -- one request -----------------------------------------------------------------------
-    async def _call(self, shard: int, message: bytes, read: bool):
+    async def _call(self, shard: int, message: bytes, read: bool, timeout: float | None = None):
+        """Send `message` to `shard` (N: the coordinator); retries as Client._call does."""
         now = time.monotonic()
         deadline, busy_deadline, pause = now + RETRY_TIMEOUT, now + self._clients[0].lock_timeout, 0.0001
         while True:
             try:
-                return m.parse_response(await self._exchange(shard, message))
+                return m.parse_response(await self._exchange(shard, message, timeout))
             except Busy:  # not applied: a key is locked by a batch being decided
                 if time.monotonic() > busy_deadline:
                     raise
@@ -185,14 +198,15 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(0.01)
 
-    async def _exchange(self, shard: int, message: bytes) -> bytes:
+    async def _exchange(self, shard: int, message: bytes, timeout: float | None = None) -> bytes:
         """One request through a free lease's slot for `shard`, driving transport.exchange with
         futures. A caller that gives up (cancelled, timed out, closed) leaves the request
         outstanding: the slot goes back to the pool when its late answer arrives."""
         if self._closed:
             raise Closed("the shardkv client is closed")
+        timeout = self._request_timeout if timeout is None else timeout
         try:
-            index = await asyncio.wait_for(self._free[shard].get(), self._request_timeout)
+            index = await asyncio.wait_for(self._free[shard].get(), timeout)
         except asyncio.TimeoutError:
             raise Unresponsive(f"no slot for shard {shard} came free within the request timeout: earlier requests are still unanswered") from None
         if self._closed:
@@ -201,14 +215,15 @@ class AsyncClient:
         client = self._clients[index]
         channel = client._channels[shard]
         request_id = client._requester.next_id()
-        deadline = time.monotonic() + self._request_timeout
+        deadline = time.monotonic() + timeout
         steps = exchange(channel, request_id, message)
         try:
+            next(steps)  # posts the first frame; its answer is handled after the await below
             while True:
                 future = self._loop.create_future()
                 self._pending[(index, shard)] = [request_id, future, deadline]
-                next(steps)  # posts a frame
                 await future
+                next(steps)  # the next frame, or StopIteration with the whole response
         except StopIteration as finished:
             self._free[shard].put_nowait(index)
             return finished.value
@@ -223,46 +238,64 @@ class AsyncClient:
     def _shard_of(self, key: bytes) -> int:
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return self._clients[0].shard_of(key)
+        return self._requests.shard_of(key)
+
+    async def _run(self, request: Request | None) -> Any:
+        """Send one request built by self._requests and return its result."""
+        if request is None:
+            return None
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        status, body = await self._call(request.shard, request.message, request.read)
+        return request.finish(status, body)
+
+    async def _run_all(self, fanout: Fanout) -> Any:
+        """Send a read to several shards at once and return the combined result."""
+        shards = list(fanout.messages)
+        answers = await asyncio.gather(*(self._call(s, fanout.messages[s], read=True) for s in shards))
+        return fanout.finish(dict(zip(shards, answers)))
 
     # -- the API (the blocking client's, as coroutines) ------------------------------------
-    async def get(self, key, default=None):
+    def shard_of(self, key: Any) -> int:
+        """The shard that owns `key` (through the coordinator's shard map)."""
+        return self._shard_of(self._requests.key_in(key))
+
+    async def get(self, key: Any, default: Any = None) -> Any:
         """The value of `key`, or `default` if it is absent."""
-        key = check_key(key)
+        key = self._requests.key_in(key)
         if not self._closed:
             value = self._clients[0]._get_direct(key)  # no waiting: answered from shared memory
             if value is not FALLBACK:
-                return default if value is None else value
-        status, body = await self._call(self._shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
-        return default if status == m.NOT_FOUND else bytes(body)
+                return default if value is None else self._requests.value_or_none(value)
+        return await self._run(self._requests.get(key, default))
 
-    async def put(self, key, value, ttl=None) -> None:
-        """Set `key` to `value` (with `ttl`: expiring that many seconds from now)."""
-        key, value = check_key(key), check_value(value, DEFAULT_MAX_VALUE_SIZE)
-        if ttl is None:
-            message = m.request(m.PUT, self._flags, m.blob(key), m.blob(value))
-        else:
-            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
-        await self._call(self._shard_of(key), message, read=False)
+    async def put(self, key: Any, value: Any, ttl: float | timedelta | None = None) -> None:
+        """Set `key` to `value` (with `ttl`: expiring that many seconds, or that timedelta, from now)."""
+        await self._run(self._requests.put(key, value, ttl))
 
-    async def delete(self, key) -> bool:
+    async def delete(self, key: Any) -> bool:
         """Remove `key`; True if it was present."""
-        key = check_key(key)
-        _, body = await self._call(self._shard_of(key), m.request(m.DELETE, self._flags, m.blob(key)), read=False)
-        return body[0] == 1
+        return await self._run(self._requests.delete(key))
 
-    async def cas(self, key, expected, new) -> bool:
+    async def cas(self, key: Any, expected: Any, new: Any) -> bool:
         """Set `key` to `new` if its value is `expected` (None: absent); `new=None` deletes."""
-        key = check_key(key)
-        expected = None if expected is None else check_value(expected, 2**31 - 1)
-        new = None if new is None else check_value(new, DEFAULT_MAX_VALUE_SIZE)
-        message = m.request(m.CAS, self._flags, m.blob(key), m.optional(expected), m.optional(new))
-        _, body = await self._call(self._shard_of(key), message, read=False)
-        return body[0] == 1
+        return await self._run(self._requests.cas(key, expected, new))
 
-    async def get_many(self, keys) -> list:
+    async def ttl(self, key: Any) -> float | None:
+        """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
+        return await self._run(self._requests.ttl(key))
+
+    async def expire(self, key: Any, seconds: float | timedelta | None) -> bool:
+        """Make `key` expire `seconds` from now (None: never); False if it is absent."""
+        return await self._run(self._requests.expire(key, seconds))
+
+    async def contains(self, key: Any) -> bool:
+        """Whether `key` is present (an `async` stand-in for `key in db`)."""
+        return await self.get(key) is not None
+
+    async def get_many(self, keys: Iterable[Any]) -> list[Any]:
         """The values of `keys` (None for a missing one), in order; shards are asked at once."""
-        keys = [check_key(k) for k in keys]
+        keys = self._requests.keys_in(keys)
         by_shard: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
             by_shard.setdefault(self._shard_of(key), []).append(i)
@@ -279,59 +312,80 @@ class AsyncClient:
         for shard, (_, body) in zip(shards, answers):
             for i, value in zip(by_shard[shard], m.decode_optionals(body)):
                 values[i] = value
-        return values
+        return self._requests.values_out(values)
 
-    async def write(self, ops) -> None:
+    async def write(self, ops: Iterable[tuple]) -> None:
         """Apply operations atomically (see Client.write); Conflict if a precondition fails."""
-        first = self._clients[0]
-        await self._write_checked(check_ops(ops, first.max_batch_ops, first.max_batch_bytes))
+        await self._write_checked(self._requests.checked_ops(ops))
 
-    async def put_many(self, items) -> None:
+    async def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
         """Set every (key, value) of a mapping or iterable of pairs, atomically."""
-        await self.write(put_many_ops(items, self._clients[0].max_batch_ops))
+        await self._write_checked(self._requests.put_many_ops(items))
 
     def batch(self) -> "AsyncBatch":
         """`async with db.batch() as b:` - applied atomically when the block exits normally."""
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return AsyncBatch(self._write_checked)
+        return self._requests.batch(self._write_checked, AsyncBatch)
 
     async def _write_checked(self, checked: list) -> None:
-        first = self._clients[0]
-        check_limits(checked, first.max_batch_ops, first.max_batch_bytes)
+        request = self._requests.write(checked)
         if self._closed:
             raise Closed("the shardkv client is closed")
-        by_shard = route_ops(checked, first._map)
-        if len(by_shard) == 1:
-            shard, items = next(iter(by_shard.items()))
-            await self._call(shard, m.encode_apply(items, self._flags), read=False)
-        elif by_shard:
-            await self._call(self.shards, encode_txn(by_shard, self._flags), read=False)
-
-    async def ttl(self, key):
-        """Seconds left before `key` expires, or None."""
-        key = check_key(key)
-        status, body = await self._call(self._shard_of(key), m.request(m.TTL, 0, m.blob(key)), read=True)
-        return None if status == m.NOT_FOUND else int.from_bytes(body, "little") / 1000
-
-    async def expire(self, key, seconds) -> bool:
-        """Make `key` expire `seconds` from now (None: never); False if it is absent."""
-        key = check_key(key)
-        ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
-        _, body = await self._call(self._shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
-        return body[0] == 1
+        await self._run(request)
 
     async def len(self) -> int:
         """The number of keys (an `async` stand-in for len(db))."""
-        answers = await asyncio.gather(*(self._call(s, m.request(m.LEN), read=True) for s in range(self.shards)))
-        return sum(int.from_bytes(body, "little") for _, body in answers)
+        return await self._run_all(self._requests.len())
 
-    def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None):
-        """An async iterator of (key, value) with start <= key < stop, in key order across shards."""
-        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
+    async def min(self) -> tuple[Any, Any] | None:
+        """(key, value) of the smallest key, or None."""
+        return await self._first(self.scan(limit=1))
+
+    async def max(self) -> tuple[Any, Any] | None:
+        """(key, value) of the largest key, or None."""
+        return await self._first(self.scan(reverse=True, limit=1))
+
+    async def above(self, key: Any) -> tuple[Any, Any] | None:
+        """(key, value) of the smallest key strictly after `key`, or None."""
+        key = self._requests.key_in(key)
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return self._scan(start, stop, bool(reverse), prefix, limit)
+        return self._requests.item_or_none(await self._first(self._scan(key + b"\x00", None, False, None, 1)))
+
+    async def below(self, key: Any) -> tuple[Any, Any] | None:
+        """(key, value) of the largest key strictly before `key`, or None."""
+        key = self._requests.key_in(key)
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        return self._requests.item_or_none(await self._first(self._scan(None, key, True, None, 1)))
+
+    @staticmethod
+    async def _first(items: AsyncIterator) -> Any:
+        """The first item of an async iterator (None if empty), closing it."""
+        try:
+            async for item in items:
+                return item
+            return None
+        finally:
+            await items.aclose()
+
+    def scan(self, start: Any = None, stop: Any = None, reverse: bool = False, prefix: Any = None, limit: int | None = None) -> AsyncIterator[tuple[Any, Any]]:
+        """An async iterator of (key, value) with start <= key < stop, in key order across shards."""
+        start, stop, prefix = self._requests.scan_args(start, stop, prefix, limit)
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        items = self._scan(start, stop, bool(reverse), prefix, limit)
+        if self._requests.key_out is None and self._requests.value_out is None:
+            return items
+        return self._decoded(items)
+
+    async def _decoded(self, items: AsyncIterator) -> AsyncIterator[tuple[Any, Any]]:
+        try:
+            async for item in items:
+                yield self._requests.item_or_none(item)
+        finally:
+            await items.aclose()
 
     async def _scan(self, start, stop, reverse, prefix, limit):
         page = 1000 if limit is None else max(1, min(1000, limit))
@@ -388,11 +442,44 @@ class AsyncClient:
             if buffers[shard]:
                 heapq.heappush(heap, (_order_key(buffers[shard][-1][0], sign), shard))
 
-    def health(self) -> dict:
-        """The status object of `shardkv status --json` (read from shared memory, no request)."""
+    # -- operations ------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        """Per-shard engine statistics and their totals."""
+        return await self._run_all(self._requests.stats())
+
+    async def health(self) -> dict:
+        """The object `shardkv status DIR --json` prints (see Client.health); each process is
+        probed for a second at most, without blocking the event loop."""
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return self._clients[0].health()
+        first = self._clients[0]
+        health = status.status_from_shared_memory(first)
+        targets = status.probes(health, self.shards)
+        timeout = min(PROBE_TIMEOUT, self._request_timeout)
+        results = await asyncio.gather(*(self._call(t, message, read=True, timeout=timeout) for t, message in targets.items()), return_exceptions=True)
+        status.record_probes(health, dict(zip(targets, results)), self.shards)
+        for entry in [health["coordinator"], *health["shards"]]:
+            entry["ops_per_second"] = round(entry["requests"] / entry["uptime"], 1) if entry["uptime"] else 0.0
+        return status.finish_status(health)
+
+    async def sync(self) -> None:
+        """fsync every shard's log."""
+        await self._run_all(self._requests.sync())
+
+    async def compact(self, shard: int | None = None, wait: bool = True, progress: Callable[[int, int], Any] | None = None) -> list[dict]:
+        """Compact one shard or all of them online (see Client.compact)."""
+        targets = self._requests.compact_targets(shard)
+        for s in targets:
+            await self._run(self._requests.compact_start(s))
+        if not wait:
+            return []
+        while True:
+            states = await self._run_all(self._requests.compaction_state(targets))
+            if progress is not None:
+                progress(sum(c["done"] for c in states.values()), sum(c["total"] for c in states.values()))
+            if not any(c["running"] for c in states.values()):
+                return [states[s]["last"] for s in targets]
+            await asyncio.sleep(0.1)
 
     # -- closing ---------------------------------------------------------------------------
     async def close(self) -> None:

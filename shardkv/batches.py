@@ -229,8 +229,9 @@ class Batch:
     """Operations collected for one atomic batch (`db.batch()`): applied all together when the
     `with` block exits normally, not at all if it raises. Each call checks its arguments."""
 
-    def __init__(self, submit):
+    def __init__(self, submit, encode=None):
         self._submit = submit
+        self._encode = encode  # the store's codecs, applied to each operation before checking
         self._ops: list = []
         self._done = False
 
@@ -250,7 +251,7 @@ class Batch:
     def _add(self, op) -> None:
         if self._done:
             raise ValueError("this batch has already been applied or discarded")
-        self._ops.append(check_op(op))
+        self._ops.append(check_op(op if self._encode is None else self._encode(op)))
 
     def __len__(self) -> int:
         return len(self._ops)

@@ -8,15 +8,15 @@ from __future__ import annotations
 import builtins
 import fcntl
 import heapq
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import MutableMapping
-from typing import Iterator
+from collections.abc import Iterable, Mapping, MutableMapping
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
 import posix_ipc
 from crc32c import crc32c
@@ -31,8 +31,10 @@ from shardkv.coordinator.runfiles import (
     read_cluster_file,
     run_dir,
 )
-from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
-from shardkv.errors import Busy, Closed, CorruptionError, Unavailable
+from shardkv import codecs
+from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
+from shardkv.coordinator.manifest import read_manifest
+from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
@@ -49,7 +51,8 @@ from shardkv.ipc.layout import (
 )
 from shardkv.ipc.transport import Channel, Requester, Unresponsive, drain
 from shardkv.ipc.sharedindex import FALLBACK, SUPPORTED, IndexReader
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
+from shardkv.limits import MAX_KEY_LEN
+from shardkv.requests import Fanout, Request, Requests
 from shardkv.wal.writer import check_durability
 
 SCAN_PAGE = 1000
@@ -76,10 +79,13 @@ _UNSET = object()
 
 
 def open(  # noqa: A001
-    directory,
+    directory: str | os.PathLike[str],
     shards: int | None = None,
     durability: str = "interval",
     *,
+    create: bool = True,
+    key_codec: str | codecs.Codec = "bytes",
+    value_codec: str | codecs.Codec = "bytes",
     start_timeout: float = 60.0,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     max_batch_ops: int = MAX_BATCH_OPS,
@@ -87,8 +93,14 @@ def open(  # noqa: A001
     direct_reads: bool = True,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> "Client":
-    """Attach to the cluster serving `directory`, starting one (embedded) if none is running.
+    """Attach to the cluster serving `directory` (`~` is expanded), starting one (embedded) if
+    none is running.
 
+    create: make a new store if `directory` holds none (the default); False raises
+    shardkv.StoreNotFound (a FileNotFoundError) instead, so a mistyped path creates nothing.
+    key_codec, value_codec: how keys and values are stored: "bytes" (the default: bytes-like
+    in, bytes out), "str" (UTF-8), "pickle", "json", or an object with encode() and decode()
+    (see shardkv/codecs.py).
     shards: the number of shard workers of a new store (default: CPU cores); an existing store
     keeps the number it was created with, and asking for another one is a ValueError.
     durability: "process", "interval" (default) or "fsync" for this client's writes.
@@ -102,13 +114,19 @@ def open(  # noqa: A001
     does not answer (stopped, wedged) before it raises shardkv.Unavailable; a write may then
     have been applied or not.
     """
-    return Client(directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes, direct_reads, request_timeout)
+    return Client(
+        directory, shards, durability, start_timeout, lock_timeout, max_batch_ops, max_batch_bytes, direct_reads, request_timeout,
+        create=create, key_codec=key_codec, value_codec=value_codec,
+    )  # fmt: skip
 
 
 class Client(MutableMapping):
     """A connection to one store; see `shardkv.open`."""
 
-    def __init__(self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS, max_batch_bytes=MAX_BATCH_BYTES, direct_reads=True, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    def __init__(
+        self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS,
+        max_batch_bytes=MAX_BATCH_BYTES, direct_reads=True, request_timeout=DEFAULT_REQUEST_TIMEOUT, *, create=True, key_codec="bytes", value_codec="bytes",
+    ):  # fmt: skip
         for name, value in (("lock_timeout", lock_timeout), ("max_batch_ops", max_batch_ops), ("max_batch_bytes", max_batch_bytes), ("request_timeout", request_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, not {type(value).__name__}")
@@ -127,15 +145,24 @@ class Client(MutableMapping):
         self.durability = check_durability(durability)
         if not isinstance(direct_reads, bool):
             raise TypeError(f"direct_reads must be True or False, not {type(direct_reads).__name__}")
+        if not isinstance(create, bool):
+            raise TypeError(f"create must be True or False, not {type(create).__name__}")
+        self._key_codec = codecs.resolve(key_codec, "key_codec")
+        self._value_codec = codecs.resolve(value_codec, "value_codec")
+        self._value_out = None if self._value_codec is None else self._value_codec.decode
         self._direct_reads = direct_reads
         self._index_readers = None
         self._direct_get = None  # each shard's IndexReader.get while direct reads are on and the client open
-        self.directory = os.path.realpath(os.fspath(directory))
+        self.directory = os.path.realpath(os.path.expanduser(os.fspath(directory)))
         self._requested_shards = shards
         self._flags = m.FLAG_FSYNC if durability == "fsync" else 0
         self._closed = True
         self._closing_lock = threading.Lock()
         self._lease_fd = -1
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"{self.directory} is not a directory (a store is a directory)")
+        if not create and read_manifest(self.directory) is None:
+            raise StoreNotFound(f"no shardkv store in {self.directory} (open(..., create=True) makes one)")
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._attach(start_timeout)
 
@@ -167,6 +194,7 @@ class Client(MutableMapping):
         self._control_buf = map_shared_memory(names["control"])
         self._control = ControlBlock(self._control_buf, info["shards"], info["leases"])
         self._map = memoryview(self._control.shard_map)
+        self._requests = Requests(self._map, self.shards, self._flags, self._key_codec, self._value_codec, self.max_batch_ops, self.max_batch_bytes)
         self._ring_bufs = [map_shared_memory(name) for name in names["rings"]]
         self._rings = [Ring(buf, worker_ring_slots(info["leases"]), info["slot_size"]) for buf in self._ring_bufs]
         self._wake = [posix_ipc.Semaphore(name) for name in names["wake"]]
@@ -323,26 +351,38 @@ class Client(MutableMapping):
         """A request for health(): raises Unresponsive unless answered within PROBE_TIMEOUT."""
         return self._call(shard, message, read=True, timeout=min(PROBE_TIMEOUT, self.request_timeout))
 
-    def shard_of(self, key: bytes) -> int:
+    def shard_of(self, key) -> int:
         """The shard that owns `key` (through the coordinator's shard map)."""
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return self._map[crc32c(key) >> 20]
+        return self._requests.shard_of(self._requests.key_in(key))
+
+    def _run(self, request: Request | None) -> Any:
+        """Send one request built by self._requests and return its result."""
+        if request is None:
+            return None
+        status, body = self._call(request.shard, request.message, request.read)
+        return request.finish(status, body)
+
+    def _run_all(self, fanout: Fanout) -> Any:
+        """Send a read to several shards at once and return the combined result."""
+        return fanout.finish(self._call_many(fanout.messages))
 
     # -- the API ---------------------------------------------------------------------------
-    def get(self, key, default=None):
+    def get(self, key: Any, default: Any = None) -> Any:
         """The value of `key`, or `default` if it is absent."""
         if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN:
-            key = check_key(key)
+            key = self._requests.key_in(key)
         direct_get = self._direct_get
         if direct_get is not None:
             # Answered here from the shard's shared index when it can be (docs/IPC.md).
             h = crc32c(key)
             value = direct_get[self._map[h >> 20]](key, h)
             if value is not FALLBACK:
-                return default if value is None else value
-        status, body = self._call(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
-        return default if status == m.NOT_FOUND else bytes(body)
+                if value is None:
+                    return default
+                return value if self._value_out is None else self._value_out(value)
+        return self._run(self._requests.get(key, default))
 
     def _get_direct(self, key: bytes):
         """`key`'s value (None: absent) from the shard's shared index, or FALLBACK: ask the worker.
@@ -353,47 +393,30 @@ class Client(MutableMapping):
         h = crc32c(key)
         return direct_get[self._map[h >> 20]](key, h)
 
-    def put(self, key, value, ttl=None) -> None:
-        """Set `key` to `value`; with `ttl` (seconds), the key expires that long from now."""
-        key, value = check_key(key), check_value(value, DEFAULT_MAX_VALUE_SIZE)
-        if ttl is None:
-            self._call(self.shard_of(key), m.request(m.PUT, self._flags, m.blob(key), m.blob(value)), read=False)
-        else:
-            message = m.request(m.PUT_TTL, self._flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
-            self._call(self.shard_of(key), message, read=False)
+    def put(self, key: Any, value: Any, ttl: float | timedelta | None = None) -> None:
+        """Set `key` to `value`; with `ttl` (seconds or a timedelta), the key expires that long from now."""
+        self._run(self._requests.put(key, value, ttl))
 
-    def ttl(self, key):
-        """Seconds left before `key` expires, or None if it is absent or never expires."""
-        key = check_key(key)
-        status, body = self._call(self.shard_of(key), m.request(m.TTL, 0, m.blob(key)), read=True)
-        return None if status == m.NOT_FOUND else int.from_bytes(body, "little") / 1000
+    def ttl(self, key: Any) -> float | None:
+        """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
+        return self._run(self._requests.ttl(key))
 
-    def expire(self, key, seconds) -> bool:
+    def expire(self, key: Any, seconds: float | timedelta | None) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
-        key = check_key(key)
-        ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
-        _, body = self._call(self.shard_of(key), m.request(m.EXPIRE, self._flags, m.blob(key), m.u64(ttl_ms)), read=False)
-        return body[0] == 1
+        return self._run(self._requests.expire(key, seconds))
 
-    def delete(self, key) -> bool:
+    def delete(self, key: Any) -> bool:
         """Remove `key`; True if it was present."""
-        key = check_key(key)
-        _, body = self._call(self.shard_of(key), m.request(m.DELETE, self._flags, m.blob(key)), read=False)
-        return body[0] == 1
+        return self._run(self._requests.delete(key))
 
-    def cas(self, key, expected, new) -> bool:
+    def cas(self, key: Any, expected: Any, new: Any) -> bool:
         """Set `key` to `new` if its value is `expected` (None: absent); `new=None` deletes."""
-        key = check_key(key)
-        expected = None if expected is None else check_value(expected, 2**31 - 1)
-        new = None if new is None else check_value(new, DEFAULT_MAX_VALUE_SIZE)
-        message = m.request(m.CAS, self._flags, m.blob(key), m.optional(expected), m.optional(new))
-        _, body = self._call(self.shard_of(key), message, read=False)
-        return body[0] == 1
+        return self._run(self._requests.cas(key, expected, new))
 
-    def get_many(self, keys) -> list:
+    def get_many(self, keys: Iterable[Any]) -> list[Any]:
         """The values of `keys` (None for a missing one), in order, read at one snapshot: every
         cross-shard batch is seen entirely or not at all."""
-        keys = [k if type(k) is bytes and 0 < len(k) <= MAX_KEY_LEN else check_key(k) for k in keys]
+        keys = self._requests.keys_in(keys)
         self._check()
         if not keys:
             return []
@@ -425,13 +448,14 @@ class Client(MutableMapping):
         for shard, idx in by_shard.items():
             for i, value in zip(idx, found[shard]):
                 values[i] = value
-        return values
+        return self._requests.values_out(values)
 
-    def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) pairs with start <= key < stop, in key order across all shards."""
-        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
+    def scan(self, start: Any = None, stop: Any = None, reverse: bool = False, prefix: Any = None, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """(key, value) pairs with start <= key < stop, in key order across all shards (the
+        order of the encoded keys: UTF-8 byte order for str keys)."""
+        start, stop, prefix = self._requests.scan_args(start, stop, prefix, limit)
         self._check()
-        return self._scan(start, stop, bool(reverse), prefix, limit)
+        return self._requests.items_out(self._scan(start, stop, bool(reverse), prefix, limit))
 
     def _scan(self, start, stop, reverse, prefix, limit):
         page = SCAN_PAGE if limit is None else max(1, min(SCAN_PAGE, limit))
@@ -473,91 +497,84 @@ class Client(MutableMapping):
         return _Snapshot(self)
 
     # -- atomic batches --------------------------------------------------------------------
-    def write(self, ops) -> None:
+    def write(self, ops: Iterable[tuple]) -> None:
         """Apply operations atomically, all or nothing: ("put", key, value[, ttl]),
         ("delete", key) and ("expect", key, value) (a precondition; value None: absent).
         Raises shardkv.Conflict, applying nothing, if a precondition does not hold."""
-        self._write_checked(check_ops(ops, self.max_batch_ops, self.max_batch_bytes))
+        self._write_checked(self._requests.checked_ops(ops))
 
-    def put_many(self, items) -> None:
+    def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
         """Set every (key, value) of a mapping or iterable of pairs, atomically."""
-        self.write(put_many_ops(items, self.max_batch_ops))
+        self._write_checked(self._requests.put_many_ops(items))
 
     def batch(self) -> Batch:
         """A batch to fill in a `with` block: applied atomically when the block exits normally,
         discarded if it raises (b.put(key, value[, ttl]), b.delete(key), b.expect(key, value))."""
         self._check()
-        return Batch(self._write_checked)
+        return self._requests.batch(self._write_checked)
 
     def _write_checked(self, checked: list) -> None:
         """Send a batch of checked operations: APPLY to its one shard, or TXN to the
         coordinator when it spans shards."""
-        check_limits(checked, self.max_batch_ops, self.max_batch_bytes)
         self._check()
-        by_shard = route_ops(checked, self._map)
-        if not by_shard:
-            return
-        if len(by_shard) == 1:
-            shard, items = next(iter(by_shard.items()))
-            self._call(shard, m.encode_apply(items, self._flags), read=False)
-        else:
-            self._call(self.shards, encode_txn(by_shard, self._flags), read=False)
+        self._run(self._requests.write(checked))
 
-    def min(self):
+    # -- ordered navigation ----------------------------------------------------------------
+    def min(self) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key, or None."""
         return next(self.scan(limit=1), None)
 
-    def max(self):
+    def max(self) -> tuple[Any, Any] | None:
         """(key, value) of the largest key, or None."""
         return next(self.scan(reverse=True, limit=1), None)
 
-    def above(self, key):
+    def above(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key strictly after `key`, or None."""
-        return next(self.scan(start=check_key(key) + b"\x00", limit=1), None)
+        key = self._requests.key_in(key)
+        self._check()
+        return self._requests.item_or_none(next(self._scan(key + b"\x00", None, False, None, 1), None))
 
-    def below(self, key):
+    def below(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the largest key strictly before `key`, or None."""
-        return next(self.scan(stop=check_key(key), reverse=True, limit=1), None)
+        key = self._requests.key_in(key)
+        self._check()
+        return self._requests.item_or_none(next(self._scan(None, key, True, None, 1), None))
 
+    # -- the mapping protocol --------------------------------------------------------------
     def __len__(self) -> int:
-        answers = self._call_many({s: m.request(m.LEN) for s in range(self.shards)})
-        return sum(int.from_bytes(body, "little") for _, body in answers.values())
+        return self._run_all(self._requests.len())
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         value = self.get(key)
         if value is None:
             raise KeyError(key)
         return value
 
-    def __setitem__(self, key, value) -> None:
+    def __setitem__(self, key: Any, value: Any) -> None:
         self.put(key, value)
 
-    def __delitem__(self, key) -> None:
+    def __delitem__(self, key: Any) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
-    def __contains__(self, key) -> bool:
-        try:
-            return self.get(key) is not None
-        except TypeError:
-            return False
+    def __contains__(self, key: Any) -> bool:
+        # A key of the wrong type is the same TypeError as for db[key], not a silent False.
+        return self.get(key) is not None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return (key for key, _ in self.scan())
 
+    # -- operations ------------------------------------------------------------------------
     def stats(self) -> dict:
         """Per-shard engine statistics and their totals."""
-        answers = self._call_many({s: m.request(m.STATS) for s in range(self.shards)})
-        shards = [json.loads(bytes(answers[s][1])) for s in range(self.shards)]
-        totals = {k: sum(s[k] for s in shards) for k in ("keys", "live_bytes", "total_bytes", "segments")}
-        totals["garbage_ratio"] = 1 - totals["live_bytes"] / totals["total_bytes"] if totals["total_bytes"] else 0.0
-        return {"shards": shards, **totals}
+        return self._run_all(self._requests.stats())
 
     def health(self) -> dict:
         """The object `shardkv status DIR --json` prints: overall status; supervisor,
         coordinator and every shard worker (role, shard, pid, state, restarts, uptime,
         requests, ops_per_second); for shards also keys, live_bytes, total_bytes,
-        garbage_ratio, segments, waiting, last_fsync_age, in_doubt, compacting."""
+        garbage_ratio, segments, waiting, last_fsync_age, in_doubt, compacting. A process that
+        is alive but does not answer a probe within a second is "unresponsive"."""
         from shardkv.ops.status import collect_status  # noqa: PLC0415
 
         self._check()
@@ -565,26 +582,21 @@ class Client(MutableMapping):
 
     def sync(self) -> None:
         """fsync every shard's log."""
-        self._call_many({s: m.request(m.SYNC) for s in range(self.shards)})
+        self._run_all(self._requests.sync())
 
-    def compact(self, shard: int | None = None, wait: bool = True, progress=None) -> list[dict]:
+    def compact(self, shard: int | None = None, wait: bool = True, progress: Callable[[int, int], Any] | None = None) -> list[dict]:
         """Compact one shard or all of them online (reads and writes go on meanwhile).
 
         With `wait`, return each shard's result ({"before": ..., "after": ..., "seconds": ...})
         once all are done; `progress(done, total)` is called while waiting.
         """
-        if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int)):
-            raise TypeError(f"shard must be an int or None, not {type(shard).__name__}")
-        if shard is not None and not 0 <= shard < self.shards:
-            raise ValueError(f"shard must be between 0 and {self.shards - 1}, not {shard}")
-        targets = list(range(self.shards)) if shard is None else [shard]
+        targets = self._requests.compact_targets(shard)
         for s in targets:
-            self._call(s, m.request(m.COMPACT), read=False)
+            self._run(self._requests.compact_start(s))
         if not wait:
             return []
         while True:
-            answers = self._call_many({s: m.request(m.STATS) for s in targets})
-            states = {s: json.loads(bytes(answers[s][1]))["compaction"] for s in targets}
+            states = self._run_all(self._requests.compaction_state(targets))
             if progress is not None:
                 progress(sum(c["done"] for c in states.values()), sum(c["total"] for c in states.values()))
             if not any(c["running"] for c in states.values()):

@@ -29,3 +29,8 @@ class Busy(Unavailable):
     """A request was not applied because a key it needs is locked by a cross-shard batch that is
     being decided (or a shard the batch needs is restarting); the same request succeeds later.
     The client retries by itself and raises this only once its lock timeout has passed."""
+
+
+class StoreNotFound(Error, FileNotFoundError):
+    """`open(..., create=False)` (or a command that never creates a store) found no store in
+    the directory."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 MAX_KEY_LEN = 65536
 DEFAULT_MAX_VALUE_SIZE = 64 * 1024 * 1024
@@ -19,22 +20,26 @@ def check_key(key) -> bytes:
     return key
 
 
-def check_value(value, max_size: int = DEFAULT_MAX_VALUE_SIZE) -> bytes:
-    """Return `value` as bytes, or raise TypeError (not bytes-like) / ValueError (over `max_size`)."""
+def check_value(value, max_size: int = DEFAULT_MAX_VALUE_SIZE, option: str = "") -> bytes:
+    """Return `value` as bytes, or raise TypeError (not bytes-like) / ValueError (over
+    `max_size`; the message names `option`, the setting that chose the limit, if there is one)."""
     if type(value) is not bytes:
         if not isinstance(value, (bytearray, memoryview)):
             raise TypeError(f"values must be bytes-like (bytes, bytearray, memoryview), not {type(value).__name__}")
         value = bytes(value)
     if len(value) > max_size:
-        raise ValueError(f"value of {len(value)} bytes is over the limit of {max_size} bytes (max_value_size)")
+        raise ValueError(f"value of {len(value)} bytes is over the limit of {max_size} bytes" + (f" ({option})" if option else ""))
     return value
 
 
 def ttl_milliseconds(ttl) -> int:
-    """A ttl in seconds as whole milliseconds (at least 1); TypeError/ValueError if it is not a
-    positive, finite number small enough for the record's 64-bit expiry field."""
+    """A ttl in seconds (or a timedelta) as whole milliseconds (at least 1); TypeError or
+    ValueError if it is not a positive, finite duration small enough for the record's 64-bit
+    expiry field."""
+    if isinstance(ttl, timedelta):
+        ttl = ttl.total_seconds()
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+        raise TypeError(f"ttl must be a number of seconds, a timedelta or None, not {type(ttl).__name__}")
     # The bound is checked before isfinite(): an int too large for a float must be a ValueError.
     if not ttl > 0 or ttl * 1000 >= 2**53 or not math.isfinite(ttl):
         raise ValueError(f"ttl must be a positive, finite number of seconds (under 2**53 ms), not {ttl!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import math
 import os
 import struct
 import threading
@@ -282,13 +283,15 @@ class ShardEngine:
             self._version += 1
 
     def ttl(self, key):
-        """Seconds left before `key` expires, or None if it is absent or never expires."""
+        """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
         key = check_key(key)
         with self._lock:
             self._check_open()
-            at = self._expires.get(key)
-            if at is None or self._read(key) is None:
+            if self._read(key) is None:
                 return None
+            at = self._expires.get(key)
+            if at is None:
+                return math.inf
             left = at - self._now_ms()
             return left / 1000 if left > 0 else None
 
@@ -344,7 +347,7 @@ class ShardEngine:
     def put(self, key, value, ttl=None) -> None:
         """Set `key` to `value`; with `ttl`, the key expires that many seconds from now."""
         key = check_key(key)
-        value = check_value(value, self.max_value_size)
+        value = check_value(value, self.max_value_size, "max_value_size")
         expires_at = self._expiry_for(ttl)
         with self._lock:
             self._check_open()
@@ -389,7 +392,7 @@ class ShardEngine:
         if expected is not None:
             expected = check_value(expected, MAX_VALUE_LEN_FORMAT)
         if new is not None:
-            new = check_value(new, self.max_value_size)
+            new = check_value(new, self.max_value_size, "max_value_size")
         with self._lock:
             self._check_open()
             self._prepared.check_unlocked((key,))
@@ -582,7 +585,7 @@ class ShardEngine:
             n = len(ops.keys)
             if not 0 < ops.key_len <= MAX_KEY_LEN or ops.value_len > self.max_value_size:
                 check_key(ops.keys[0])
-                check_value(ops.values[0], self.max_value_size)
+                check_value(ops.values[0], self.max_value_size, "max_value_size")
             if n * (RECORD_HEADER_SIZE + ops.key_len + ops.value_len) > MAX_BATCH_BYTES:
                 raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
             return UniformPuts(ops.keys, ops.values, ops.key_len, ops.value_len)
@@ -595,12 +598,12 @@ class ShardEngine:
             if type(op) is tuple and len(op) == 3 and op[0] == "put" and type(op[1]) is bytes and type(op[2]) is bytes:
                 key, value = op[1], op[2]  # the common case, checked inline
                 if not 0 < len(key) <= MAX_KEY_LEN or len(value) > max_value:
-                    key, value = check_key(key), check_value(value, max_value)
+                    key, value = check_key(key), check_value(value, max_value, "max_value_size")
                 batch.append((PUT, key, value, 0))
             elif not isinstance(op, (tuple, list)) or not op:
                 raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
             elif op[0] == "put" and len(op) in (3, 4):
-                key, value = check_key(op[1]), check_value(op[2], max_value)
+                key, value = check_key(op[1]), check_value(op[2], max_value, "max_value_size")
                 batch.append((PUT, key, value, self._expiry_for(op[3]) if len(op) == 4 else 0))
             elif op[0] == "delete" and len(op) == 2:
                 key, value = check_key(op[1]), b""

@@ -8,6 +8,7 @@ answers every slot holding a request (docs/IPC.md); write requests that asked fo
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import struct
@@ -280,7 +281,9 @@ class Worker:
             key = reader.blob()
             reader.end()
             left = engine.ttl(key)
-            return m.not_found() if left is None else m.ok(m.u64(max(1, round(left * 1000))))
+            if left is None:
+                return m.not_found()
+            return m.ok(m.u64(m.TTL_NEVER if left == math.inf else max(1, round(left * 1000))))
         if op == m.EXPIRE:
             key, ttl_ms = reader.blob(), reader.u64()
             reader.end()

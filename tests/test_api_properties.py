@@ -415,8 +415,10 @@ def model_scan(data: dict, start, stop, reverse, prefix, limit) -> list:
 
 
 def ttl_check(state: State, key: bytes):
-    if key not in state.data or key not in state.ttls:
+    if key not in state.data:
         return lambda result: result is None, "None"
+    if key not in state.ttls:
+        return lambda result: result == math.inf, "math.inf (never expires)"
     entry = state.ttls[key]
     if entry is UNKNOWN:
         return lambda result: result is None or (isinstance(result, (int, float)) and result >= 0), "None or a number"

@@ -1,5 +1,7 @@
 """Per-key expiry in the engine, with a controllable clock (no test sleeps for real expiry)."""
 
+import math
+
 import pytest
 
 from shardkv.shards import ShardEngine
@@ -30,7 +32,7 @@ def test_expired_key_is_invisible_to_every_read(tmp_path, clock):
         e.put(b"short", b"1", ttl=5)
         e.put(b"long", b"2", ttl=50)
         e.put(b"forever", b"3")
-        assert e.ttl(b"short") == 5 and e.ttl(b"forever") is None and e.ttl(b"missing") is None
+        assert e.ttl(b"short") == 5 and e.ttl(b"forever") == math.inf and e.ttl(b"missing") is None
         clock.advance(4.999)
         assert e.get(b"short") == b"1" and b"short" in e and len(e) == 3
         clock.advance(0.001)
@@ -39,7 +41,7 @@ def test_expired_key_is_invisible_to_every_read(tmp_path, clock):
         assert [k for k, _ in e.scan()] == [b"forever", b"long"]
         assert e.min()[0] == b"forever" and e.get_many([b"short", b"long"]) == [None, b"2"]
         assert e.ttl(b"short") is None and e.delete(b"short") is False
-        assert e.cas(b"short", None, b"new") is True and e.ttl(b"short") is None
+        assert e.cas(b"short", None, b"new") is True and e.ttl(b"short") == math.inf
 
 
 def test_overwrite_without_ttl_clears_expiry_and_expire_changes_it(tmp_path, clock):
@@ -47,7 +49,7 @@ def test_overwrite_without_ttl_clears_expiry_and_expire_changes_it(tmp_path, clo
         e.put(b"k", b"v1", ttl=1)
         e.put(b"k", b"v2")
         clock.advance(2)
-        assert e.get(b"k") == b"v2" and e.ttl(b"k") is None
+        assert e.get(b"k") == b"v2" and e.ttl(b"k") == math.inf
         assert e.expire(b"k", 3) is True and e.ttl(b"k") == 3
         assert e.expire(b"missing", 3) is False
         clock.advance(1)

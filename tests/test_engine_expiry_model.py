@@ -100,9 +100,10 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule(key=keys)
     def ttl(self, key):
         live = self.live()
-        expected = None
-        if key in live and self.model[key][1] is not None:
-            expected = (self.model[key][1] - self.now_ms()) / 1000
+        expected = None  # absent
+        if key in live:
+            expiry = self.model[key][1]
+            expected = math.inf if expiry is None else (expiry - self.now_ms()) / 1000
         assert self.engine.ttl(key) == expected
 
     @invariant()

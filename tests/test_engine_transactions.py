@@ -5,6 +5,8 @@ survive crashes, torn tails and compaction (docs/FORMAT.md, "Record" and "PREPAR
 
 from __future__ import annotations
 
+import math
+
 import os
 import shutil
 import tempfile
@@ -261,7 +263,7 @@ def test_writes_to_a_locked_key_are_busy(tmp_path, key):
             assert not e.locked(b"free")
             assert len(e) == len(BEFORE), i
             assert_matches(e, BEFORE)
-            assert e.ttl(key) is None
+            assert e.ttl(key) == (None if current is None else math.inf)  # no expiry was set
         # Busy, not Conflict, even when the precondition would fail as well
         with pytest.raises(Busy):
             e.apply([("put", b"free", b"x")], [(key, b"certainly not")])
@@ -355,7 +357,7 @@ def test_expired_key_counts_as_absent(tmp_path):
         e.apply([("put", b"y", b"1")], [(b"keep", b"k")])
         assert e.commit(3)
         assert_matches(e, {b"keep": b"k", b"t": b"reborn", b"y": b"1"})
-        assert e.ttl(b"t") is None  # the committed put carries no ttl
+        assert e.ttl(b"t") == math.inf  # the committed put carries no ttl
 
 
 def test_prepared_ttl_is_counted_from_prepare_and_survives_a_crash(tmp_path):
