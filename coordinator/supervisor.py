@@ -612,31 +612,30 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    failure = "error the supervisor failed while starting the cluster"  # reported if start() does not return
     try:
         try:
             supervisor.start()
             if supervisor.stopping:
-                _report(report, "error it was asked to stop before the cluster was ready")
-                report = None
+                failure = "error it was asked to stop before the cluster was ready"
                 return 0
         except (ValueError, CorruptionError) as exc:
             print(f"shardkv: {exc}", file=sys.stderr)
-            _report(report, f"bad-config {exc}")
-            report = None
+            failure = f"bad-config {exc}"
             return EXIT_BAD_CONFIG
         except Exception as exc:  # a start that cannot succeed: said once, not retried here
             supervisor.log.error("the cluster could not start", error=repr(exc))
             print(f"shardkv: the cluster could not start: {exc}", file=sys.stderr)
-            _report(report, f"error {exc}")
-            report = None
+            failure = f"error {exc}"
             return EXIT_START_FAILED
         _report(report, "ready")
         report = None
         supervisor.run()
     finally:
         supervisor.stop()
-        if report is not None:
-            _report(report, "error the supervisor failed while starting the cluster")
+        # A failure is reported once everything of this start is gone: whoever started it may
+        # try again at once.
+        _report(report, failure)
     return 0
 
 
