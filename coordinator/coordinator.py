@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import posix_ipc
+import setproctitle
 
 from shardkv import faults
 from shardkv.batches import decode_txn_parts
@@ -29,12 +30,13 @@ from shardkv.errors import Busy, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
-    HASH_SLOTS,
     PROC_QUARANTINED,
     PROC_UP,
     STOPPING,
     ControlBlock,
     Ring,
+    default_shard_map,
+    join_cluster,
     map_shared_memory,
     process_start_time,
     readers_waited_for,
@@ -42,18 +44,14 @@ from shardkv.ipc.layout import (
 )
 from shardkv.ipc.transport import Channel, Requester, RingServer
 from shardkv.log import configure_service_logging, get_logger
-from shardkv.shards.worker import EXIT_CORRUPT, EXIT_STORAGE
+from shardkv.coordinator.runfiles import read_config
+from shardkv.shards.worker import EXIT_CORRUPT, EXIT_STORAGE, leave_cluster, stop_confirmed
 
 WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PREPARE included)
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress
 SWEEP_INTERVAL = 0.25  # seconds between checks for undelivered commits and restarted workers
 PENDING_CHECK_INTERVAL = 5.0  # seconds between asking every worker for its undecided batches
 _U64 = struct.Struct("<Q")
-
-
-def default_shard_map(shards: int) -> np.ndarray:
-    """The map of a new cluster: slot h -> shard h mod `shards`."""
-    return (np.arange(HASH_SLOTS) % shards).astype("<u2")
 
 
 class WorkerUnavailable(Unavailable):
@@ -428,10 +426,13 @@ def _prepare_error(failures: list[BaseException]) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: `python -m shardkv.coordinator.coordinator CONFIG_JSON`."""
-    config = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    """Entry point: `python -m shardkv.coordinator.coordinator CONFIG_FILE` (the supervisor's
+    owner-only run/config-<cluster>.json)."""
+    config = read_config((sys.argv[1:] if argv is None else argv)[0])
+    setproctitle.setproctitle(f"shardkv: coordinator of {config['directory']}")
     faults.set_role("coordinator")
     configure_service_logging(config["log_dir"], "coordinator")
+    member = join_cluster(config["names"]["control"])
     coordinator = Coordinator(config)
 
     def stop(signum, frame):
@@ -440,7 +441,19 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return coordinator.run()
+    supervisor = config["supervisor_pid"]
+    try:
+        while True:
+            code = coordinator.run()
+            if code or coordinator.stopping or os.getppid() != supervisor:
+                return code
+            # The loop saw STOPPING with no SIGTERM: a stray write (shards/worker.py,
+            # stop_confirmed). Start over in this process: the decision log is read back and
+            # the requests left in the ring are answered, as a successor would.
+            if stop_confirmed(coordinator.control, lambda: coordinator.stopping, supervisor, coordinator.log):
+                return code
+    finally:
+        leave_cluster(member, config, coordinator.log)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,41 @@ import os
 RUN_DIR = "run"
 CLUSTER_FILE = "cluster.json"
 SUPERVISOR_LOCK = "supervisor.lock"
+ATTACH_LOCK = "attach.lock"  # shared while a client attaches, exclusive while an idle cluster decides to stop
+CONFIG_PREFIX = "config-"  # config-<cluster>.json: what the coordinator and the workers are started with
 EXIT_ALREADY_RUNNING = 3
 EXIT_BAD_CONFIG = 4
+EXIT_START_FAILED = 5  # a detached supervisor's parent: the cluster could not start (the reason on stderr)
 
 
 def run_dir(directory: str) -> str:
     """The folder of a store's runtime files."""
     return os.path.join(directory, RUN_DIR)
+
+
+def config_path(directory: str, cluster: str) -> str:
+    """The configuration file of cluster `cluster` of a store."""
+    return os.path.join(run_dir(directory), f"{CONFIG_PREFIX}{cluster}.json")
+
+
+def write_config(directory: str, cluster: str, config: dict) -> str:
+    """Write the configuration of cluster `cluster` (owner-only, created exclusively); return its path."""
+    path = config_path(directory, cluster)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(json.dumps(config).encode())
+    return path
+
+
+def read_config(path: str) -> dict:
+    """A configuration written by write_config()."""
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def attach_lock_path(directory: str) -> str:
+    """The lock file that attaching clients and an idle supervisor's stop exclude each other with."""
+    return os.path.join(run_dir(directory), ATTACH_LOCK)
 
 
 def lease_path(directory: str, lease: int) -> str:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from shardkv.ipc import messages as m
-from shardkv.ipc.layout import SLOT_REQUEST
+from shardkv.ipc.layout import SLOT_REQUEST, is_own_entry, name_prefix, shm_entries_with_prefix
 from shardkv.ipc.transport import Unresponsive
 
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
@@ -83,6 +83,12 @@ def finish_status(health: dict) -> dict:
         health["status"] = "degraded"
     health["exit_code"] = exit_code(health)
     return health
+
+
+def stale_objects(directory: str) -> list[str]:
+    """The /dev/shm entries of `directory`'s clusters that this user owns: with no cluster
+    running, the leftovers of a killed one (`shardkv stop` removes them)."""
+    return [entry for entry in shm_entries_with_prefix(name_prefix(directory)) if is_own_entry(entry)]
 
 
 def exit_code(status: dict) -> int:

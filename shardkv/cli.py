@@ -35,7 +35,7 @@ from pathlib import Path
 
 import shardkv
 from shardkv.ops.salvage import salvage_store
-from shardkv.ops.status import collect_status, exit_code, render_prometheus, render_table
+from shardkv.ops.status import collect_status, exit_code, render_prometheus, render_table, stale_objects
 from shardkv.ops.verify import verify_store
 from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
@@ -354,7 +354,15 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         print(f"shardkv: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"stopped {directory}" if stopped else f"not running: {directory}")
+    if stopped:
+        print(f"stopped {directory}")
+        return EXIT_OK
+    # Not running: a killed cluster may have left shared objects (and processes) behind.
+    from shardkv.coordinator.supervisor import reclaim  # noqa: PLC0415
+
+    removed = reclaim(directory) if stale_objects(directory) or read_cluster_file(directory) else []
+    objects = [entry for entry in removed or () if not entry.startswith(("pid ", "run/"))]
+    print(f"not running: {directory}" + (f" (removed {len(objects)} stale objects)" if objects else ""))
     return EXIT_OK
 
 
@@ -390,7 +398,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     directory = _realdir(args.directory)
     while True:
         if read_health(directory) is None:
-            output, code = (json.dumps({"status": "not running", "directory": directory}) if args.json else f"not running: {directory}"), EXIT_USAGE
+            stale = len(stale_objects(directory))  # a killed cluster's leftovers (`shardkv stop` removes them)
+            if args.json:
+                output = json.dumps({"status": "not running", "directory": directory, "stale_objects": stale})
+            else:
+                output = f"not running, {stale} stale objects: {directory} (`shardkv stop` removes them)" if stale else f"not running: {directory}"
+            code = EXIT_USAGE
         else:
             with shardkv.open(directory) as db:
                 status = collect_status(db, sample_seconds=0.25)

@@ -25,7 +25,9 @@ from shardkv.coordinator.manifest import resolve_shards, shard_directory
 from shardkv.coordinator.runfiles import (
     EXIT_ALREADY_RUNNING,
     EXIT_BAD_CONFIG,
+    EXIT_START_FAILED,
     SUPERVISOR_LOCK,
+    attach_lock_path,
     lease_path,
     lock_is_held,
     read_cluster_file,
@@ -42,6 +44,7 @@ from shardkv.ipc.layout import (
     READING_GRACE,
     READING_HOLD,
     READY,
+    STOPPING,
     ControlBlock,
     Ring,
     map_shared_memory,
@@ -210,7 +213,9 @@ class Client(MutableMapping):
     def _find_or_start(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         lock = os.path.join(run_dir(self.directory), SUPERVISOR_LOCK)
+        stderr_path = os.path.join(self.directory, "logs", "supervisor.stderr")
         spawned = None
+        came_and_went = 0  # supervisors started here that reported a ready cluster we then missed
         while True:
             if lock_is_held(lock):
                 info = read_cluster_file(self.directory)
@@ -223,11 +228,20 @@ class Client(MutableMapping):
                         _reap(spawned)
                     return info
             elif spawned is None or spawned.poll() is not None:
-                if spawned is not None and spawned.returncode not in (0, EXIT_ALREADY_RUNNING):
-                    message = _read_tail(os.path.join(self.directory, "logs", "supervisor.stderr"))
-                    if spawned.returncode == EXIT_BAD_CONFIG:
-                        raise ValueError(message or "the cluster refused to start")
-                    raise Unavailable(f"the cluster failed to start (exit {spawned.returncode}): {message}")
+                if spawned is not None:
+                    # A detaching supervisor's starter exits once the cluster is ready (0), or
+                    # could not start (the reason is the last line of its stderr): a start that
+                    # failed is said once, never retried in a loop (docs/IPC.md, "Starting").
+                    code = spawned.returncode
+                    if code == EXIT_BAD_CONFIG:
+                        raise ValueError(_read_tail(stderr_path).removeprefix("shardkv: ") or "the cluster refused to start")
+                    if code not in (0, EXIT_ALREADY_RUNNING):
+                        reason = _read_tail(stderr_path).removeprefix("shardkv: ") if code == EXIT_START_FAILED else ""
+                        raise Unavailable(reason or f"the cluster on {self.directory} failed to start (supervisor exit {code}; see {stderr_path})")
+                    if code == 0:
+                        came_and_went += 1
+                        if came_and_went >= 3:
+                            raise Unavailable(f"the cluster on {self.directory} stopped right after each of {came_and_went} starts (see {os.path.dirname(stderr_path)})")
                 resolve_shards(self.directory, self._requested_shards)  # a clear ValueError before spawning
                 spawned = self._spawn_supervisor()
             if time.monotonic() > deadline:
@@ -246,16 +260,31 @@ class Client(MutableMapping):
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, close_fds=True)
 
     def _take_lease(self, info: dict) -> None:
-        for lease in range(info["leases"]):
-            fd = os.open(lease_path(self.directory, lease), os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            break
-        else:
-            raise Unavailable(f"all {info['leases']} client leases of {self.directory} are in use")
+        # Attaching and an idle embedded cluster's decision to stop exclude each other: with
+        # attach.lock shared, either the lease is taken before the supervisor looks (it stays)
+        # or the state says STOPPING and _attach looks for the next cluster (docs/IPC.md, "Leases").
+        try:
+            attach_fd = os.open(attach_lock_path(self.directory), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            attach_fd = -1
+        try:
+            if attach_fd >= 0:
+                fcntl.flock(attach_fd, fcntl.LOCK_SH)
+            if self._control.state == STOPPING:
+                raise posix_ipc.ExistentialError(f"the cluster on {self.directory} is stopping")
+            for lease in range(info["leases"]):
+                fd = os.open(lease_path(self.directory, lease), os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                break
+            else:
+                raise Unavailable(f"all {info['leases']} client leases of {self.directory} are in use")
+        finally:
+            if attach_fd >= 0:
+                os.close(attach_fd)
         self._lease_fd, self._lease = fd, lease
         entry = self._control.leases[lease]
         entry["pid"], entry["start_time"], entry["reading"] = os.getpid(), process_start_time(os.getpid()), 0

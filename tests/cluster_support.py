@@ -24,7 +24,16 @@ import shardkv
 from shardkv.ipc.layout import name_prefix, process_start_time
 
 SHARDS = 2
-CLUSTER_MODULES = ("shardkv.coordinator.supervisor", "shardkv.coordinator.coordinator", "shardkv.shards.worker")
+# How a cluster process shows in /proc/<pid>/cmdline: its module until it names itself, then its
+# title (setproctitle; docs/IPC.md, "Processes").
+CLUSTER_MODULES = (
+    "shardkv.coordinator.supervisor",
+    "shardkv.coordinator.coordinator",
+    "shardkv.shards.worker",
+    "shardkv: supervisor of ",
+    "shardkv: coordinator of ",
+    "shardkv: shard ",
+)
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -99,6 +101,12 @@ def names(directory: str, cluster: str, shards: int, leases: int) -> dict:
         "coord_done": f"{prefix}-donec",
         "index": [header_name(prefix, s) for s in range(shards)],
     }
+
+
+def default_shard_map(shards: int) -> np.ndarray:
+    """The shard map of a cluster of `shards` workers: slot h -> shard h mod `shards` (what the
+    coordinator publishes, and the supervisor checks the published map against)."""
+    return (np.arange(HASH_SLOTS) % shards).astype("<u2")
 
 
 def name_prefix(directory: str) -> str:
@@ -234,3 +242,109 @@ def process_start_time(pid: int) -> int:
     if fields[0] in (b"Z", b"X"):
         return 0
     return int(fields[19])
+
+
+# -- the objects of a cluster in /dev/shm ------------------------------------------------------
+SHM_DIR = "/dev/shm"
+
+
+def shm_entries_with_prefix(prefix: str) -> list[str]:
+    """The /dev/shm entries (shared memory, and semaphores as 'sem.<name>') whose POSIX name
+    starts with `prefix` ('/shardkv-...')."""
+    stem = prefix[1:]
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(e for e in entries if e.startswith(stem) or e.startswith("sem." + stem))
+
+
+def is_own_entry(entry: str) -> bool:
+    """True if /dev/shm entry `entry` exists and belongs to this process's user."""
+    try:
+        return os.stat(os.path.join(SHM_DIR, entry)).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def unlink_entry(entry: str) -> str | None:
+    """Unlink /dev/shm entry `entry` if this user owns it. Returns None if it is gone now, or
+    why it was left: another user's object (whose name anyone can predict: never ours to remove,
+    and never a reason to fail), or an unlink that failed."""
+    if not is_own_entry(entry):
+        return None if not os.path.lexists(os.path.join(SHM_DIR, entry)) else "owned by another user"
+    try:
+        if entry.startswith("sem."):
+            posix_ipc.unlink_semaphore("/" + entry[4:])
+        else:
+            posix_ipc.unlink_shared_memory("/" + entry)
+    except posix_ipc.ExistentialError:
+        pass
+    except (posix_ipc.Error, OSError) as exc:
+        return f"unlink failed: {exc}"
+    return None
+
+
+def cluster_entries(names: dict) -> list[str]:
+    """The /dev/shm entries of the cluster named by `names` (see names()) that exist now: its
+    fixed objects and its workers' index tables."""
+    wanted = set()
+    for key, value in names.items():
+        if key == "prefix":
+            continue
+        for name in value if isinstance(value, list) else [value]:
+            wanted.add(name[1:])
+            wanted.add("sem." + name[1:])
+    tables = names["prefix"][1:] + "-idx"
+    found = []
+    for entry in shm_entries_with_prefix(names["prefix"]):
+        if entry in wanted or entry.startswith(tables):
+            found.append(entry)
+    return found
+
+
+def unlink_cluster(names: dict) -> tuple[list[str], dict[str, str]]:
+    """Unlink every object of the cluster named by `names` that this user owns. Returns
+    (removed, {entry: why it was left})."""
+    removed, left = [], {}
+    for entry in cluster_entries(names):
+        why = unlink_entry(entry)
+        if why is None:
+            removed.append(entry)
+        else:
+            left[entry] = why
+    return removed, left
+
+
+def join_cluster(control_name: str) -> int:
+    """Open the control block `control_name` and hold a shared flock on it for the life of this
+    process (the supervisor, the coordinator, each worker): the kernel drops it however the
+    process ends, so the last one of an orphaned cluster can tell that it is the last
+    (leave_orphaned_cluster). Returns the descriptor (close-on-exec)."""
+    shm = posix_ipc.SharedMemory(control_name)
+    try:
+        fd = os.dup(shm.fd)  # os.dup makes it non-inheritable
+    finally:
+        shm.close_fd()
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def leave_orphaned_cluster(fd: int, names: dict) -> list[str] | None:
+    """Called by a process of a cluster whose supervisor is gone, when it is done with the
+    cluster's objects: drop the shared flock taken by join_cluster() and try, once, for the
+    exclusive one. Only the last process to drop its shared lock can get it (one that tried
+    earlier failed and holds nothing, so it cannot be in the way), and it unlinks the
+    cluster's objects; the others just exit. Returns what was removed, or None if another
+    process of the cluster still holds on (that one removes everything when it leaves)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise
+        return unlink_cluster(names)[0]
+    finally:
+        os.close(fd)  # the lock goes with it

@@ -121,9 +121,13 @@ def unlink_tables(prefix: str, shard: int) -> list[str]:
     for entry in os.listdir("/dev/shm"):
         if entry.startswith(stem) and entry[len(stem) :].isdigit():
             try:
+                # The prefix is visible in /dev/shm: another user may have made a name like
+                # these. Never ours to remove, and never a reason to fail (docs/IPC.md).
+                if os.stat("/dev/shm/" + entry).st_uid != os.geteuid():
+                    continue
                 posix_ipc.unlink_shared_memory("/" + entry)
                 removed.append(entry)
-            except posix_ipc.ExistentialError:
+            except (posix_ipc.Error, OSError):
                 pass
     return removed
 
