@@ -29,3 +29,9 @@ class Busy(Unavailable):
     """A request was not applied because a key it needs is locked by a cross-shard batch that is
     being decided (or a shard the batch needs is restarting); the same request succeeds later.
     The client retries by itself and raises this only once its lock timeout has passed."""
+
+
+class Unsupported(Error):
+    """The backend cannot do what was asked with the same guarantees (a batch across Redis
+    Cluster hash slots, an ordered read of a store without its ordered index, a durability
+    level the server is not set to); nothing was sent. `db.features` tells in advance."""
