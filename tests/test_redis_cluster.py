@@ -411,7 +411,7 @@ def test_failover_under_a_writing_client(own_cluster):
                     continue
                 raise AssertionError(f"write {i}, acknowledged {'before the kill' if at <= killed_at else 'after failover'}, was lost")
         assert len(acked) > 300 and len(lost_in_window) < 50
-        print(f"acked {len(acked)}, unknown {len(unknown)}, lost in the last ms before the kill {len(lost_in_window)}")
+        print(f"failover in {promoted_at - killed_at:.1f} s; acked {len(acked)}, unknown {len(unknown)}, lost in the last ms before the kill {len(lost_in_window)}")
 
         # The whole cluster gone: writes and (after retry_timeout) reads raise Unavailable.
         with shardkv.open(cluster.url, namespace="fo", retry_timeout=1.0) as short:

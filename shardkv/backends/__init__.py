@@ -21,7 +21,6 @@ suite, can ask instead of failing late.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields

@@ -68,10 +68,6 @@ SCAN_FIRST_PAGE = 32  # keys per bucket in a scan's first round (a bucket's next
 SCAN_PAGE = 1024
 DURABILITY_ORDER = ("process", "interval", "fsync")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-_MISSING = object()
-
-FEATURES = Features(backend="redis-cluster", cross_shard_batches=False, durability_levels=())
-
 
 # -- Lua ---------------------------------------------------------------------------------------
 # Every script touches one bucket: its data keys, index and expiry set share a hash tag. A data
@@ -179,51 +175,34 @@ end
 return {1}
 """
 
-# One page of a bucket in key order. KEYS: index, expiry set. ARGV: min, max (ZRANGEBYLEX
-# bounds), count, '1' for descending. Returns {members read, last member read, {key, value,
-# ...}}; a member whose key is gone (Redis expired it) is dropped from the index on the way.
-LUA_PAGE = """
-local index = KEYS[1]
-local prefix = string.sub(index, 1, #index - 2) .. ':'
-local members
-if ARGV[4] == '1' then
-  members = redis.call('ZREVRANGEBYLEX', index, ARGV[2], ARGV[1], 'LIMIT', 0, ARGV[3])
-else
-  members = redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2], 'LIMIT', 0, ARGV[3])
-end
-local out = {}
-for _, member in ipairs(members) do
-  local value = redis.call('GET', prefix .. member)
-  if value then
-    out[#out + 1] = member
-    out[#out + 1] = value
-  else
-    redis.call('ZREM', index, member)
-    redis.call('ZREM', KEYS[2], member)
-  end
-end
-return {#members, members[#members] or '', out}
-"""
-
-# The live keys of a bucket: first drop the index entries of keys whose expiry has passed
-# (found through the expiry set), then count. KEYS: index, expiry set.
-LUA_LEN = """
-local index, expiry = KEYS[1], KEYS[2]
-local prefix = string.sub(index, 1, #index - 2) .. ':'
+# The live keys of a bucket, before dropping expired ones: {ZCARD of the index, the members of
+# the expiry set whose time has passed}. KEYS: index, expiry set. Read only; the caller sends
+# the due members to LUA_DROP (which names their data keys: see there).
+LUA_COUNT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do
-  local at = redis.call('PEXPIRETIME', prefix .. member)
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)}
+"""
+
+# Drop from the index the members whose key is gone (Redis expired it by itself), and fix
+# their entries in the expiry set. KEYS: index, expiry set, then the data keys to check: every
+# key a script touches is named in KEYS, so that a slot being resharded answers TRYAGAIN or
+# ASK instead of a script seeing half of it. Returns how many index entries it removed.
+LUA_DROP = """
+local removed, cut = 0, #KEYS[1]
+for i = 3, #KEYS do
+  local member = string.sub(KEYS[i], cut)
+  local at = redis.call('PEXPIRETIME', KEYS[i])
   if at == -2 then
-    redis.call('ZREM', index, member)
-    redis.call('ZREM', expiry, member)
+    removed = removed + redis.call('ZREM', KEYS[1], member)
+    redis.call('ZREM', KEYS[2], member)
   elseif at == -1 then
-    redis.call('ZREM', expiry, member)
+    redis.call('ZREM', KEYS[2], member)
   else
-    redis.call('ZADD', expiry, at, member)
+    redis.call('ZADD', KEYS[2], at, member)
   end
 end
-return redis.call('ZCARD', index)
+return removed
 """
 
 # The store's metadata: written by the first opener only, read by every one.
@@ -232,7 +211,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], unpack(AR
 return redis.call('HGETALL', KEYS[1])
 """
 
-SCRIPTS = {"put": LUA_PUT, "delete": LUA_DELETE, "cas": LUA_CAS, "expire": LUA_EXPIRE, "batch": LUA_BATCH, "page": LUA_PAGE, "len": LUA_LEN, "meta": LUA_META}
+SCRIPTS = {"put": LUA_PUT, "delete": LUA_DELETE, "cas": LUA_CAS, "expire": LUA_EXPIRE, "batch": LUA_BATCH, "count": LUA_COUNT, "drop": LUA_DROP, "meta": LUA_META}
 
 
 def _sha1(text: str) -> str:
@@ -633,12 +612,14 @@ class _Desc:
 
 
 class _Merge:
-    """A scan's state: each bucket's current page and bound, merged in key order. The clients
-    drive it: `commands(buckets)` for the pages to fetch, `absorb` their answers, `step()`
-    for the next item (a tuple), a list of buckets to fetch first, or None at the end."""
+    """The keys of a scan in order: each bucket's index read a page at a time (ZRANGEBYLEX,
+    a page growing 4x from SCAN_FIRST_PAGE to SCAN_PAGE), merged. The clients drive it:
+    `step()` gives the next (key, bucket), a list of buckets whose next page must be read
+    first (`command(bucket)`, then `absorb(bucket, members)`), or None at the end. Values are
+    read afterwards, only for the keys handed out (see `_ScanValues`)."""
 
     def __init__(self, layout: Layout, low, high, reverse: bool, limit: int | None):
-        self.layout, self.reverse, self.limit = layout, reverse, limit
+        self.layout, self.reverse = layout, reverse
         self.low = [low] * layout.buckets
         self.high = [high] * layout.buckets
         first = SCAN_FIRST_PAGE if limit is None else max(1, min(SCAN_FIRST_PAGE, limit))
@@ -647,44 +628,37 @@ class _Merge:
         self.more = [True] * layout.buckets
         self.heap: list = []
         self.need: list[int] = list(range(layout.buckets))
-        self.produced = 0
         self.pending: int | None = None  # the bucket whose head was just handed out
 
     def command(self, bucket: int) -> tuple:
-        """(script, keys, args) of the next page of `bucket`."""
-        layout = self.layout
-        args = (_lex(self.low[bucket], True), _lex(self.high[bucket], False), self.page[bucket], b"1" if self.reverse else b"0")
-        return "page", (layout.index[bucket], layout.expiry[bucket]), args
+        """(None, the ZRANGEBYLEX command of the next page of `bucket`, None)."""
+        index = self.layout.index[bucket]
+        low, high = _lex(self.low[bucket], True), _lex(self.high[bucket], False)
+        if self.reverse:
+            return None, ("ZREVRANGEBYLEX", index, high, low, "LIMIT", 0, self.page[bucket]), None
+        return None, ("ZRANGEBYLEX", index, low, high, "LIMIT", 0, self.page[bucket]), None
 
-    def absorb(self, bucket: int, answer) -> None:
-        """Take a page of `bucket` (the page script's answer)."""
-        count, last, flat = answer
-        count = int(count)
-        self.more[bucket] = count >= self.page[bucket]
-        if count:
-            if self.reverse:
-                self.high[bucket] = (last, False)
-            else:
-                self.low[bucket] = (last, False)
+    def absorb(self, bucket: int, members: list) -> None:
+        """Take the next page (a list of keys) of `bucket`."""
+        self.more[bucket] = len(members) >= self.page[bucket]
         self.page[bucket] = min(SCAN_PAGE, self.page[bucket] * 4)
-        items = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        items.reverse()  # pop() from the end hands them out in order
-        self.buffer[bucket] = items
-        if items:
-            heapq.heappush(self.heap, (items[-1][0] if not self.reverse else _Desc(items[-1][0]), bucket))
-        elif self.more[bucket]:
-            self.need.append(bucket)  # every key of the page had expired: read on
+        if not members:
+            return
+        if self.reverse:
+            self.high[bucket] = (members[-1], False)
+        else:
+            self.low[bucket] = (members[-1], False)
+        members.reverse()  # pop() from the end hands them out in order
+        self.buffer[bucket] = members
+        heapq.heappush(self.heap, (members[-1] if not self.reverse else _Desc(members[-1]), bucket))
 
     def step(self):
-        """The next (key, value), a list of buckets whose pages must be fetched and absorbed
-        first, or None when the scan is done."""
-        if self.limit is not None and self.produced >= self.limit:
-            return None
+        """The next (key, bucket), a list of buckets to read a page of first, or None."""
         if self.pending is not None:
             bucket, self.pending = self.pending, None
-            items = self.buffer[bucket]
-            if items:
-                heapq.heappush(self.heap, (items[-1][0] if not self.reverse else _Desc(items[-1][0]), bucket))
+            members = self.buffer[bucket]
+            if members:
+                heapq.heappush(self.heap, (members[-1] if not self.reverse else _Desc(members[-1]), bucket))
             elif self.more[bucket]:
                 self.need.append(bucket)
         if self.need:
@@ -693,9 +667,57 @@ class _Merge:
         if not self.heap:
             return None
         _, bucket = heapq.heappop(self.heap)
-        self.produced += 1
         self.pending = bucket
-        return self.buffer[bucket].pop()
+        return self.buffer[bucket].pop(), bucket
+
+
+class _ScanValues:
+    """Hands out a scan's (key, value) pairs: takes keys from the _Merge in chunks (1 key
+    first when one is wanted, then growing 8x up to SCAN_PAGE), reads their values with one
+    MGET per bucket, skips the keys whose value is gone (expired, or deleted since the index
+    was read) and has their index entries dropped (LUA_DROP). Like _Merge, driven by the
+    clients through `next_request()` and `take()`."""
+
+    def __init__(self, store: "_Core", merge: _Merge, limit: int | None):
+        self.store, self.merge, self.limit = store, merge, limit
+        self.produced = 0
+        self.chunk = 1 if limit == 1 else SCAN_FIRST_PAGE
+
+    def wanted(self) -> int:
+        """How many keys to take from the merge for the next chunk."""
+        if self.limit is None:
+            return self.chunk
+        return max(1, min(self.chunk, self.limit - self.produced))
+
+    def values_commands(self, keys: list) -> tuple[list, list]:
+        """(positions per bucket, MGET commands) of a chunk of (key, bucket)."""
+        groups: dict[int, list[int]] = {}
+        for i, (_, bucket) in enumerate(keys):
+            groups.setdefault(bucket, []).append(i)
+        prefix = self.store._prefix
+        return list(groups.values()), [(None, ("MGET", *[prefix[b] + keys[i][0] for i in idx]), None) for b, idx in groups.items()]
+
+    def pairs(self, keys: list, positions: list, answers: list) -> tuple[list, list]:
+        """((key, value) pairs to hand out, LUA_DROP commands for the keys found gone)."""
+        values = [None] * len(keys)
+        for idx, answer in zip(positions, answers):
+            for i, value in zip(idx, answer):
+                values[i] = value
+        out, gone = [], {}
+        for (key, bucket), value in zip(keys, values):
+            if value is None:
+                gone.setdefault(bucket, []).append(key)
+            elif self.limit is None or self.produced < self.limit:
+                out.append((key, value))
+                self.produced += 1
+        self.chunk = min(SCAN_PAGE, self.chunk * 8)
+        layout, prefix = self.store._layout, self.store._prefix
+        drops = [("drop", (layout.index[b], layout.expiry[b], *[prefix[b] + k for k in members]), ()) for b, members in gone.items()]
+        return out, drops
+
+    def done(self) -> bool:
+        """True once `limit` pairs were handed out."""
+        return self.limit is not None and self.produced >= self.limit
 
 
 def _conflict(checked: list, position: int) -> Conflict:
@@ -865,9 +887,20 @@ class _Core:
             return None
         return _Merge(self._layout, low, high, bool(reverse), limit)
 
-    def _len_commands(self) -> list:
+    def _count_commands(self) -> list:
         layout = self._layout
-        return [("len", (layout.index[b], layout.expiry[b]), ()) for b in range(layout.buckets)]
+        return [("count", (layout.index[b], layout.expiry[b]), ()) for b in range(layout.buckets)]
+
+    def _drop_commands(self, answers: list) -> tuple[int, list]:
+        """(the index entries counted, LUA_DROP commands for the members whose expiry passed)
+        from the buckets' LUA_COUNT answers."""
+        layout, total, drops = self._layout, 0, []
+        for bucket, (count, due) in enumerate(answers):
+            total += int(count)
+            if due:
+                prefix = layout.prefix[bucket]
+                drops.append(("drop", (layout.index[bucket], layout.expiry[bucket], *[prefix + m for m in due]), ()))
+        return total, drops
 
     def _write_ops(self, ops, atomic) -> list:
         if not isinstance(atomic, bool):
@@ -882,6 +915,11 @@ class _Core:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"namespace {self.namespace!r}, {self.buckets} buckets{'' if self._indexed else ', unordered'}"
         return f"<shardkv {type(self).__name__} {_redact(self.url)} {state}>"
+
+
+def _key_slot(key: bytes) -> int:
+    """Redis's hash slot of a Redis key (hash tag honoured)."""
+    return user_slot(key)
 
 
 def _is_one(answer) -> bool:
@@ -990,7 +1028,12 @@ class RedisClusterStore(_Core, MutableMapping):
 
     def _pipeline(self, commands: list, write: bool) -> list:
         """Several commands at once, pipelined per node: (script or None, keys or arguments,
-        script arguments). Reads are retried whole; for writes see _write_many."""
+        script arguments). Reads are retried whole; a write pipeline (a non-atomic batch)
+        raises Unavailable when a part of it may have failed."""
+        if not write:
+            answers = self._node_pipelines(commands)
+            if answers is not None:
+                return answers
         retry = None
         while True:
             self._check_open()
@@ -1022,6 +1065,38 @@ class RedisClusterStore(_Core, MutableMapping):
                 raise _unavailable(first, "a non-atomic batch failed on some hash slots: each slot's part was applied entirely or not at all, some may not have been") from first
             retry = retry or _Retry(self.retry_timeout)
             time.sleep(retry.next_pause(failed[0][1], False))
+
+    def _node_pipelines(self, commands: list) -> list | None:
+        """Reads sent straight to the nodes that serve their slots (as the client last saw
+        them), one plain pipeline per node: redis-py's cluster pipeline costs tens of
+        microseconds more per command, which a scan's round of one command per bucket feels.
+        None on any error (a slot moved, a node down, NOSCRIPT): the caller then goes through
+        the cluster pipeline, which follows redirections and refreshes the slot map."""
+        self._check_open()
+        try:
+            groups: dict[str, tuple] = {}
+            get_node = self._rc.nodes_manager.get_node_from_slot
+            for i, command in enumerate(commands):
+                script, args = command[0], command[1]
+                key = args[0] if script is not None else args[2] if args[0] == "MEMORY" else args[1]
+                node = get_node(_key_slot(key))
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            answers = [None] * len(commands)
+            for node, positions in groups.values():
+                pipe = self._rc.get_redis_connection(node).pipeline(transaction=False)
+                for i in positions:
+                    script, args, script_args = commands[i][:3]
+                    if script is None:
+                        pipe.execute_command(*args)
+                    else:
+                        pipe.execute_command("EVALSHA", SHAS[script], len(args), *args, *script_args)
+                for i, answer in zip(positions, pipe.execute(raise_on_error=False)):
+                    if isinstance(answer, Exception):
+                        return None
+                    answers[i] = answer
+            return answers
+        except Exception:  # noqa: BLE001 - the cluster pipeline will tell what it was
+            return None
 
     def _load_scripts(self) -> None:
         """SCRIPT LOAD every script into every master (a promoted replica has none)."""
@@ -1117,23 +1192,38 @@ class RedisClusterStore(_Core, MutableMapping):
         order, merged from every bucket's index. Not a snapshot: each bucket's page is read at
         one instant. Unsupported without the ordered index."""
         merge = self._plan_scan(start, stop, reverse, prefix, limit)
-        return iter(()) if merge is None else self._scan(merge)
+        return iter(()) if merge is None else self._scan(merge, limit)
 
-    def _scan(self, merge: _Merge):
-        while True:
-            step = merge.step()
-            if step is None:
+    def _scan(self, merge: _Merge, limit: int | None):
+        values = _ScanValues(self, merge, limit)
+        while not values.done():
+            keys, wanted = [], values.wanted()
+            while len(keys) < wanted:
+                step = merge.step()
+                if step is None:
+                    break
+                if type(step) is tuple:
+                    keys.append(step)
+                    continue
+                for bucket, members in zip(step, self._reads([merge.command(bucket) for bucket in step])):
+                    merge.absorb(bucket, members)
+            if not keys:
                 return
-            if type(step) is tuple:
-                yield step
-                continue
-            commands = [merge.command(bucket) for bucket in step]
-            if len(commands) == 1:
-                answers = [self._call_script(*commands[0], write=False)]
-            else:
-                answers = self._pipeline(commands, write=False)
-            for bucket, answer in zip(step, answers):
-                merge.absorb(bucket, answer)
+            positions, commands = values.values_commands(keys)
+            out, drops = values.pairs(keys, positions, self._reads(commands))
+            if drops:
+                try:
+                    self._pipeline(drops, write=True)
+                except Error:
+                    pass  # only tidying: len() or a later scan drops them
+            yield from out
+
+    def _reads(self, commands: list) -> list:
+        """The answers of read commands: one call, or a pipeline."""
+        if len(commands) == 1:
+            script, args, script_args = commands[0][:3]
+            return [self._call(args, write=False) if script is None else self._call_script(script, args, script_args, write=False)]
+        return self._pipeline(commands, write=False)
 
     def min(self):
         """(key, value) of the smallest key, or None."""
@@ -1147,20 +1237,23 @@ class RedisClusterStore(_Core, MutableMapping):
         """(key, value) of the smallest key strictly after `key`, or None."""
         key = check_key(key)
         self._check_ordered("above")
-        return next(self._scan(_Merge(self._layout, (key, False), None, False, 1)), None)
+        return next(self._scan(_Merge(self._layout, (key, False), None, False, 1), 1), None)
 
     def below(self, key):
         """(key, value) of the largest key strictly before `key`, or None."""
         key = check_key(key)
         self._check_ordered("below")
-        return next(self._scan(_Merge(self._layout, None, (key, False), True, 1)), None)
+        return next(self._scan(_Merge(self._layout, None, (key, False), True, 1), 1), None)
 
     def __len__(self) -> int:
         """The number of live keys: from the index (one script per bucket, which first drops
         expired keys), or without it by SCAN of every master."""
         self._check_open()
         if self._indexed:
-            return sum(int(n) for n in self._pipeline(self._len_commands(), write=False))
+            total, drops = self._drop_commands(self._pipeline(self._count_commands(), write=False))
+            if drops:
+                total -= sum(int(n) for n in self._pipeline(drops, write=True))
+            return total
         return sum(1 for _ in self._scan_keys())
 
     def _scan_keys(self):
@@ -1557,28 +1650,45 @@ class AsyncRedisClusterStore(_Core):
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None):
         """An async iterator of (key, value) in key order (as the blocking client's scan)."""
         merge = self._plan_scan(start, stop, reverse, prefix, limit)
-        return self._scan(merge)
+        return self._scan(merge, limit)
 
-    async def _scan(self, merge: _Merge | None):
+    async def _scan(self, merge: _Merge | None, limit: int | None):
         if merge is None:
             return
-        while True:
-            step = merge.step()
-            if step is None:
+        values = _ScanValues(self, merge, limit)
+        while not values.done():
+            keys, wanted = [], values.wanted()
+            while len(keys) < wanted:
+                step = merge.step()
+                if step is None:
+                    break
+                if type(step) is tuple:
+                    keys.append(step)
+                    continue
+                for bucket, members in zip(step, await self._reads([merge.command(bucket) for bucket in step])):
+                    merge.absorb(bucket, members)
+            if not keys:
                 return
-            if type(step) is tuple:
-                yield step
-                continue
-            commands = [merge.command(bucket) for bucket in step]
-            if len(commands) == 1:
-                answers = [await self._call_script(*commands[0], write=False)]
-            else:
-                answers = await self._pipeline(commands, write=False)
-            for bucket, answer in zip(step, answers):
-                merge.absorb(bucket, answer)
+            positions, commands = values.values_commands(keys)
+            out, drops = values.pairs(keys, positions, await self._reads(commands))
+            if drops:
+                try:
+                    await self._pipeline(drops, write=True)
+                except Error:
+                    pass  # only tidying: len() or a later scan drops them
+            for item in out:
+                yield item
+
+    async def _reads(self, commands: list) -> list:
+        if len(commands) == 1:
+            script, args, script_args = commands[0][:3]
+            if script is None:
+                return [await self._call(args, write=False)]
+            return [await self._call_script(script, args, script_args, write=False)]
+        return await self._pipeline(commands, write=False)
 
     async def _first(self, merge: _Merge):
-        async for item in self._scan(merge):
+        async for item in self._scan(merge, 1):
             return item
         return None
 
@@ -1606,7 +1716,10 @@ class AsyncRedisClusterStore(_Core):
         """The number of live keys (an `async` stand-in for len(db))."""
         self._check_open()
         if self._indexed:
-            return sum(int(n) for n in await self._pipeline(self._len_commands(), write=False))
+            total, drops = self._drop_commands(await self._pipeline(self._count_commands(), write=False))
+            if drops:
+                total -= sum(int(n) for n in await self._pipeline(drops, write=True))
+            return total
         count = 0
         for node in self._rc.get_primaries():
             cursor = 0
@@ -1708,4 +1821,4 @@ def aopen(url: str, shards=None, durability: str | None = None, **options) -> _O
     return _Opening(AsyncRedisClusterStore.create(url, shards, durability, **options))
 
 
-__all__ = ["AsyncRedisClusterStore", "FEATURES", "RedisClusterStore", "aopen", "health", "open", "parse_url", "render_prometheus", "render_table"]
+__all__ = ["AsyncRedisClusterStore", "RedisClusterStore", "aopen", "health", "open", "parse_url", "render_prometheus", "render_table"]
