@@ -21,15 +21,18 @@ also keeps, per bucket, a sorted set `<ns>{t}#i` of its keys (score 0, ordered b
 with ZRANGEBYLEX), changed by the same script as each write: the data and its index entry
 never disagree. Keys with a ttl are also in `<ns>{t}#e` (score: expiry in ms), so that `len`
 and scans can drop the index entries of keys Redis has expired by itself. A scan reads a page
-of every bucket (one script per bucket: index range plus the values, pipelined per node) and
-merges the pages in the client. `open(..., ordered=False)` at creation keeps no index: writes
-are plain SET/DEL and ordered calls raise Unsupported.
+of keys of every bucket (ZRANGEBYLEX, pipelined per node), merges the pages in the client and
+reads the values of the keys it hands out (MGET per bucket). Every script names in KEYS every
+key it touches, so that a slot being resharded answers TRYAGAIN or ASK rather than letting a
+script see half of it. `open(..., ordered=False)` at creation keeps no index: writes are plain
+SET/DEL and ordered calls raise Unsupported.
 
 Failures. redis-py's own retries are off (a retried script could run twice). Reads are
 retried here until `retry_timeout`; a write is retried only when it provably was not sent or
 was refused by the server (connection refused, CLUSTERDOWN, TRYAGAIN, MOVED, READONLY,
 LOADING); a write whose connection failed after it was sent raises `shardkv.Unavailable`:
-it may or may not have been applied.
+it may or may not have been applied. The blocking client sends a command first straight to the
+node that last served its slot (`RedisClusterStore._call`), the cluster client's way after that.
 """
 
 from __future__ import annotations
