@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, list[float]] = {}
 
             def sample(name: str, rate: float) -> None:
+                """Record one round's rate of a workload."""
                 results.setdefault(name, []).append(rate)
 
             blocks = [range(i, min(n, i + BLOCK)) for i in range(0, n, BLOCK)]
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [["workload", "redis-py", "shardkv", "ratio"]]
 
             def row(label, raw, ours, unit="/s"):
+                """One line of the table: both rates and their ratio."""
                 rows.append([label, "-" if raw is None else f"{raw:,.0f}{unit}", f"{ours:,.0f}{unit}", "-" if raw is None else f"{ours / raw:.2f}x"])
 
             row("get", m["get raw"], m["get shardkv"])

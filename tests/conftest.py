@@ -9,22 +9,9 @@ CI cannot pass without running them.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from redis_cluster_support import LocalRedisCluster, missing_reason
-
-
-def require_redis() -> None:
-    """Skip the calling test (fail it under SHARDKV_REQUIRE_REDIS=1) if no Redis Cluster can be
-    started here."""
-    reason = missing_reason()
-    if reason is None:
-        return
-    if os.environ.get("SHARDKV_REQUIRE_REDIS") == "1":
-        pytest.fail(f"SHARDKV_REQUIRE_REDIS=1 but {reason}")
-    pytest.skip(f"Redis Cluster tests skipped: {reason}")
+from redis_cluster_support import LocalRedisCluster, require_redis
 
 
 @pytest.fixture(scope="session")

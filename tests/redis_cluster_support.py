@@ -47,6 +47,19 @@ def missing_reason() -> str | None:
     return None
 
 
+def require_redis() -> None:
+    """In a test: skip it (fail it under SHARDKV_REQUIRE_REDIS=1, as .ci/run sets) when no Redis
+    Cluster can be started here, with the reason in the summary."""
+    import pytest  # noqa: PLC0415 - only tests call this
+
+    reason = missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("SHARDKV_REQUIRE_REDIS") == "1":
+        pytest.fail(f"SHARDKV_REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(f"Redis Cluster tests skipped: {reason}")
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports of 127.0.0.1 that were free a moment ago (held open together so
     that they differ; another process may still take one before the server binds it, which
@@ -252,6 +265,7 @@ class LocalRedisCluster:
         running replica's link to its master is up."""
 
         def ready() -> bool:
+            """Whether every running node is ready now."""
             for node in self.running():
                 info = self._info(node)
                 if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != str(SLOTS):

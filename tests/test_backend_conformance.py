@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import shardkv
 from cluster_support import ClientProcess, cluster_fixture
-from conftest import require_redis
+from redis_cluster_support import require_redis
 
 BACKENDS = ("local", "redis")
 

@@ -24,8 +24,7 @@ import pytest
 import shardkv
 import shardkv.backends as backends
 from cluster_support import cluster_fixture
-from conftest import require_redis
-from redis_cluster_support import LocalRedisCluster
+from redis_cluster_support import LocalRedisCluster, require_redis
 
 
 def namespace() -> str:

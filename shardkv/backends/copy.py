@@ -37,6 +37,7 @@ def copy_store(source, destination, batch: int = 1000, progress=None) -> dict:
         pending: list[tuple[bytes, bytes, float | None]] = []
 
         def flush() -> None:
+            """Write the pending keys to the destination."""
             # ttl() None means "never expires" or "already gone": ask which for those keys.
             permanent = [key for key, _, ttl in pending if ttl is None]
             present = dict(zip(permanent, src.get_many(permanent))) if permanent else {}
