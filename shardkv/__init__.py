@@ -1,11 +1,15 @@
 """shardkv: a persistent, sharded key-value store for Python that uses every core."""
 
-from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Error, StorageError, StoreNotFound, Unavailable
+from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Error, StorageError, StoreNotFound, Unavailable, Unsupported
 
 __version__ = "0.1.0"
 
-from shardkv.client import Client, open  # noqa: E402,A004
-from shardkv.aio import AsyncClient, aopen  # noqa: E402
+from shardkv.client import Client  # noqa: E402
+from shardkv.aio import AsyncClient  # noqa: E402
+
+# open/aopen dispatch on the target: a path opens the local store (shardkv.client.open and
+# shardkv.aio.aopen, unchanged), a URL the backend its scheme names (shardkv/backends).
+from shardkv.backends import aopen, open  # noqa: E402,A004
 
 DURABILITY_LEVELS = ("process", "interval", "fsync")
 
@@ -21,6 +25,7 @@ __all__ = [
     "StorageError",
     "StoreNotFound",
     "Unavailable",
+    "Unsupported",
     "__version__",
     "aopen",
     "open",

@@ -395,6 +395,8 @@ def _health_table(health: dict) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if shardkv.backends.is_url(args.directory):  # redis://...: the backend's nodes (docs/BACKENDS.md)
+        return shardkv.backends.status_main(args.directory, "json" if args.json else args.format, args.watch)
     directory = _realdir(args.directory)
     while True:
         if read_health(directory) is None:

@@ -34,3 +34,9 @@ class Busy(Unavailable):
 class StoreNotFound(Error, FileNotFoundError):
     """`open(..., create=False)` (or a command that never creates a store) found no store in
     the directory."""
+
+
+class Unsupported(Error):
+    """The backend cannot do what was asked with the same guarantees (a batch across Redis
+    Cluster hash slots, an ordered read of a store without its ordered index, a durability
+    level the server is not set to); nothing was sent. `db.features` tells in advance."""
