@@ -25,6 +25,7 @@ from typing import Any, Callable
 import posix_ipc
 
 from shardkv import codecs
+from shardkv.backends import LOCAL_FEATURES
 from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
 from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PROBE_TIMEOUT, Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
@@ -104,6 +105,8 @@ class _Opening:
 
 class AsyncClient:
     """An asyncio connection to one store; see `shardkv.aopen`."""
+
+    features = property(lambda self: LOCAL_FEATURES, doc="What this backend supports (shardkv.backends.Features): everything.")
 
     def __init__(self, clients: list[Client], loop: asyncio.AbstractEventLoop):
         self._clients = clients
@@ -318,8 +321,10 @@ class AsyncClient:
         """Apply operations atomically (see Client.write); Conflict if a precondition fails."""
         await self._write_checked(self._requests.checked_ops(ops))
 
-    async def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
-        """Set every (key, value) of a mapping or iterable of pairs, atomically."""
+    async def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], atomic: bool = True) -> None:
+        """Set every (key, value) of a mapping or iterable of pairs, atomically (see Client.put_many)."""
+        if not isinstance(atomic, bool):
+            raise TypeError(f"atomic must be True or False, not {type(atomic).__name__}")
         await self._write_checked(self._requests.put_many_ops(items))
 
     def batch(self) -> "AsyncBatch":

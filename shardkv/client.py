@@ -34,6 +34,7 @@ from shardkv.coordinator.runfiles import (
     run_dir,
 )
 from shardkv import codecs
+from shardkv.backends import LOCAL_FEATURES
 from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
 from shardkv.coordinator.manifest import read_manifest
 from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavailable
@@ -125,6 +126,8 @@ def open(  # noqa: A001
 
 class Client(MutableMapping):
     """A connection to one store; see `shardkv.open`."""
+
+    features = property(lambda self: LOCAL_FEATURES, doc="What this backend supports (shardkv.backends.Features): everything.")
 
     def __init__(
         self, directory, shards, durability, start_timeout, lock_timeout=DEFAULT_LOCK_TIMEOUT, max_batch_ops=MAX_BATCH_OPS,
@@ -532,8 +535,12 @@ class Client(MutableMapping):
         Raises shardkv.Conflict, applying nothing, if a precondition does not hold."""
         self._write_checked(self._requests.checked_ops(ops))
 
-    def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
-        """Set every (key, value) of a mapping or iterable of pairs, atomically."""
+    def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], atomic: bool = True) -> None:
+        """Set every (key, value) of a mapping or iterable of pairs, atomically. (`atomic=False`
+        is accepted for code shared with backends that can only do better without it; the local
+        store is atomic either way.)"""
+        if not isinstance(atomic, bool):
+            raise TypeError(f"atomic must be True or False, not {type(atomic).__name__}")
         self._write_checked(self._requests.put_many_ops(items))
 
     def batch(self) -> Batch:

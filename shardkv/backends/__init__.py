@@ -21,10 +21,15 @@ suite, can ask instead of failing late.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # shardkv.api imports this module (Features)
+    from shardkv.api import AsyncStore, Opening, Store
 
 ENTRY_POINT_GROUP = "shardkv.backends"
 
@@ -153,7 +158,7 @@ def _import(module: str, scheme: str):
         ) from exc
 
 
-def open(target, *args, **options):  # noqa: A001 - the package's open()
+def open(target: str | os.PathLike[str], *args: Any, **options: Any) -> Store:  # noqa: A001 - the package's open()
     """Open a store: a path (str or os.PathLike) attaches to or starts the local store as
     `shardkv.client.open(directory, shards=None, durability="interval", ...)` always did; a URL
     such as "redis://host:port,host:port" opens the backend of its scheme (docs/BACKENDS.md).
@@ -166,7 +171,7 @@ def open(target, *args, **options):  # noqa: A001 - the package's open()
     return backend_for(scheme).open(target, *args, **options)
 
 
-def aopen(target, *args, **options):
+def aopen(target: str | os.PathLike[str], *args: Any, **options: Any) -> Opening[AsyncStore]:
     """The asyncio client of a store, chosen like `open`: `db = await shardkv.aopen(target)` or
     `async with shardkv.aopen(target) as db:`."""
     scheme = scheme_of(target)
