@@ -12,6 +12,8 @@ meanwhile: a key written during the copy may be copied before or after the write
 
 from __future__ import annotations
 
+import math
+
 import os
 import time
 
@@ -38,16 +40,13 @@ def copy_store(source, destination, batch: int = 1000, progress=None) -> dict:
 
         def flush() -> None:
             """Write the pending keys to the destination."""
-            # ttl() None means "never expires" or "already gone": ask which for those keys.
-            permanent = [key for key, _, ttl in pending if ttl is None]
-            present = dict(zip(permanent, src.get_many(permanent))) if permanent else {}
             ops = []
             for key, value, ttl in pending:
-                if ttl is None and present.get(key) is None:
+                if ttl is None:  # gone (expired or deleted) since the scan read it
                     totals["skipped"] += 1
                     continue
-                ops.append(("put", key, value) if ttl is None else ("put", key, value, ttl))
-                totals["with_ttl"] += ttl is not None
+                ops.append(("put", key, value) if ttl == math.inf else ("put", key, value, ttl))
+                totals["with_ttl"] += ttl != math.inf
             if ops:
                 dst.write(ops, **atomic)
             totals["keys"] += len(ops)

@@ -37,6 +37,8 @@ node that last served its slot (`RedisClusterStore._call`), the cluster client's
 
 from __future__ import annotations
 
+import math
+
 import asyncio
 import functools
 import heapq
@@ -932,6 +934,13 @@ def _key_slot(key: bytes) -> int:
     return user_slot(key)
 
 
+def _seconds_left(pttl: int) -> float | None:
+    """PTTL's answer as ttl() returns it: -2 (no such key) None, -1 (no expiry) math.inf."""
+    if pttl == -1:
+        return math.inf
+    return pttl / 1000 if pttl > 0 else None
+
+
 def _is_one(answer) -> bool:
     return int(answer) == 1
 
@@ -1183,11 +1192,10 @@ class RedisClusterStore(_Core, MutableMapping):
         return self._run(self._plan_cas(key, expected, new))
 
     def ttl(self, key):
-        """Seconds left before `key` expires, or None if it is absent or never expires."""
+        """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
         data, _ = self._data_key(key)
         self._check_open()
-        ms = self._call(("PTTL", data), write=False)
-        return ms / 1000 if ms > 0 else None
+        return _seconds_left(self._call(("PTTL", data), write=False))
 
     def expire(self, key, seconds) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
@@ -1345,10 +1353,8 @@ class RedisClusterStore(_Core, MutableMapping):
             raise KeyError(key)
 
     def __contains__(self, key) -> bool:
-        try:
-            return self.get(key) is not None
-        except TypeError:
-            return False
+        # A key of the wrong type is the same TypeError as for db[key], as in the local store.
+        return self.get(key) is not None
 
     def __iter__(self):
         self._check_ordered("iteration")
@@ -1648,11 +1654,10 @@ class AsyncRedisClusterStore(_Core):
         return await self._run(self._plan_cas(key, expected, new))
 
     async def ttl(self, key):
-        """Seconds left before `key` expires, or None."""
+        """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
         data, _ = self._data_key(key)
         self._check_open()
-        ms = await self._call(("PTTL", data), write=False)
-        return ms / 1000 if ms > 0 else None
+        return _seconds_left(await self._call(("PTTL", data), write=False))
 
     async def expire(self, key, seconds) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if it is absent."""
