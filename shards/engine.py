@@ -417,6 +417,30 @@ class ShardEngine:
         """
         self._apply(ops, expects, defer=False)
 
+    def put_records(self, records: Iterable) -> int:
+        """Write (key, value, expires_at) puts atomically, as one batch, each expiring at the
+        instant `expires_at` (milliseconds since the epoch, 0: never) exactly as given rather
+        than after a TTL counted from now: for tools that copy records from another store
+        (`shardkv salvage`). Records already expired are skipped. Returns how many were written."""
+        now = self._now_ms()
+        batch = []
+        for key, value, expires_at in records:
+            key, value = check_key(key), check_value(value, self.max_value_size)
+            _check_int("expires_at", expires_at, 0, 2**64 - 1)
+            if expires_at == 0 or expires_at > now:
+                batch.append((PUT, key, value, expires_at))
+        if sum(RECORD_HEADER_SIZE + len(key) + len(value) for _, key, value, _ in batch) > MAX_BATCH_BYTES:
+            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+        if not batch:
+            return 0
+        with self._lock:
+            self._check_open()
+            if self._prepared.locks:
+                self._prepared.check_unlocked(batch_keys(batch))
+            end = self._write_locked(batch)
+        self._make_durable(end)
+        return len(batch)
+
     def apply_deferred(self, ops: Iterable, expects: Iterable = ()) -> Callable[[], None] | None:
         """`apply` for a shard worker that answers before it indexes. A batch of DEFER_MIN or
         more operations without preconditions, at a durability other than "fsync", returns as
