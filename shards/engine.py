@@ -549,7 +549,11 @@ class ShardEngine:
                 batch = batch.headed(COMMIT, txid_key(txid))
             else:
                 batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
-            end, index = self._log_locked(batch, committing=True)
+            try:
+                end, index = self._log_locked(batch, committing=True)
+            except StorageError as exc:
+                self._prepared.stalled[txid] = str(exc)  # writes to its keys fail StorageError, not Busy
+                raise
             if self._answers_early(defer, batch):
                 # Its locks go now, so that the worker publishes the count before answering;
                 # clients still cannot read these keys: the version stays odd until indexed.
@@ -566,12 +570,21 @@ class ShardEngine:
 
     def abort(self, txid: int) -> bool:
         """Drop prepared batch `txid` (logging an ABORT record) and release its locks; False if
-        no such batch is prepared here."""
+        no such batch is prepared here. If the disk refuses the ABORT record (full), the batch
+        is dropped all the same: an aborted batch is never committed, and a PREPARE left
+        undecided in the log is aborted again after a restart, when the coordinator, which
+        logged no COMMIT for it, is asked (presumed abort, docs/TRANSACTIONS.md). Its keys must
+        not stay locked until space comes back: writes to them would wait, then fail Busy."""
         with self._lock:
             self._check_open()
             if txid not in self._prepared.batches:
                 return False
-            end = self._log_marker(ABORT, txid, b"")
+            try:
+                end = self._log_marker(ABORT, txid, b"")
+            except StorageError as exc:
+                self._prepared.pop(txid)
+                self._log.warning("abort not logged; the batch is dropped (presumed abort settles it after a restart)", txid=txid, error=str(exc))
+                return True
             self._prepared.pop(txid)
         self._make_durable(end)
         return True
