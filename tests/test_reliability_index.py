@@ -33,6 +33,7 @@ import pytest
 from crc32c import crc32c
 
 from shardkv.ipc.sharedindex import FALLBACK, HEADER, SUPPORTED, TABLE_HEADER, table_name
+from shardkv.ops.status import collect_status, render_prometheus
 
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
 from test_shared_index import Shard
@@ -301,6 +302,7 @@ def test_garbage_in_a_workers_table_is_repaired_by_compaction_and_nothing_is_los
     scribble(current_table(prefix, 0, db._index_readers[0]._header), "random", seed=3)
     results = db.compact()
     repairs = [s.get("index_repairs") for s in db.health()["shards"]]
+    prometheus = render_prometheus(collect_status(db, sample_seconds=0))
     try:
         served = db.get_many(list(model))  # answered by the repaired table
     except Exception as exc:  # noqa: BLE001 - before the fix, the garbage table could fail reads
@@ -312,6 +314,7 @@ def test_garbage_in_a_workers_table_is_repaired_by_compaction_and_nothing_is_los
     assert len(db) == len(model)
     assert results[0].get("index_repair") and not results[1].get("index_repair")
     assert repairs == [1, 0]
+    assert 'shardkv_index_repairs_total{role="shard",shard="0"} 1' in prometheus
     assert served == list(model.values())
     with open(os.path.join(cluster.directory, "logs", "shard-000.log")) as f:
         events = [json.loads(line) for line in f if "index repaired" in line]
