@@ -176,3 +176,16 @@ def test_a_commit_the_disk_refuses_keeps_its_locks_and_writes_to_them_fail_stora
     crash(e)
     with open_engine(tmp_path) as e:
         assert e.get(b"held") == b"later" and e.prepared() == []
+
+
+def test_what_a_client_is_told_when_a_batch_could_not_prepare():
+    """The coordinator's mapping of PREPARE failures: an error that retrying cannot cure goes
+    to the client as it is; only locks and unreachable workers become Busy (retried)."""
+    from shardkv.coordinator.coordinator import WorkerUnavailable, _prepare_error
+
+    storage, busy, conflict = StorageError("disk full"), shardkv.Busy("locked"), shardkv.Conflict("no")
+    corrupt, gone = shardkv.CorruptionError("bad record"), WorkerUnavailable("restarting")
+    assert _prepare_error([busy, storage]) is storage
+    assert _prepare_error([storage, conflict]) is conflict  # a failed precondition says more
+    assert _prepare_error([gone, corrupt]) is corrupt
+    assert type(_prepare_error([busy, gone])) is shardkv.Busy
