@@ -26,7 +26,12 @@ import setproctitle
 from shardkv import faults
 from shardkv.batches import decode_txn_parts
 from shardkv.coordinator.decisions import DecisionLog, decisions_directory
+<<<<<<< HEAD
 from shardkv.errors import Busy, Conflict, CorruptionError, Unavailable
+=======
+from shardkv.errors import Busy, Conflict, CorruptionError, StorageError, Unavailable
+from shardkv.ipc import frames
+>>>>>>> rel-a
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
@@ -416,9 +421,11 @@ class _Batch:
 
 
 def _prepare_error(failures: list[BaseException]) -> BaseException:
-    """What the client is told when a batch could not prepare: a precondition or input error
-    as it is, anything else as Busy (nothing was applied; the client retries)."""
-    for kind in (Conflict, ValueError, TypeError):
+    """What the client is told when a batch could not prepare: a precondition or input error,
+    a write the disk refused (StorageError: a full disk, say) or a damaged log as it is - the
+    client would retry a Busy until its lock timeout for nothing - and anything else (a lock,
+    a worker restarting or too slow) as Busy (nothing was applied; the client retries)."""
+    for kind in (Conflict, ValueError, TypeError, StorageError, CorruptionError):
         for failure in failures:
             if isinstance(failure, kind):
                 return failure

@@ -2,8 +2,9 @@
 
 For each shard, every whole batch that verify can read is taken, in every segment (damaged
 places are stepped over, not stopped at), and for each key the record with the highest seq wins,
-as on open. The result is written as a fresh store with the same shard count; the report says
-what could not be saved.
+as on open. A key whose winning record has expired is left out (an older record of it does not
+come back), and every copied record keeps its expiry instant, to the millisecond. The result is
+written as a fresh store with the same shard count; the report says what could not be saved.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def salvage_store(source: str, destination: str) -> dict:
 
 
 def _salvage_shard(shard_dir: str, target: str, shard_id: int, report: dict) -> None:
-    newest: dict[bytes, tuple[int, int, int, int, int]] = {}  # key -> (seq, type, segment, offset, value_len)
+    newest: dict[bytes, tuple[int, int, int, int, int, int]] = {}  # key -> (seq, type, segment, value offset, value_len, expires_at)
     maps = {}
     numbers = list_segments(shard_dir)
     active = active_segment(shard_dir, numbers)
@@ -73,18 +74,19 @@ def _salvage_shard(shard_dir: str, target: str, shard_id: int, report: dict) -> 
                 key = bytes(buf[key_start : key_start + header.key_len])
                 seen = newest.get(key)
                 if seen is None or header.seq >= seen[0]:
-                    newest[key] = (header.seq, header.type, number, key_start + header.key_len, header.value_len)
+                    newest[key] = (header.seq, header.type, number, key_start + header.key_len, header.value_len, header.expires_at)
         with ShardEngine.open(target, shard_id=shard_id, durability="process") as engine:
             batch = []
-            for key, (_, rtype, number, value_start, value_len) in newest.items():
+            for key, (_, rtype, number, value_start, value_len, expires_at) in newest.items():
                 if rtype != PUT:
                     continue
-                batch.append(("put", key, bytes(maps[number][value_start : value_start + value_len])))
+                # put_records skips what has expired and keeps the others' expiry instants.
+                batch.append((key, bytes(maps[number][value_start : value_start + value_len]), expires_at))
                 if len(batch) >= BATCH:
-                    engine.apply(batch)
+                    engine.put_records(batch)
                     batch = []
             if batch:
-                engine.apply(batch)
+                engine.put_records(batch)
             report["keys"] += len(engine)
             engine.sync()
     finally:

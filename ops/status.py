@@ -12,14 +12,15 @@ from shardkv.ipc.layout import SLOT_REQUEST, is_own_entry, name_prefix, shm_entr
 from shardkv.ipc.transport import Unresponsive
 
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
-SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments", "last_fsync_age")
+SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments", "last_fsync_age", "index_repairs")
 
 
 def collect_status(client, sample_seconds: float = 0.25) -> dict:
     """Health plus, for every shard: space, requests waiting in its ring, operations per second,
-    age of the last fsync and in-doubt batches (prepared, awaiting the coordinator's decision).
-    Each process marked up is probed (a second at most): one that does not answer is shown
-    "unresponsive".
+    age of the last fsync, in-doubt batches (prepared, awaiting the coordinator's decision) and
+    index repairs (times its worker found its shared index disagreeing with the log, and
+    rebuilt it, since the worker started). Each process marked up is probed (a second at
+    most): one that does not answer is shown "unresponsive".
 
     ops_per_second is measured over `sample_seconds`; with 0 it is the average since the start.
     """
@@ -153,6 +154,7 @@ def render_prometheus(status: dict) -> str:
         "shardkv_waiting_requests": ("gauge", "requests waiting in the ring", lambda e: e.get("waiting")),
         "shardkv_last_fsync_age_seconds": ("gauge", "seconds since the last fsync", lambda e: e.get("last_fsync_age")),
         "shardkv_in_doubt_batches": ("gauge", "prepared batches awaiting a decision", lambda e: e.get("in_doubt")),
+        "shardkv_index_repairs_total": ("counter", "index tables rebuilt from the log since the worker started", lambda e: e.get("index_repairs")),
     }
     lines = [f"shardkv_healthy {1 if status['status'] == 'healthy' else 0}"]
     processes = [status["coordinator"], *status["shards"]]

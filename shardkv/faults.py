@@ -10,7 +10,8 @@ Disk faults work the same way through SHARDKV_DISK_FAULTS, a list of `op:ERRNO@N
 file operation `op` of the process (see wal/fileio.py: write, fsync, create, rename, ...) fails
 with OSError(ERRNO) (ENOSPC, EIO, ...) instead of running; `@N+` makes it fail from the Nth on.
 `role/op:ERRNO@N` counts and fails only in the processes of that role (`coordinator`, `worker`:
-each names itself with set_role when it starts).
+each names itself with set_role when it starts). `op:ERRNO@while=PATH` fails every `op` while
+the file PATH exists: a full disk that a test frees by deleting PATH (no comma in PATH).
 
 The points (docs/TRANSACTIONS.md, "Crash cases"):
   coordinator.prepare_sent   - PREPARE sent to some participants, not to all
@@ -43,9 +44,12 @@ def _disk_faults(spec: str):
     """The fileio injector described by SHARDKV_DISK_FAULTS."""
     rules = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        role, _, item = item.rpartition("/")
-        op, _, rest = item.partition(":")
+        head, _, rest = item.partition(":")
+        role, _, op = head.rpartition("/")
         code, _, count = rest.partition("@")
+        if count.startswith("while="):
+            rules.append((role or None, op, getattr(errno, code), count[len("while=") :], False))
+            continue
         persistent = count.endswith("+")
         rules.append((role or None, op, getattr(errno, code), int(count.rstrip("+") or 1), persistent))
     seen: dict[str, int] = {}
@@ -53,6 +57,10 @@ def _disk_faults(spec: str):
     def inject(op: str, target) -> None:
         for role, rule_op, code, nth, persistent in rules:
             if rule_op != op or (role is not None and role != _role):
+                continue
+            if type(nth) is str:  # while=PATH
+                if os.path.exists(nth):
+                    raise OSError(code, f"{os.strerror(code)} (injected at {op} while {nth} exists)")
                 continue
             seen[op] = hits = seen.get(op, 0) + 1
             if hits == nth or (persistent and hits > nth):

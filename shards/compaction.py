@@ -126,6 +126,11 @@ class _Output:
 def compact(engine) -> dict:
     """Compact `engine` (a ShardEngine) online; return space and time figures.
 
+    What is live is decided from the log - the record tables of the segments compacted - and
+    never from the hash index, whose table may sit in shared memory that other processes can
+    write. The index is compared with it; if they disagree, the index is rebuilt from the log
+    at the swap (result["index_repair"] says why; None when they agree).
+
     Uses the engine's internals: `_lock`, `_index`, `_maps`, `_paths`, `_ends`, `_writer`,
     `_seal_active()` and `_version` (bumped around the swap for lock-free readers).
     """
@@ -145,35 +150,49 @@ def compact(engine) -> dict:
         engine._unfinished_compaction = None
     with engine._lock:
         engine._check_open()
+        now = engine._now_ms()  # one instant for the purge and for the log's verdict below
         if engine._expires:
-            engine._purge_expired()  # expired keys are not copied
+            engine._purge_expired(now)  # expired keys are not copied
         before = engine._space()
         engine._seal_active()
         if engine._prepared:
             engine._carry_prepared()  # undecided PREPAREs must outlive the segments compacted away
         inputs = sorted(engine._ends)
-        index = engine._index
-        ids = index.live_ids()
-        locations = index.locations[ids]
-        in_inputs = np.isin(locations >> np.uint64(32), np.array(inputs, dtype=np.uint64))
-        ids, locations = ids[in_inputs], locations[in_inputs]
-        order = np.argsort(locations)
-        ids, locations = ids[order], locations[order]
+        # Every key's newest record is in an input now (the new active segment holds at most
+        # copies of PREPAREs): the index should describe exactly the inputs' latest state.
+        snapshot = engine._index.snapshot()
         maps = {n: engine._maps[n] for n in inputs}
         paths = {n: engine._paths[n] for n in inputs}
+        ends = {n: engine._ends[n] for n in inputs}
     if not inputs:
-        return {"before": before, "after": before, "seconds": time.perf_counter() - started, "inputs": 0, "outputs": 0}
+        return {"before": before, "after": before, "seconds": time.perf_counter() - started, "inputs": 0, "outputs": 0, "index_repair": None}
 
+    # The log's verdict, read without the lock: sealed segments no longer change. (Imported
+    # here: recovery imports this module to finish interrupted compactions.)
+    from shardkv.shards.recovery import latest_state, sealed_records  # noqa: PLC0415
+
+    live, _ = latest_state({n: sealed_records(directory, shard, n, maps[n], paths[n], ends[n]) for n in inputs}, now)
+    repair = snapshot.disagreement(live)
+    _, locations, key_lens, value_lens, _ = live
+    order = np.argsort(locations, kind="stable")
+    locations, key_lens, value_lens = locations[order], key_lens[order], value_lens[order]
+    if repair is None:
+        # The same entries, so their ids are known: the swap moves them (see KeyIndex.relocate).
+        ids = snapshot.live_ids()
+        ids = ids[np.argsort(snapshot.locations[ids], kind="stable")]
+    del snapshot
     outputs: list[_Output] = []
-    new_locations = np.zeros(len(ids), dtype=np.uint64)
-    engine._compaction_progress = (0, len(ids))
+    new_locations = np.zeros(len(locations), dtype=np.uint64)
+    engine._compaction_progress = (0, len(locations))
     capacity = engine.segment_size
     try:
         current = None
-        for i, location in enumerate(locations.tolist()):
+        for i, (location, key_len, value_len) in enumerate(zip(locations.tolist(), key_lens.tolist(), value_lens.tolist())):
             number, offset = location >> 32, location & 0xFFFFFFFF
             buf = maps[number]
             header = check_record_at(buf, offset, paths[number])
+            if header.type != PUT or header.key_len != key_len or header.value_len != value_len:
+                raise CorruptionError(f"{paths[number]}: the record does not match its segment's hint at offset {offset}")
             if header.batch_left == 0:
                 record = buf[offset : offset + header.size]
             else:
@@ -189,7 +208,7 @@ def compact(engine) -> dict:
             offset_out = current.add(record, header.key_len, header.value_len, header.seq, header.expires_at)
             new_locations[i] = (current.number << 32) | offset_out
             if i % 4096 == 0:
-                engine._compaction_progress = (i, len(ids))
+                engine._compaction_progress = (i, len(locations))
         if current is not None:
             current.finish()
         # Commit point: from here on the new segments are the truth.
@@ -218,11 +237,19 @@ def compact(engine) -> dict:
                 engine._maps[output.number] = new_maps[output.number]
                 engine._paths[output.number] = os.path.join(directory, segment_name(output.number))
                 engine._ends[output.number] = output.end
-            moved = index.relocate(ids, locations, new_locations)
             if engine._shared is not None:
                 engine._shared.bump_epoch()  # the inputs are deleted next: clients drop their mappings
             for number in inputs:
                 del engine._maps[number], engine._paths[number], engine._ends[number]
+            if repair is None:
+                moved = engine._index.relocate(ids, locations, new_locations)
+            else:
+                try:
+                    engine._rebuild_index_locked(repair, {o.number: o.table for o in outputs})
+                except BaseException as exc:
+                    engine._index_failure = exc  # no index to trust: writes stop until a reopen rebuilds it
+                    raise
+                moved = len(locations)
         finally:
             engine._version += 1
         engine._unfinished_compaction = "swapped"
@@ -247,4 +274,5 @@ def compact(engine) -> dict:
         "inputs": len(inputs),
         "outputs": len(outputs),
         "records_moved": moved,
+        "index_repair": repair,
     }

@@ -26,10 +26,10 @@ from shardkv.ipc.messages import PutColumns
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
-from shardkv.shards.hints import ActiveRecords, write_hint
+from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
 from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare, txid_key
-from shardkv.shards.recovery import recover, unmap_all
+from shardkv.shards.recovery import latest_state, recover, sealed_records, unmap_all
 from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
@@ -107,7 +107,7 @@ class ShardEngine:
             os.close(self._lock_fd)
             raise
         self.recovery = {"records": state.records_read, "torn_bytes": state.torn_bytes, "unsynced_records_dropped": state.unsynced_records_dropped, "seconds": state.seconds}
-        log = get_logger("shardkv.shard", shard=shard_id, directory=self.directory)
+        self._log = log = get_logger("shardkv.shard", shard=shard_id, directory=self.directory)
         if state.torn_bytes:
             log.warning("torn tail truncated", segment=state.active, bytes=state.torn_bytes, end=state.active_end, unsynced_records_dropped=state.unsynced_records_dropped)
         log.info("recovered", records=state.records_read, keys=len(state.live[0]), seconds=round(state.seconds, 4))
@@ -117,6 +117,7 @@ class ShardEngine:
         self._orphan_segments: list[int] = []  # on disk, never mapped: deleted by the next compaction
         self._compaction_progress = (0, 0)  # (records copied, records to copy) of the running one
         self._last_compaction: dict | None = None
+        self.index_repairs = 0  # times the index was found to disagree with the log and rebuilt
         self._shared = shared_index
         # The seqlock of lock-free readers: odd while the index is being changed, bumped again
         # after; mirrored into shared memory for clients when there is a shared index.
@@ -265,10 +266,13 @@ class ShardEngine:
         elif self._expires:
             self._expires.pop(key, None)
 
-    def _purge_expired(self) -> None:
-        """Drop expired keys from the index (no tombstone: their records say they expired, so
-        recovery and compaction drop them too). The caller holds the lock."""
-        heap, now = self._expiry_heap, self._now_ms()
+    def _purge_expired(self, now: int | None = None) -> None:
+        """Drop keys expired at `now` (ms; default: the clock) from the index (no tombstone:
+        their records say they expired, so recovery and compaction drop them too). The caller
+        holds the lock."""
+        heap = self._expiry_heap
+        if now is None:
+            now = self._now_ms()
         if not heap or heap[0][0] > now:
             return
         self._version += 1
@@ -416,6 +420,30 @@ class ShardEngine:
         """
         self._apply(ops, expects, defer=False)
 
+    def put_records(self, records: Iterable) -> int:
+        """Write (key, value, expires_at) puts atomically, as one batch, each expiring at the
+        instant `expires_at` (milliseconds since the epoch, 0: never) exactly as given rather
+        than after a TTL counted from now: for tools that copy records from another store
+        (`shardkv salvage`). Records already expired are skipped. Returns how many were written."""
+        now = self._now_ms()
+        batch = []
+        for key, value, expires_at in records:
+            key, value = check_key(key), check_value(value, self.max_value_size)
+            _check_int("expires_at", expires_at, 0, 2**64 - 1)
+            if expires_at == 0 or expires_at > now:
+                batch.append((PUT, key, value, expires_at))
+        if sum(RECORD_HEADER_SIZE + len(key) + len(value) for _, key, value, _ in batch) > MAX_BATCH_BYTES:
+            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+        if not batch:
+            return 0
+        with self._lock:
+            self._check_open()
+            if self._prepared.locks:
+                self._prepared.check_unlocked(batch_keys(batch))
+            end = self._write_locked(batch)
+        self._make_durable(end)
+        return len(batch)
+
     def apply_deferred(self, ops: Iterable, expects: Iterable = ()) -> Callable[[], None] | None:
         """`apply` for a shard worker that answers before it indexes. A batch of DEFER_MIN or
         more operations without preconditions, at a durability other than "fsync", returns as
@@ -524,7 +552,11 @@ class ShardEngine:
                 batch = batch.headed(COMMIT, txid_key(txid))
             else:
                 batch = [(COMMIT, txid_key(txid), b"", 0)] + batch
-            end, index = self._log_locked(batch, committing=True)
+            try:
+                end, index = self._log_locked(batch, committing=True)
+            except StorageError as exc:
+                self._prepared.stalled[txid] = str(exc)  # writes to its keys fail StorageError, not Busy
+                raise
             if self._answers_early(defer, batch):
                 # Its locks go now, so that the worker publishes the count before answering;
                 # clients still cannot read these keys: the version stays odd until indexed.
@@ -541,12 +573,21 @@ class ShardEngine:
 
     def abort(self, txid: int) -> bool:
         """Drop prepared batch `txid` (logging an ABORT record) and release its locks; False if
-        no such batch is prepared here."""
+        no such batch is prepared here. If the disk refuses the ABORT record (full), the batch
+        is dropped all the same: an aborted batch is never committed, and a PREPARE left
+        undecided in the log is aborted again after a restart, when the coordinator, which
+        logged no COMMIT for it, is asked (presumed abort, docs/TRANSACTIONS.md). Its keys must
+        not stay locked until space comes back: writes to them would wait, then fail Busy."""
         with self._lock:
             self._check_open()
             if txid not in self._prepared.batches:
                 return False
-            end = self._log_marker(ABORT, txid, b"")
+            try:
+                end = self._log_marker(ABORT, txid, b"")
+            except StorageError as exc:
+                self._prepared.pop(txid)
+                self._log.warning("abort not logged; the batch is dropped (presumed abort settles it after a restart)", txid=txid, error=str(exc))
+                return True
             self._prepared.pop(txid)
         self._make_durable(end)
         return True
@@ -861,7 +902,45 @@ class ShardEngine:
             stats["compaction"] = {"running": running, "done": done, "total": total, "last": self._last_compaction}
             stats["recovery"] = dict(self.recovery)
             stats["in_doubt"] = len(self._prepared)
+            stats["index_repairs"] = self.index_repairs
             return stats
+
+    def _segment_tables(self, known: dict | None = None) -> dict[int, SegmentRecords]:
+        """The record table of every segment the engine reads (segment number -> table), from
+        private state and the files, never from the index: the active segment's from the table
+        kept while appending, `known` ones (segment -> ActiveRecords) from those, the others
+        from their hints or their bytes. The caller holds the lock."""
+        known = known or {}
+        tables = {}
+        for number in sorted(self._ends):
+            if number in known:
+                tables[number] = SegmentRecords.from_active(known[number], self._maps[number])
+            else:
+                tables[number] = sealed_records(self.directory, self.shard_id, number, self._maps[number], self._paths[number], self._ends[number])
+        tables[self._active] = SegmentRecords.from_active(self._active_records, self._maps[self._active])
+        return tables
+
+    def _rebuild_index_locked(self, why: str, known: dict | None = None) -> None:
+        """The index disagreed with the log (`why`): rebuild it from the log, as an open does,
+        and publish it as a new table (clients map it by its new number; the old one is
+        unlinked). Logged and counted in stats()["index_repairs"]. The caller holds the lock
+        with `_version` odd; `known` as for _segment_tables."""
+        live, expiring = latest_state(self._segment_tables(known), self._now_ms())
+        self._index.load(*live)
+        self._sorted.drop()  # it names entry ids of the old table
+        self._expires = dict(expiring)
+        self._expiry_heap = [(at, key) for key, at in expiring]
+        heapq.heapify(self._expiry_heap)
+        self.index_repairs += 1
+        self._log.warning("index repaired", reason=why, keys=self._index.count, repairs=self.index_repairs)
+
+    def index_problem(self) -> str | None:
+        """What a quick look finds wrong with the index (KeyIndex.quick_problem), or None. The
+        next compaction compares every entry with the log and rebuilds the index if they
+        disagree; a shard worker runs one as soon as this finds something."""
+        with self._lock:
+            self._check_open()
+            return self._index.quick_problem()
 
     def compact(self) -> dict:
         """Rewrite the live records of all sealed segments (and the active one, sealed first)

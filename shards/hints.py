@@ -52,6 +52,29 @@ class SegmentRecords:
             scan.keys,
         )
 
+    @classmethod
+    def empty(cls) -> "SegmentRecords":
+        """A table with no rows."""
+        return cls(*(np.zeros(0, dtype=t) for t in (np.uint32, np.uint8, np.uint32, np.uint32, np.uint64, np.uint64)), [])
+
+    @classmethod
+    def from_active(cls, table: "ActiveRecords", buf) -> "SegmentRecords":
+        """The columns of a table kept while appending (no keys), with each key read from the
+        segment's bytes in `buf`."""
+        offsets = np.frombuffer(table.offsets, dtype=np.uint32).copy()
+        key_lens = np.frombuffer(table.key_lens, dtype=np.uint32).copy()
+        starts = (offsets.astype(np.int64) + RECORD_HEADER_SIZE).tolist()
+        keys = [buf[s : s + n] for s, n in zip(starts, key_lens.tolist())]
+        return cls(
+            offsets,
+            np.frombuffer(table.types, dtype=np.uint8).copy(),
+            key_lens,
+            np.frombuffer(table.value_lens, dtype=np.uint32).copy(),
+            np.frombuffer(table.seqs, dtype=np.uint64).copy(),
+            np.frombuffer(table.expires, dtype=np.uint64).copy(),
+            keys,
+        )
+
     def take(self, rows: np.ndarray) -> "SegmentRecords":
         """A table of the rows numbered in `rows`, in that order."""
         keys = self.keys

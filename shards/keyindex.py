@@ -341,6 +341,89 @@ class KeyIndex:
         """Entry ids in use."""
         return np.flatnonzero(self.locations[: self._high])
 
+    def quick_problem(self) -> str | None:
+        """A cheap look (a few numpy passes, no log read) for states an intact table never has,
+        such as another process's stray writes leave: what is wrong, or None. Entries that
+        merely point at the wrong record pass it; compaction compares every entry with the log."""
+        high = self._high
+        used = int(np.count_nonzero(self.locations[:high]))
+        if used != self.count:
+            return f"{used} entries in use for {self.count} keys"
+        slots = self.slots
+        occupied = int(np.count_nonzero(slots))
+        if occupied != self.count:
+            return f"{occupied} slots in use for {self.count} keys"
+        if slots[-1] or (occupied and int(slots.max()) > high):
+            return "slots name entries that do not exist"
+        return None
+
+    def snapshot(self) -> "IndexSnapshot":
+        """A private copy of the table as it is now (the caller holds the owner's lock)."""
+        return IndexSnapshot(self)
+
+
+class IndexSnapshot:
+    """A private copy of a KeyIndex's table, taken at one instant: compaction compares it with
+    what the log says is live after releasing the engine's lock. The table itself may be in
+    shared memory, where any process of the same user can write: nothing read from it decides
+    what is kept (docs/RELIABILITY.md, "Garbage in the shared index")."""
+
+    def __init__(self, index: KeyIndex):
+        high = index._high  # private state of the owner: entries at or past it were never used
+        self.bits = index._bits
+        self.count = index.count
+        self.slots = index.slots.copy()
+        self.locations = index.locations[:high].copy()
+        self.hashes = index.hashes[:high].copy()
+        self.key_lens = index.key_lens[:high].copy()
+        self.value_lens = index.value_lens[:high].copy()
+        self.seqs = index.seqs[:high].copy()
+
+    def live_ids(self) -> np.ndarray:
+        """Entry ids in use (nonzero location)."""
+        return np.flatnonzero(self.locations)
+
+    def disagreement(self, live: tuple) -> str | None:
+        """Why this table is not an index of exactly `live` - (hashes, locations, key_lens,
+        value_lens, seqs) of one record per key, as KeyIndex.load takes them - or None if it
+        is: one entry per live record with the same fields, no other entry in use, and each
+        entry in one slot from which a probe of its hash reaches it. Vectorised: O(slots)."""
+        hashes, locations, key_lens, value_lens, seqs = live
+        ids = self.live_ids()
+        if len(ids) != self.count:
+            return f"{len(ids)} entries in use for {self.count} keys"
+        if len(ids) != len(locations):
+            return f"{len(ids)} entries in use, the log has {len(locations)} live keys"
+        ids = ids[np.argsort(self.locations[ids], kind="stable")]
+        order = np.argsort(locations, kind="stable")
+        for name, mine, theirs in (
+            ("locations", self.locations, locations),
+            ("hashes", self.hashes, hashes),
+            ("key lengths", self.key_lens, key_lens),
+            ("value lengths", self.value_lens, value_lens),
+            ("seqs", self.seqs, seqs),
+        ):
+            wrong = int(np.count_nonzero(mine[ids] != np.asarray(theirs)[order]))
+            if wrong:
+                return f"{wrong} entries disagree with the log on their {name}"
+        slots = self.slots
+        if slots[-1]:
+            return "the last slot, which ends every probe, is in use"
+        positions = np.flatnonzero(slots)
+        entries = slots[positions].astype(np.int64) - 1
+        if len(positions) != len(ids):
+            return f"{len(positions)} slots in use for {len(ids)} entries"
+        if np.any(entries >= len(self.locations)) or not np.array_equal(np.sort(entries), np.sort(ids)):
+            return "the slots do not name each entry in use exactly once"
+        homes = _homes(self.hashes[entries], self.bits)
+        if np.any(homes > positions):
+            return "entries sit before their home slot"
+        empty = slots == 0
+        empty_before = np.cumsum(empty) - empty  # empty slots below each position
+        if np.any(empty_before[positions] != empty_before[homes]):
+            return "entries are cut off from their home slot by an empty slot"
+        return None
+
 
 def _placement(hashes: np.ndarray, live: np.ndarray, bits: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Where linear probing puts entries `live` (with these hashes) in a table of 2**bits home

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from shardkv.errors import Busy, CorruptionError
+from shardkv.errors import Busy, CorruptionError, StorageError
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal.format import DELETE, PREPARE_COUNT, PREPARE_ENTRY, PREPARE_EXPECT, PREPARE_EXPECT_ABSENT, PUT
 
@@ -102,16 +102,24 @@ class PreparedBatches:
     def __init__(self):
         self.batches: dict[int, tuple[list, list]] = {}  # txid -> (batch, expects)
         self.locks: dict[bytes, int] = {}  # key -> txid of the batch holding it
+        # txid -> why the disk refused its COMMIT (full): decided, it keeps its locks until the
+        # coordinator delivers the COMMIT again and it is logged.
+        self.stalled: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def check_unlocked(self, keys) -> None:
-        """Raise Busy if a prepared batch locks any of `keys`."""
+        """Raise Busy if a prepared batch locks any of `keys` - StorageError if that batch is
+        committed but the disk refused its COMMIT: the key is held until space comes back, and
+        a client should not wait out its lock timeout for it (docs/RELIABILITY.md)."""
         locks = self.locks
         if locks:
             for key in keys:
                 if key in locks:
+                    why = self.stalled.get(locks[key])
+                    if why is not None:
+                        raise StorageError(f"key {bytes(key)[:40]!r} is held by a committed cross-shard batch that the disk refused to log ({why})")
                     raise Busy(f"key {bytes(key)[:40]!r} is locked by a cross-shard batch awaiting its decision")
 
     def add(self, txid: int, batch: list, expects: list) -> None:
@@ -124,6 +132,8 @@ class PreparedBatches:
     def pop(self, txid: int) -> tuple[list, list] | None:
         """Forget `txid` and release its locks; its (batch, expects), or None if unknown."""
         entry = self.batches.pop(txid, None)
+        if self.stalled:
+            self.stalled.pop(txid, None)
         if entry is not None:
             locks = self.locks
             if not self.batches:

@@ -130,6 +130,32 @@ def _read_segment(directory, shard, number, buf, path, active, state) -> tuple[S
     return table, scan.end
 
 
+def sealed_records(directory: str, shard: int, number: int, buf, path: str, end: int) -> SegmentRecords:
+    """The record table of sealed segment `number` (data ending at `end`): from its hint when
+    that is valid and describes exactly `end` bytes, else read from the segment's bytes in `buf`
+    (a hint may be missing: its write failed, or a finished compaction deleted the file)."""
+    hinted = read_hint(directory, shard, number, len(buf))
+    if hinted is not None and hinted[1] == end:
+        return hinted[0]
+    return SegmentRecords.from_scan(scan_segment(buf, path, active=False))
+
+
+def latest_state(tables: dict[int, SegmentRecords], now_ms: int) -> tuple[tuple, list]:
+    """What the log says is live, from the record tables of its segments (segment number ->
+    table): for each key its newest record, if that is a PUT that has not expired at `now_ms`.
+    Returns (hashes, locations, key_lens, value_lens, seqs) of those records, as KeyIndex.load
+    takes them, and (key, expires_at) of the ones that expire. Batch markers are ignored."""
+    numbers = list(tables)
+    if not numbers:
+        return _live_keys(SegmentRecords.empty(), np.zeros(0, dtype=np.uint64), now_ms)
+    rows = SegmentRecords.concat([tables[n] for n in numbers])
+    segments = np.concatenate([np.full(len(tables[n]), n, dtype=np.uint64) for n in numbers])
+    data = np.flatnonzero(rows.types <= DELETE)
+    if len(data) != len(rows):
+        rows, segments = rows.take(data), segments[data]
+    return _live_keys(rows, segments, now_ms)
+
+
 def _undecided_prepares(rows: SegmentRecords, segments: np.ndarray, markers: np.ndarray, state: Recovered) -> dict:
     """txid -> (batch, expects) of every PREPARE record with no COMMIT or ABORT of its batch
     anywhere in the log (docs/TRANSACTIONS.md, "Participant recovery")."""
@@ -202,4 +228,4 @@ def unmap_all(maps: dict) -> None:
             pass
 
 
-__all__ = ["Recovered", "recover", "unmap_all"]
+__all__ = ["Recovered", "latest_state", "recover", "sealed_records", "unmap_all"]

@@ -216,11 +216,18 @@ class Worker:
         self.shared_index.set_locked(len(self.engine._prepared.locks))
 
     def _maybe_compact(self) -> None:
-        """Start a background compaction when garbage passes the threshold (checked now and then)."""
+        """Start a background compaction when garbage passes the threshold, or when the index
+        (in shared memory, where other processes can write) looks damaged: compaction checks it
+        against the log and rebuilds it (checked now and then)."""
         now = time.monotonic()
         if now < self.next_compaction_check or (self.compactor is not None and self.compactor.is_alive()):
             return
         self.next_compaction_check = now + self.compact_check_interval
+        problem = self.engine.index_problem()
+        if problem is not None:
+            self.log.warning("index damaged; compacting to rebuild it from the log", problem=problem)
+            self._start_compaction()
+            return
         space = self.engine.stats()
         if space["total_bytes"] >= self.compact_min_bytes and space["garbage_ratio"] >= self.compact_threshold:
             self._start_compaction()
@@ -241,6 +248,7 @@ class Worker:
                 bytes_before=result["before"]["total_bytes"],
                 bytes_after=result["after"]["total_bytes"],
                 seconds=round(result["seconds"], 3),
+                index_repair=result.get("index_repair"),
             )
         except Exception as exc:  # the next check tries again; requests are unaffected
             self.log.error("compaction failed", error=repr(exc))
