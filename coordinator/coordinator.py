@@ -26,12 +26,7 @@ import setproctitle
 from shardkv import faults
 from shardkv.batches import decode_txn_parts
 from shardkv.coordinator.decisions import DecisionLog, decisions_directory
-<<<<<<< HEAD
-from shardkv.errors import Busy, Conflict, CorruptionError, Unavailable
-=======
 from shardkv.errors import Busy, Conflict, CorruptionError, StorageError, Unavailable
-from shardkv.ipc import frames
->>>>>>> rel-a
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
@@ -100,6 +95,7 @@ class Coordinator:
         self.stats = {"committed": 0, "aborted": 0, "rounds": 0, "largest_round": 0, "ran_again": 0, "decision_fsyncs": 0}
         self.served = 0
         self.exit_code = 0
+        self.commits = (0, 0)  # what this coordinator last wrote as (commits_started, commits_finished)
 
     # -- life cycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -113,8 +109,10 @@ class Coordinator:
             return EXIT_CORRUPT
         for txid, (participants, _) in self.decisions.outstanding.items():
             self.undelivered[txid] = set(participants)
-        if self.undelivered and control.commits_started == control.commits_finished:
-            control.commits_started += 1  # the crash came before the commit phase was opened
+        started, finished = control.commits_started, control.commits_finished
+        if self.undelivered and started == finished:
+            started += 1  # the crash came before the commit phase was opened
+        self._publish_commits(started, finished if self.undelivered else started)
         self._abandon_stale_requests()
         control.procs[0]["state"] = PROC_UP
         self.log.info("started", pid=os.getpid(), map_version=control.map_version, undelivered=len(self.undelivered))
@@ -253,7 +251,7 @@ class Coordinator:
             for batch in decided:
                 self.undelivered[batch.txid] = set(batch.shards)
             self._wait_for_readers({batch.slot for batch in batches})
-            self.control.commits_started += 1
+            self._publish_commits(self.commits[0] + 1, self.commits[1])
             self._deliver(max(batch.flags for batch in decided))
             self.stats["committed"] += len(decided)
             for batch in decided:
@@ -302,7 +300,22 @@ class Coordinator:
                     del self.undelivered[txid]
                     self.decisions.applied(txid)
         if not self.undelivered:
-            self.control.commits_finished = self.control.commits_started
+            self._publish_commits(self.commits[0], self.commits[0])
+
+    def _publish_commits(self, started: int, finished: int) -> None:
+        """Write the commit-phase counters (docs/TRANSACTIONS.md, "Isolation"), keeping a private
+        copy: the coordinator is their only writer, so a difference is a stray write."""
+        self.commits = (started, finished)
+        self.control.commits_started = started
+        self.control.commits_finished = finished
+
+    def _repair_commits(self) -> None:
+        """Put the commit-phase counters back if a stray write changed them (multi-key reads
+        would wait for a commit phase that does not run, or restart for one that never was)."""
+        control = self.control
+        if (control.commits_started, control.commits_finished) != self.commits:
+            self.log.warning("the control block's commit counters were overwritten; repaired", found=[control.commits_started, control.commits_finished], kept=list(self.commits))
+            self._publish_commits(*self.commits)
 
     def _wait_for_readers(self, requesters: set[int]) -> None:
         """Hold the commit phase back while clients run multi-key reads (up to READER_WAIT),
@@ -335,6 +348,7 @@ class Coordinator:
         than WORKER_TIMEOUT). No batch is in progress during a sweep, so every undecided one
         it finds is aborted."""
         self.next_sweep = time.monotonic() + SWEEP_INTERVAL
+        self._repair_commits()
         if self.undelivered:
             self._deliver()
         procs = self.control.procs

@@ -53,9 +53,10 @@ def reading_until(seconds: float) -> int:
 
 
 def readers_waited_for(reading: np.ndarray) -> np.ndarray:
-    """The mask of leases whose `reading` deadline is still ahead (wrap-around safe)."""
+    """The mask of leases whose `reading` deadline is still ahead (wrap-around safe). A deadline
+    further ahead than a client ever sets (READING_HOLD) is a stray write, not waited for."""
     now = np.uint32(time.monotonic_ns() // 1_000_000 & 0xFFFFFFFF)
-    return (reading != 0) & ((reading - now) < np.uint32(0x80000000))
+    return (reading != 0) & ((reading - now) <= np.uint32(int(READING_HOLD * 1000) + 1000))
 
 SLOT_HEADER_SIZE = 64
 SLOT_STATE = struct.Struct("<I")
