@@ -11,6 +11,8 @@ the source was readable again in the copy, and a key with a TTL lived for ever. 
 
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -76,7 +78,7 @@ def test_salvage_after_stop_drops_expired_keys_and_keeps_ttls(cluster, tmp_path)
                 if engine.get(key) is not None:
                     found[key] = (engine.get(key), engine.ttl(key))
     assert b"short" not in found, "an expired key came back"
-    assert found[b"plain"] == (b"p", None)
+    assert found[b"plain"] == (b"p", math.inf)
     value, left = found[b"long"]
     assert value == b"l" and left is not None, "the TTL was dropped"
     assert 3600 - (time.time() - put_at) - 1 <= left <= 3600
@@ -97,9 +99,9 @@ def test_salvage_copies_each_expiry_instant_exactly(tmp_path):
     assert report["keys"] == 304 and report["problems"] == []
     assert newest_expiry(str(destination)) == expected
     with ShardEngine.open(destination) as engine:
-        assert engine.ttl(b"made-permanent") is None and engine.get(b"made-permanent") == b"m"
+        assert engine.ttl(b"made-permanent") == math.inf and engine.get(b"made-permanent") == b"m"
         assert 499 < engine.ttl(b"made-expiring") <= 500
-        assert 76 < engine.ttl(b"batch-ttl") <= 77 and engine.ttl(b"batch-plain") is None
+        assert 76 < engine.ttl(b"batch-ttl") <= 77 and engine.ttl(b"batch-plain") == math.inf
 
 
 def test_a_key_whose_newest_record_expired_stays_gone(tmp_path):
@@ -115,7 +117,7 @@ def test_a_key_whose_newest_record_expired_stays_gone(tmp_path):
     salvage_store(str(source), str(destination))
     with ShardEngine.open(destination) as engine:
         assert engine.get(b"was-permanent") is None
-        assert engine.get(b"stays") == b"s2" and engine.ttl(b"stays") is None
+        assert engine.get(b"stays") == b"s2" and engine.ttl(b"stays") == math.inf
         assert len(engine) == 1
 
 
@@ -123,7 +125,7 @@ def test_put_records_keeps_instants_skips_the_expired_and_checks_its_arguments(t
     with ShardEngine.open(tmp_path, durability="process") as engine:
         now = int(time.time() * 1000)
         assert engine.put_records([(b"a", b"1", 0), (b"b", b"2", now + 60_000), (b"gone", b"3", now - 1)]) == 2
-        assert engine.get(b"gone") is None and engine.ttl(b"a") is None and 59 < engine.ttl(b"b") <= 60
+        assert engine.get(b"gone") is None and engine.ttl(b"a") == math.inf and 59 < engine.ttl(b"b") <= 60
         with pytest.raises(TypeError):
             engine.put_records([(b"c", b"1", "soon")])
         with pytest.raises(ValueError):
