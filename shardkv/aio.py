@@ -270,7 +270,8 @@ class AsyncClient:
             value = self._clients[0]._get_direct(key)  # no waiting: answered from shared memory
             if value is not FALLBACK:
                 return default if value is None else self._requests.value_or_none(value)
-        return await self._run(self._requests.get(key, default))
+        status, body = await self._call(self._shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
+        return default if status == m.NOT_FOUND else self._requests.value_or_none(bytes(body))
 
     async def put(self, key: Any, value: Any, ttl: float | timedelta | None = None) -> None:
         """Set `key` to `value` (with `ttl`: expiring that many seconds, or that timedelta, from now)."""

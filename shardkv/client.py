@@ -403,18 +403,22 @@ class Client(MutableMapping):
     # -- the API ---------------------------------------------------------------------------
     def get(self, key: Any, default: Any = None) -> Any:
         """The value of `key`, or `default` if it is absent."""
-        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN:
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_LEN or self._key_codec is not None:
             key = self._requests.key_in(key)
+        h = crc32c(key)
         direct_get = self._direct_get
         if direct_get is not None:
             # Answered here from the shard's shared index when it can be (docs/IPC.md).
-            h = crc32c(key)
             value = direct_get[self._map[h >> 20]](key, h)
             if value is not FALLBACK:
                 if value is None:
                     return default
                 return value if self._value_out is None else self._value_out(value)
-        return self._run(self._requests.get(key, default))
+        # Written out rather than built by self._requests: this is the hottest request.
+        status, body = self._call(self._map[h >> 20], m.request(m.GET, 0, m.blob(key)), True)
+        if status == m.NOT_FOUND:
+            return default
+        return bytes(body) if self._value_out is None else self._value_out(bytes(body))
 
     def _get_direct(self, key: bytes):
         """`key`'s value (None: absent) from the shard's shared index, or FALLBACK: ask the worker.

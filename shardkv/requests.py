@@ -45,6 +45,9 @@ class Fanout(NamedTuple):
     finish: Callable[[dict], Any]
 
 
+_new = tuple.__new__  # builds a Request without the Python-level NamedTuple.__new__ (hot path)
+
+
 def _none(status: int, body) -> None:
     return None
 
@@ -119,17 +122,6 @@ class Requests:
         return check_scan_args(start, stop, prefix, limit)
 
     # -- single-key requests -------------------------------------------------------------------
-    def get(self, key: bytes, default: Any = None) -> Request:
-        """GET of an encoded key through the ring (a get is first tried from shared memory)."""
-        value_out = self.value_out
-
-        def finish(status: int, body) -> Any:
-            if status == m.NOT_FOUND:
-                return default
-            return bytes(body) if value_out is None else value_out(bytes(body))
-
-        return Request(self.shard_of(key), m.request(m.GET, 0, m.blob(key)), True, finish)
-
     def put(self, key: Any, value: Any, ttl: Any = None) -> Request:
         """Set `key` to `value`, expiring `ttl` seconds (or a timedelta) from now if given."""
         key, value = self.key_in(key), self.value_in(value)
@@ -137,12 +129,12 @@ class Requests:
             message = m.request(m.PUT, self.flags, m.blob(key), m.blob(value))
         else:
             message = m.request(m.PUT_TTL, self.flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
-        return Request(self.shard_of(key), message, False, _none)
+        return _new(Request, (self.shard_of(key), message, False, _none))
 
     def delete(self, key: Any) -> Request:
         """Remove `key`; the result says whether it was there."""
         key = self.key_in(key)
-        return Request(self.shard_of(key), m.request(m.DELETE, self.flags, m.blob(key)), False, _flag)
+        return _new(Request, (self.shard_of(key), m.request(m.DELETE, self.flags, m.blob(key)), False, _flag))
 
     def cas(self, key: Any, expected: Any, new: Any) -> Request:
         """Set `key` to `new` if it holds `expected` (None: absent); `new` None deletes."""
@@ -151,7 +143,7 @@ class Requests:
             expected = check_value(expected if self.value_codec is None else self.value_codec.encode(expected), 2**31 - 1)
         new = None if new is None else self.value_in(new)
         message = m.request(m.CAS, self.flags, m.blob(key), m.optional(expected), m.optional(new))
-        return Request(self.shard_of(key), message, False, _flag)
+        return _new(Request, (self.shard_of(key), message, False, _flag))
 
     def ttl(self, key: Any) -> Request:
         """Seconds before `key` expires: None if it is absent, NEVER (math.inf) if it never expires."""
@@ -163,13 +155,13 @@ class Requests:
             left = int.from_bytes(body, "little")
             return NEVER if left == m.TTL_NEVER else left / 1000
 
-        return Request(self.shard_of(key), m.request(m.TTL, 0, m.blob(key)), True, finish)
+        return _new(Request, (self.shard_of(key), m.request(m.TTL, 0, m.blob(key)), True, finish))
 
     def expire(self, key: Any, seconds: Any) -> Request:
         """Make `key` expire `seconds` (or a timedelta) from now, never if None."""
         key = self.key_in(key)
         ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
-        return Request(self.shard_of(key), m.request(m.EXPIRE, self.flags, m.blob(key), m.u64(ttl_ms)), False, _flag)
+        return _new(Request, (self.shard_of(key), m.request(m.EXPIRE, self.flags, m.blob(key), m.u64(ttl_ms)), False, _flag))
 
     # -- batches -------------------------------------------------------------------------------
     def encode_op(self, op: Any) -> Any:
@@ -227,8 +219,8 @@ class Requests:
             return None
         if len(by_shard) == 1:
             shard, items = next(iter(by_shard.items()))
-            return Request(shard, m.encode_apply(items, self.flags), False, _none)
-        return Request(self.shards, encode_txn(by_shard, self.flags), False, _none)
+            return _new(Request, (shard, m.encode_apply(items, self.flags), False, _none))
+        return _new(Request, (self.shards, encode_txn(by_shard, self.flags), False, _none))
 
     # -- every shard ---------------------------------------------------------------------------
     def len(self) -> Fanout:
@@ -260,7 +252,7 @@ class Requests:
 
     def compact_start(self, shard: int) -> Request:
         """Start an online compaction of `shard`."""
-        return Request(shard, m.request(m.COMPACT), False, _none)
+        return _new(Request, (shard, m.request(m.COMPACT), False, _none))
 
     def compaction_state(self, targets: list[int]) -> Fanout:
         """{shard: its compaction state} (running, done, total, last) of the target shards."""

@@ -139,6 +139,12 @@ def test_pickle_values_and_a_codec_of_ones_own(cluster):
     assert cluster.open().get(b"KEY") == pickle.dumps({"when": timedelta(seconds=3), "tuple": (1, 2)}, protocol=5)
     with pytest.raises(TypeError):
         db["lambda"] = lambda: None
+    # A bytes key goes through the key codec like any other (no bytes short cut).
+    plain = shardkv.open(cluster.directory, key_codec="pickle")
+    cluster.clients.append(plain)
+    plain[b"raw"] = b"1"
+    assert plain[b"raw"] == b"1" and b"raw" in plain
+    assert cluster.open().get(pickle.dumps(b"raw", protocol=5)) == b"1" and cluster.open().get(b"raw") is None
 
 
 def test_bad_codecs_are_refused(tmp_path):

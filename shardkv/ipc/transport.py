@@ -135,7 +135,12 @@ def exchange(channel: Channel, request_id: int, message: bytes):
     first = bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + min(frame_len, capacity)])
     if not flags & FLAG_MORE:
         return first
-    parts = [first]
+    return (yield from rest_of_response(channel, request_id, first))
+
+
+def rest_of_response(channel: Channel, request_id: int, first: bytes):
+    """The frames after `first` of a long response (MORE set), driven like `exchange`."""
+    slot, capacity, flags, parts = channel.slot, channel.capacity, FLAG_MORE, [first]
     while flags & FLAG_MORE:
         channel.post(0, request_id, b"", 0)  # an empty frame asks for the next one
         yield
@@ -207,7 +212,19 @@ class Requester:
         if channel.outstanding is not None:
             self.settle(channel, deadline)
         request_id = self.next_id()
-        steps = exchange(channel, request_id, message)
+        total = len(message)
+        if total <= channel.capacity:
+            # The common case, written out (no generator): one frame out, then the answer.
+            channel.post(0, request_id, message, total)
+            self.wait(channel, request_id, deadline)
+            slot = channel.slot
+            _, flags, _, frame_len, _ = read_frame(slot)
+            first = bytes(slot[SLOT_HEADER_SIZE : SLOT_HEADER_SIZE + min(frame_len, channel.capacity)])
+            if not flags & FLAG_MORE:
+                return first
+            steps = rest_of_response(channel, request_id, first)
+        else:
+            steps = exchange(channel, request_id, message)
         try:
             while True:
                 next(steps)
