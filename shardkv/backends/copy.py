@@ -12,6 +12,7 @@ meanwhile: a key written during the copy may be copied before or after the write
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -38,16 +39,18 @@ def copy_store(source, destination, batch: int = 1000, progress=None) -> dict:
 
         def flush() -> None:
             """Write the pending keys to the destination."""
-            # ttl() None means "never expires" or "already gone": ask which for those keys.
-            permanent = [key for key, _, ttl in pending if ttl is None]
-            present = dict(zip(permanent, src.get_many(permanent))) if permanent else {}
+            # ttl(): math.inf "never expires", None "absent" (the local store); a backend that
+            # still answers None for both is asked which, with get_many.
+            unsure = [key for key, _, ttl in pending if ttl is None]
+            present = dict(zip(unsure, src.get_many(unsure))) if unsure else {}
             ops = []
             for key, value, ttl in pending:
                 if ttl is None and present.get(key) is None:
                     totals["skipped"] += 1
                     continue
-                ops.append(("put", key, value) if ttl is None else ("put", key, value, ttl))
-                totals["with_ttl"] += ttl is not None
+                expires = ttl is not None and ttl != math.inf
+                ops.append(("put", key, value, ttl) if expires else ("put", key, value))
+                totals["with_ttl"] += expires
             if ops:
                 dst.write(ops, **atomic)
             totals["keys"] += len(ops)
