@@ -21,18 +21,19 @@ from shardkv.ops.cluster import start_cluster, stop_cluster
 from shardkv.ops.exitcodes import FAILED, OK
 
 
-def _phase(bar, label: str, items, fn, total: int) -> tuple[float, int]:
-    """Call fn(item) for each item, with a progress bar; (seconds, count)."""
-    task = bar.add_task(label, total=total)
+def _phase(label: str, items, fn, total: int) -> tuple[float, int]:
+    """Call fn(item) for each item, with a progress bar that is gone when it returns (the
+    phase's line is printed after it); (seconds, count)."""
     count = 0
-    started = time.perf_counter()
-    for item in items:
-        fn(item)
-        count += 1
-        if not count & 1023:  # every call would cost more than a get: update now and then
-            bar.update(task, completed=count)
-    elapsed = time.perf_counter() - started
-    bar.remove_task(task)
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=total)
+        started = time.perf_counter()
+        for item in items:
+            fn(item)
+            count += 1
+            if not count & 1023:  # every call would cost more than a get: update now and then
+                bar.update(task, completed=count)
+        elapsed = time.perf_counter() - started
     return elapsed, count
 
 
@@ -60,32 +61,32 @@ def cluster_bench(keys: int, shards: int, value_size: int = 100, seed: int = 202
         started = time.perf_counter()
         _, info = start_cluster(directory, shards, "process")
         print(f"  start        {(time.perf_counter() - started) * 1000:>9.0f} ms  (supervisor pid {info['pid']})", flush=True)
-        with shardkv.open(directory, durability="process", create=False) as db, progress_bar() as bar:
-            seconds, n = _phase(bar, "put", all_keys, lambda k: db.put(k, values[k]), len(all_keys))
+        with shardkv.open(directory, durability="process", create=False) as db:
+            seconds, n = _phase("put", all_keys, lambda k: db.put(k, values[k]), len(all_keys))
             _report("put", seconds, n)
 
             def check_get(k):
                 if db.get(k) != values[k]:
                     problems.append(f"get {k.hex()}: wrong value")
 
-            seconds, n = _phase(bar, "get", order, check_get, len(order))
+            seconds, n = _phase("get", order, check_get, len(order))
             _report("get", seconds, n)
             batches = [order[i : i + 1000] for i in range(0, len(order), 1000)]
             got = []
-            seconds, _ = _phase(bar, "get_many", batches, lambda b: got.append(sum(v is not None for v in db.get_many(b))), len(batches))
+            seconds, _ = _phase("get_many", batches, lambda b: got.append(sum(v is not None for v in db.get_many(b))), len(batches))
             _report("get_many", seconds, sum(got), " (batches of 1000)")
             scanned = []
-            seconds, n = _phase(bar, "scan asc", db.scan(), scanned.append, len(all_keys))
+            seconds, n = _phase("scan asc", db.scan(), scanned.append, len(all_keys))
             if [k for k, _ in scanned] != sorted(all_keys):
                 problems.append("scan: keys not all present in ascending order")
             mn, mx = (scanned[0][0].hex(), scanned[-1][0].hex()) if scanned else ("-", "-")
             _report("scan asc", seconds, n, f"  min={mn} max={mx}")
             scanned = []
-            seconds, n = _phase(bar, "scan desc", db.scan(reverse=True), scanned.append, len(all_keys))
+            seconds, n = _phase("scan desc", db.scan(reverse=True), scanned.append, len(all_keys))
             if [k for k, _ in scanned] != sorted(all_keys, reverse=True):
                 problems.append("scan desc: keys not all present in descending order")
             _report("scan desc", seconds, n)
-            seconds, n = _phase(bar, "delete", order, db.delete, len(order))
+            seconds, n = _phase("delete", order, db.delete, len(order))
             _report("delete", seconds, n)
             if len(db):
                 problems.append(f"{len(db)} keys left after deleting every key")

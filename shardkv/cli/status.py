@@ -137,7 +137,15 @@ def _show(out, renderable) -> None:
     if isinstance(renderable, str):
         print(renderable, flush=True)
     else:
-        out.print(renderable)
+        from rich.console import Console  # noqa: PLC0415
+        from rich.measure import Measurement  # noqa: PLC0415
+
+        # As wide as the table needs, even past a narrow terminal (which then wraps the lines):
+        # rich would otherwise squeeze the columns into "supervi…". (print(width=) cannot widen.)
+        needed = Measurement.get(out, out.options.update_width(1000), renderable).maximum
+        if needed > out.width:
+            out = Console(file=out.file, width=needed, force_terminal=out.is_terminal, no_color=out.no_color, highlight=False)
+        out.print(renderable, crop=False)
         out.file.flush()
 
 
