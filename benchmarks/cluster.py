@@ -228,7 +228,7 @@ class Server:
 
     def start(self) -> None:
         if self.name in SHARDKV_STORES:
-            from shardkv.cli import start_cluster  # noqa: PLC0415
+            from shardkv.ops.cluster import start_cluster  # noqa: PLC0415
 
             path = os.path.join(self.directory, "store")
             _, info = start_cluster(path, SHARDS, "process")
@@ -243,7 +243,7 @@ class Server:
 
     def stop(self) -> None:
         if self.name in SHARDKV_STORES and "path" in self.spec:
-            from shardkv.cli import stop_cluster  # noqa: PLC0415
+            from shardkv.ops.cluster import stop_cluster  # noqa: PLC0415
 
             stop_cluster(self.spec["path"])
         if self.redis is not None:

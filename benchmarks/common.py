@@ -171,7 +171,7 @@ def ensure_cluster_stopped(path: str, self_stop_wait: float = 0.0, timeout: floa
     """Make sure no shardkv cluster process of `path` is left: give an embedded cluster
     `self_stop_wait` seconds to stop by itself after its last client closed, then stop it
     (also one whose start was interrupted). True if it had to be stopped."""
-    from shardkv.cli import is_running, stop_cluster  # noqa: PLC0415
+    from shardkv.ops.cluster import is_running, stop_cluster  # noqa: PLC0415
 
     deadline = time.monotonic() + self_stop_wait
     while is_running(path) and time.monotonic() < deadline:

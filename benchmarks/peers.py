@@ -109,7 +109,7 @@ class Served:
         self.redis: RedisServer | None = None
         self.cluster = False
         if name == "shardkv":
-            from shardkv.cli import start_cluster  # noqa: PLC0415
+            from shardkv.ops.cluster import start_cluster  # noqa: PLC0415
 
             # A private, non-embedded cluster with the row's durability (an embedded one would
             # run the default "interval", fsyncing in the background once a second).

@@ -1,4 +1,9 @@
-"""What `shardkv status` shows: health, per-shard space and load, as a table, JSON or Prometheus."""
+"""What `shardkv status` and `health()` show: health, per-shard space and load.
+
+Shared by the blocking client, the asyncio client and the command line; it imports neither
+client (they hand it themselves), so that the clients can import it. Rendering lives with its
+readers: the table in `shardkv/cli/status.py`, the Prometheus exposition in `ops/metrics.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import time
 import numpy as np
 
 from shardkv.ipc import messages as m
-from shardkv.ipc.layout import SLOT_REQUEST, is_own_entry, name_prefix, shm_entries_with_prefix
+from shardkv.ipc.layout import PROC_STATE_NAMES, READY, SLOT_REQUEST, ControlBlock, is_own_entry, name_prefix, shm_entries_with_prefix
 from shardkv.ipc.transport import Unresponsive
+from shardkv.ops.exitcodes import DEGRADED as EXIT_DEGRADED
+from shardkv.ops.exitcodes import DOWN as EXIT_DOWN
+from shardkv.ops.exitcodes import OK as EXIT_HEALTHY
 
-EXIT_HEALTHY, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
 SHARD_FIELDS = ("keys", "live_bytes", "total_bytes", "garbage_ratio", "segments", "last_fsync_age", "index_repairs")
 
 
@@ -22,10 +29,10 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     rebuilt it, since the worker started). Each process marked up is probed (a second at
     most): one that does not answer is shown "unresponsive".
 
-    ops_per_second is measured over `sample_seconds`; with 0 it is the average since the start.
+    ops_per_second is measured over `sample_seconds`, after the probes, so that they are not
+    counted (a process counts a request before it answers it); with 0 it is the average since
+    the start.
     """
-    before = client._control.procs["requests"].copy()
-    started = time.monotonic()
     health = status_from_shared_memory(client)
     answers = {}
     for target, message in probes(health, client.shards).items():
@@ -35,7 +42,9 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
             answers[target] = exc
     record_probes(health, answers, client.shards)
     if sample_seconds > 0:
-        time.sleep(max(0.0, sample_seconds - (time.monotonic() - started)))
+        before = client._control.procs["requests"].copy()
+        started = time.monotonic()
+        time.sleep(sample_seconds)
         elapsed = time.monotonic() - started
         after = client._control.procs["requests"]
     for index, entry in enumerate([health["coordinator"], *health["shards"]]):
@@ -46,10 +55,36 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     return finish_status(health)
 
 
+def health_from_control(control: ControlBlock, info: dict) -> dict:
+    """The health object as the control block shows it (`info`: the cluster's run/cluster.json):
+    overall status, supervisor, coordinator and every shard worker."""
+    now = time.time()
+    processes = []
+    for index, entry in enumerate(control.procs):
+        state = PROC_STATE_NAMES.get(int(entry["state"]), "unknown")
+        processes.append(
+            {
+                "role": "coordinator" if index == 0 else "shard",
+                "shard": None if index == 0 else index - 1,
+                "pid": int(entry["pid"]) or None,
+                "state": state,
+                "restarts": int(entry["restarts"]),
+                "uptime": round(now - float(entry["started_at"]), 3) if state == "up" else 0.0,
+                "requests": int(entry["requests"]),
+            }
+        )
+    states = {p["state"] for p in processes}
+    overall = "healthy" if states == {"up"} and control.state == READY else ("down" if states <= {"down"} else "degraded")
+    return {
+        "status": overall,
+        "supervisor": {"role": "supervisor", "pid": info["pid"], "state": "up" if control.state == READY else "starting"},
+        "coordinator": processes[0],
+        "shards": processes[1:],
+    }
+
+
 def status_from_shared_memory(client) -> dict:
     """The health object as the control block and the rings show it, before any probe."""
-    from shardkv.client import health_from_control  # noqa: PLC0415 (the client imports this module)
-
     health = health_from_control(client._control, client._info)
     for entry in health["shards"]:
         entry["waiting"] = int(np.count_nonzero(client._rings[entry["shard"]].states == SLOT_REQUEST))
@@ -93,78 +128,6 @@ def stale_objects(directory: str) -> list[str]:
 
 
 def exit_code(status: dict) -> int:
-    """0 healthy, 1 degraded (something restarting, quarantined or in doubt), 2 down."""
+    """0 healthy, 1 degraded (something restarting, unresponsive or quarantined), 2 down
+    (shardkv.ops.exitcodes)."""
     return {"healthy": EXIT_HEALTHY, "degraded": EXIT_DEGRADED}.get(status["status"], EXIT_DOWN)
-
-
-def _size(value) -> str:
-    if value is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(value)
-
-
-def render_table(status: dict) -> str:
-    """A fixed-width table, one row per process."""
-    header = ("role", "shard", "pid", "state", "uptime", "restarts", "keys", "live", "total", "garbage", "segs", "waiting", "ops/s", "fsync age", "in doubt")
-    rows = [header]
-    sup = status["supervisor"]
-    rows.append(("supervisor", "-", str(sup["pid"]), sup["state"]) + ("-",) * (len(header) - 4))
-    for entry in [status["coordinator"], *status["shards"]]:
-        is_shard = entry["role"] == "shard"
-        rows.append(
-            (
-                entry["role"],
-                str(entry["shard"]) if is_shard else "-",
-                str(entry["pid"] or "-"),
-                entry["state"] + (" (compacting)" if entry.get("compacting") else ""),
-                f"{entry['uptime']:.0f}s",
-                str(entry["restarts"]),
-                str(entry.get("keys", "-")) if is_shard and entry.get("keys") is not None else "-",
-                _size(entry.get("live_bytes")) if is_shard else "-",
-                _size(entry.get("total_bytes")) if is_shard else "-",
-                f"{entry['garbage_ratio']:.0%}" if is_shard and entry.get("garbage_ratio") is not None else "-",
-                str(entry.get("segments", "-")) if is_shard and entry.get("segments") is not None else "-",
-                str(entry.get("waiting", "-")) if is_shard else "-",
-                str(entry.get("ops_per_second", "-")),
-                f"{entry['last_fsync_age']:.1f}s" if is_shard and entry.get("last_fsync_age") is not None else "-",
-                str(entry.get("in_doubt", "-")) if is_shard else "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([f"status: {status['status']}", *lines])
-
-
-def render_prometheus(status: dict) -> str:
-    """The same figures in the Prometheus text exposition format."""
-    metrics = {
-        "shardkv_up": ("gauge", "1 if the process is up", lambda e: 1 if e["state"] == "up" else 0),
-        "shardkv_restarts_total": ("counter", "restarts of the process", lambda e: e["restarts"]),
-        "shardkv_uptime_seconds": ("gauge", "seconds since the process started", lambda e: e["uptime"]),
-        "shardkv_ops_per_second": ("gauge", "requests served per second", lambda e: e.get("ops_per_second")),
-        "shardkv_keys": ("gauge", "live keys", lambda e: e.get("keys")),
-        "shardkv_live_bytes": ("gauge", "bytes of live records", lambda e: e.get("live_bytes")),
-        "shardkv_total_bytes": ("gauge", "bytes of all records in the log", lambda e: e.get("total_bytes")),
-        "shardkv_garbage_ratio": ("gauge", "share of the log that compaction would reclaim", lambda e: e.get("garbage_ratio")),
-        "shardkv_segments": ("gauge", "log segments", lambda e: e.get("segments")),
-        "shardkv_waiting_requests": ("gauge", "requests waiting in the ring", lambda e: e.get("waiting")),
-        "shardkv_last_fsync_age_seconds": ("gauge", "seconds since the last fsync", lambda e: e.get("last_fsync_age")),
-        "shardkv_in_doubt_batches": ("gauge", "prepared batches awaiting a decision", lambda e: e.get("in_doubt")),
-        "shardkv_index_repairs_total": ("counter", "index tables rebuilt from the log since the worker started", lambda e: e.get("index_repairs")),
-    }
-    lines = [f"shardkv_healthy {1 if status['status'] == 'healthy' else 0}"]
-    processes = [status["coordinator"], *status["shards"]]
-    for name, (kind, text, value) in metrics.items():
-        samples = []
-        for entry in processes:
-            sample = value(entry)
-            if sample is not None and (entry["role"] == "shard" or name in ("shardkv_up", "shardkv_restarts_total", "shardkv_uptime_seconds", "shardkv_ops_per_second")):
-                label = f'role="{entry["role"]}"' + (f',shard="{entry["shard"]}"' if entry["role"] == "shard" else "")
-                samples.append(f"{name}{{{label}}} {sample}")
-        if samples:
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
-    return "\n".join(lines) + "\n"

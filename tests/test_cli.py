@@ -2,6 +2,8 @@
 
 Each test uses its own tmp_path; every cluster a test starts is stopped in a fixture or a
 finally block, and the test checks that no shared-memory object of its directory is left.
+Errors and exit codes of every command: test_cli_errors.py; status, metrics, copy and stopped
+stores: test_cli_status.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import time
 
 import pytest
 
-from shardkv import cli
+from shardkv.cli import main
+from shardkv.cli.common import UsageError, format_bytes, parse_bytes
+from shardkv.coordinator.manifest import write_manifest
 from shardkv.ipc.layout import name_prefix, process_start_time
+from shardkv.ops.cluster import is_running, process_running, read_health, stop_cluster
 
 START = 60  # seconds a subprocess may take
 
@@ -34,14 +39,14 @@ def run_cli(*args, timeout=START) -> subprocess.CompletedProcess:
 def call(capsys, *args) -> tuple[int, str, str]:
     """main(args) in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
-    code = cli.main([str(a) for a in args])
+    code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def stop_and_check(directory) -> None:
-    cli.stop_cluster(directory)
-    assert not cli.is_running(directory)
+    stop_cluster(directory)
+    assert not is_running(directory)
     assert shm_entries(directory) == []
 
 
@@ -50,7 +55,7 @@ def cluster(tmp_path):
     """A started 2-shard cluster on tmp_path/db (stopped afterwards)."""
     directory = tmp_path / "db"
     try:
-        assert cli.main(["start", str(directory), "--shards", "2"]) == 0
+        assert main(["start", str(directory), "--shards", "2"]) == 0
         yield str(directory)
     finally:
         stop_and_check(directory)
@@ -72,13 +77,13 @@ def cluster(tmp_path):
     ],
 )
 def test_parse_bytes(text, expected):
-    assert cli.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["x'abc'", "x'zz'", "x'00", "X'0 0'", "x'00'x", "x'0x00'", "x'"])
 def test_parse_bytes_rejects_bad_hex(text):
-    with pytest.raises(cli.UsageError, match="invalid hex literal"):
-        cli.parse_bytes(text, "key")
+    with pytest.raises(UsageError, match="invalid hex literal"):
+        parse_bytes(text, "key")
 
 
 @pytest.mark.parametrize(
@@ -95,43 +100,44 @@ def test_parse_bytes_rejects_bad_hex(text):
     ],
 )
 def test_format_bytes(data, shown):
-    assert cli.format_bytes(data) == shown
+    assert format_bytes(data) == shown
 
 
 def test_format_then_parse_round_trips():
     samples = [b"plain", b"\x00", bytes(range(256)), b"x'", b"X'ab'", "ünï".encode(), b"tab\there", b"\x7f", b"a b"]
     for data in samples:
-        assert cli.parse_bytes(cli.format_bytes(data)) == data
+        assert parse_bytes(format_bytes(data)) == data
 
 
-def test_bad_hex_exits_2_without_starting_a_cluster(tmp_path, capsys):
+def test_bad_hex_exits_4_without_starting_a_cluster(tmp_path, capsys):
     directory = tmp_path / "db"
     for args in (["get", directory, "x'zz'"], ["put", directory, "k", "x'123'"], ["scan", directory, "--prefix", "x'g0'"], ["above", directory, "x'0"]):
         code, out, err = call(capsys, *args)
-        assert code == 2, args
+        assert code == 4, args
         assert "invalid hex literal" in err and "Traceback" not in err
-    assert not cli.is_running(directory)
+    assert not is_running(directory)
     assert shm_entries(directory) == []
 
 
 def test_not_running(tmp_path, capsys):
     directory = tmp_path / "db"
+    directory.mkdir()
+    write_manifest(str(directory), 2)  # a store that no cluster serves
     code, out, _ = call(capsys, "status", directory)
     assert code == 2 and "not running" in out
     code, out, _ = call(capsys, "status", directory, "--json")
     assert code == 2 and json.loads(out)["status"] == "not running"
     code, out, _ = call(capsys, "stop", directory)
     assert code == 0 and "not running" in out
-    assert not directory.exists() or not cli.is_running(directory)
+    assert not is_running(directory)
 
 
 def test_usage_errors(tmp_path, capsys):
     directory = tmp_path / "db"
     for args in (["scan", directory, "--limit", "-1"], ["start", directory, "--durability", "sometimes"], ["start", directory, "--shards", "0"], ["get", directory]):
-        with pytest.raises(SystemExit) as exc:
-            cli.main([str(a) for a in args])
-        assert exc.value.code == 2
-    assert not cli.is_running(directory)
+        code, out, err = call(capsys, *args)
+        assert code == 4 and out == "" and err.startswith("shardkv: ") and len(err.splitlines()) == 1, args
+    assert not is_running(directory) and not directory.exists()
 
 
 # -- data commands ------------------------------------------------------------------------------
@@ -177,26 +183,26 @@ def test_data_commands_round_trip(cluster, capsys):
     assert call(capsys, "get", d, "banana")[0] == 1
     assert call(capsys, "len", d) == (0, "4\n", "")
 
-    # Bad input against a running cluster: a message and exit 2, never a traceback.
-    for args in (["put", d, "", "v"], ["get", d, "x'0g'"], ["delete", d, "x''"]):
+    # Bad input against a running cluster: a message and exit 4, never a traceback.
+    for args in (["put", d, "", "v"], ["get", d, "x'0g'"], ["delete", d, "x''"], ["put", d, "k" * 70000, "v"]):
         code, out, err = call(capsys, *args)
-        assert code == 2 and err.startswith("shardkv: ") and "Traceback" not in err, args
+        assert code == 4 and err.startswith("shardkv: ") and "Traceback" not in err, args
+
+    # put --ttl: the key expires.
+    assert call(capsys, "put", d, "session", "s", "--ttl", "0.3")[0] == 0
+    assert call(capsys, "get", d, "session") == (0, "s\n", "")
+    time.sleep(0.5)
+    assert call(capsys, "get", d, "session")[0] == 1
 
 
-def test_data_command_starts_an_embedded_cluster(tmp_path, capsys):
-    directory = tmp_path / "db"
-    try:
-        assert call(capsys, "put", directory, "k", "v", "--shards", "2")[0] == 0
-        assert call(capsys, "get", directory, "k") == (0, "v\n", "")
-        code, _, err = call(capsys, "get", directory, "k", "--shards", "3")
-        assert code == 2 and "shards" in err
-    finally:
-        stop_and_check(directory)
-    # The data outlives the cluster: a new (embedded) one serves it.
-    try:
-        assert call(capsys, "scan", directory) == (0, "k\tv\n", "")
-    finally:
-        stop_and_check(directory)
+def test_data_commands_attach_to_the_running_cluster_and_leave_it_running(cluster, capsys):
+    """A data command detaches when done; the cluster `shardkv start` started keeps serving, and
+    the data outlive it (a stopped store's data commands: test_cli_status.py)."""
+    assert call(capsys, "put", cluster, "k", "v")[0] == 0
+    assert is_running(cluster)
+    stop_cluster(cluster)
+    assert call(capsys, "start", cluster)[0] == 0
+    assert call(capsys, "scan", cluster) == (0, "k\tv\n", "")
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -209,7 +215,7 @@ def test_start_status_stop(tmp_path):
         again = run_cli("start", directory, "--shards", "2")
         assert again.returncode == 0 and "already running" in again.stdout
         wrong = run_cli("start", directory, "--shards", "3")
-        assert wrong.returncode == 1 and "2 shards" in wrong.stderr
+        assert wrong.returncode == 4 and "2 shards" in wrong.stderr
 
         status = run_cli("status", directory, "--json")
         assert status.returncode == 0, status.stdout + status.stderr
@@ -232,7 +238,7 @@ def test_start_status_stop(tmp_path):
 
         stopped = run_cli("stop", directory)
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
-        assert not cli._running(*supervisor)  # gone (or a zombie waiting for init) once stop returns
+        assert not process_running(*supervisor)  # gone (or a zombie waiting for init) once stop returns
         after = run_cli("status", directory)
         assert after.returncode == 2 and "not running" in after.stdout
         assert shm_entries(directory) == []
@@ -247,8 +253,8 @@ def test_start_with_bad_config(tmp_path, capsys):
         assert call(capsys, "start", directory, "--shards", "2")[0] == 0
         assert call(capsys, "stop", directory)[0] == 0
         code, out, err = call(capsys, "start", directory, "--shards", "3")
-        assert code == 1 and "bad configuration" in err and "created with 2 shards" in err
-        assert not cli.is_running(directory)
+        assert code == 4 and "bad configuration" in err and "created with 2 shards" in err
+        assert not is_running(directory)
     finally:
         stop_and_check(directory)
 
@@ -258,13 +264,13 @@ def test_start_foreground_stops_on_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "shardkv.cli", "start", str(directory), "--shards", "2", "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + START
-        while (cli.read_health(directory) or {}).get("status") != "healthy":
+        while (read_health(directory) or {}).get("status") != "healthy":
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(START) == 0
-        assert not cli.is_running(directory)
+        assert not is_running(directory)
         assert shm_entries(directory) == []
     finally:
         if proc.poll() is None:
@@ -293,16 +299,16 @@ def test_verify_and_salvage_commands(tmp_path, capsys):
     with ShardEngine.open(source, segment_size=4096) as engine:
         for i in range(100):
             engine.put(b"k%03d" % i, b"v" * 40)
-    assert cli.main(["verify", str(source)]) == 0
+    assert main(["verify", str(source)]) == 0
     assert "ok" in capsys.readouterr().out
     segment = sorted(p for p in source.iterdir() if p.suffix == ".log")[1]
     data = bytearray(segment.read_bytes())
     data[100] ^= 1
     segment.write_bytes(bytes(data))
-    assert cli.main(["verify", str(source)]) == 1
+    assert main(["verify", str(source)]) == 3  # corrupt
     out = capsys.readouterr().out
     assert str(segment) in out and "offset" in out
-    assert cli.main(["salvage", str(source), str(tmp_path / "dst")]) == 1  # something was lost
+    assert main(["salvage", str(source), str(tmp_path / "dst")]) == 3  # something was lost
     out = capsys.readouterr().out
     assert "saved 99 keys" in out
-    assert cli.main(["verify", str(tmp_path / "dst")]) == 0
+    assert main(["verify", str(tmp_path / "dst")]) == 0

@@ -8,7 +8,9 @@ import pytest
 
 import shardkv
 from cluster_support import cluster_fixture, wait_until
-from shardkv.ops.status import collect_status, exit_code, render_prometheus, render_table
+from shardkv.cli.status import status_table
+from shardkv.ops.metrics import render_prometheus
+from shardkv.ops.status import collect_status, exit_code
 from shardkv.ops.verify import verify_store
 from shardkv.shards.worker import shard_directory
 
@@ -75,8 +77,20 @@ def test_status_figures_and_renderings(cluster):
     assert sum(entry["requests"] for entry in status["shards"]) >= 300
     table = render_table(status)
     assert "status: healthy" in table and table.count("\nshard ") == db.shards
+    assert table.count("\ncoordinator ") == 1 and "\nsupervisor " in table
     text = render_prometheus(status)
     assert 'shardkv_keys{role="shard",shard="0"}' in text and "# TYPE shardkv_restarts_total counter" in text
+
+
+def render_table(status: dict) -> str:
+    """The table `shardkv status` prints, as text."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=300, record=True)
+    console.print(status_table(dict(status, directory="/some/dir")))
+    return console.export_text()
 
 
 def test_corrupt_shard_is_quarantined_and_the_others_serve(cluster):

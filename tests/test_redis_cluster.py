@@ -262,6 +262,10 @@ def test_cli_status_of_a_cluster(redis_cluster, capsys):
     assert main(["status", redis_cluster.url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["status"] == "healthy" and len(status["nodes"]) == 6
+    assert main(["status", redis_cluster.url, "--format", "prometheus"]) == 0
+    text = capsys.readouterr().out
+    for name in ("shardkv_redis_node_up", "shardkv_redis_slots_ok", "shardkv_health"):  # #22 item 7
+        assert f"# HELP {name} " in text and f"# TYPE {name} gauge" in text
 
 
 def test_copy_from_a_local_store_keeps_ttls(tmp_path, redis_cluster):

@@ -155,7 +155,9 @@ def test_a_start_that_cannot_succeed_fails_once_with_its_reason(cluster, monkeyp
     wait_until(lambda: nothing_left(cluster.directory), 5, message="the exit of the failed supervisor")
 
     result = subprocess.run([sys.executable, "-m", "shardkv.cli", "start", cluster.directory, "--shards", str(SHARDS)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "could not start" in result.stderr and "Permission denied" in result.stderr, result
+    # Exit 6 (FAILED, shardkv/ops/exitcodes.py), the reason in one line.
+    assert result.returncode == 6 and "could not start" in result.stderr and "Permission denied" in result.stderr, result
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     wait_until(lambda: nothing_left(cluster.directory), 5, message="the exit of the failed supervisor")
     monkeypatch.delenv("SHARDKV_DISK_FAULTS")
     db = cluster.open()  # the fault gone, it starts

@@ -1515,11 +1515,11 @@ def render_table(health: dict) -> str:
 
 def render_prometheus(health: dict) -> str:
     """The health object in the Prometheus text format."""
-    lines = ["# TYPE shardkv_redis_node_up gauge"]
+    lines = ["# HELP shardkv_redis_node_up 1 if the node answered", "# TYPE shardkv_redis_node_up gauge"]
     for node in health["nodes"]:
         lines.append(f'shardkv_redis_node_up{{address="{node["address"]}",role="{node["role"]}"}} {1 if node["reachable"] else 0}')
-    lines += ["# TYPE shardkv_redis_slots_ok gauge", f"shardkv_redis_slots_ok {health['slots_ok']}"]
-    lines += ["# TYPE shardkv_health gauge", f"shardkv_health {health['exit_code']}"]
+    lines += ["# HELP shardkv_redis_slots_ok hash slots in the ok state (CLUSTER INFO cluster_slots_ok)", "# TYPE shardkv_redis_slots_ok gauge", f"shardkv_redis_slots_ok {health['slots_ok']}"]
+    lines += ["# HELP shardkv_health the exit code of `shardkv status`: 0 healthy, 1 degraded, 2 down", "# TYPE shardkv_health gauge", f"shardkv_health {health['exit_code']}"]
     return "\n".join(lines) + "\n"
 
 

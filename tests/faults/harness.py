@@ -24,7 +24,7 @@ import time
 from collections import Counter
 
 import shardkv
-from shardkv.cli import stop_cluster
+from shardkv.ops.cluster import stop_cluster
 from shardkv.ipc.layout import process_start_time
 from shardkv.ops.verify import verify_store
 
