@@ -41,10 +41,8 @@ from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavail
 from shardkv.ipc import messages as m
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
-    PROC_STATE_NAMES,
     READING_GRACE,
     READING_HOLD,
-    READY,
     STOPPING,
     ControlBlock,
     Ring,
@@ -756,33 +754,6 @@ class _Snapshot:
 
     def __exit__(self, *exc) -> None:
         self._set_reading(-1)
-
-
-def health_from_control(control: ControlBlock, info: dict) -> dict:
-    """The health object (also printed by `shardkv status --json`)."""
-    now = time.time()
-    processes = []
-    for index, entry in enumerate(control.procs):
-        state = PROC_STATE_NAMES.get(int(entry["state"]), "unknown")
-        processes.append(
-            {
-                "role": "coordinator" if index == 0 else "shard",
-                "shard": None if index == 0 else index - 1,
-                "pid": int(entry["pid"]) or None,
-                "state": state,
-                "restarts": int(entry["restarts"]),
-                "uptime": round(now - float(entry["started_at"]), 3) if state == "up" else 0.0,
-                "requests": int(entry["requests"]),
-            }
-        )
-    states = {p["state"] for p in processes}
-    overall = "healthy" if states == {"up"} and control.state == READY else ("down" if states <= {"down"} else "degraded")
-    return {
-        "status": overall,
-        "supervisor": {"role": "supervisor", "pid": info["pid"], "state": "up" if control.state == READY else "starting"},
-        "coordinator": processes[0],
-        "shards": processes[1:],
-    }
 
 
 def _reap(process: subprocess.Popen) -> None:
