@@ -29,7 +29,8 @@ from shardkv.shards.hints import ActiveRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
 from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare, txid_key
 from shardkv.shards.recovery import recover, unmap_all
-from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
+from shardkv.shards import sortedkeys
+from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView, prefix_successor
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
@@ -41,6 +42,8 @@ from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter
 LOCK_FILE = "LOCK"
 MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
 DEFER_MIN = 64  # apply_deferred answers before indexing from this many records of a batch
+SCAN_FIRST = 64  # a scan reads this many keys first (min(), above() need one), then 4x more each time
+SCAN_CHUNK = 4096  # up to this many
 _RETRY = object()
 _unpack_crc = struct.Struct("<I").unpack_from
 
@@ -128,7 +131,11 @@ class ShardEngine:
         self._seq = state.max_seq
         self._index = KeyIndex(self._key_at, tables=shared_index)
         self._index.load(*state.live)
-        self._sorted = SortedKeys()
+        # The ordered view, kept current by every write (sortedkeys.py); built from the index now
+        # for small shards, in a background thread for big ones.
+        self._sorted = SortedView(KeySource(self._entry_keys, self._maps))
+        self._sorted.key_count = lambda: self._index.count
+        self._open_view()
         # Keys that expire: key -> expires_at (ms), and a heap of (expires_at, key) that tells
         # which to purge first (entries whose time no longer matches the dict are stale).
         self._expires: dict[bytes, int] = dict(state.expiring)
@@ -276,8 +283,7 @@ class ShardEngine:
                 at, key = heapq.heappop(heap)
                 if self._expires.get(key) == at:
                     del self._expires[key]
-                    if self._index.remove(key, crc32c(key)):
-                        self._sorted.note_removed(key)
+                    self._remove_key(key, crc32c(key))
         finally:
             self._version += 1
 
@@ -655,10 +661,8 @@ class ShardEngine:
                 keys = keys[first:]
                 locations = list(map(base.__or__, offsets[first:]))
                 added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
-                if self._sorted.built:
-                    note_added = self._sorted.note_added
-                    for key, entry in added:
-                        note_added(key, entry)
+                if added:
+                    self._sorted.insert_many([key for key, _ in added], [entry for _, entry in added])
                 if self._expires:  # these keys now never expire
                     pop = self._expires.pop
                     for key in keys:
@@ -680,11 +684,21 @@ class ShardEngine:
             return  # a COMMIT record: it names a batch, not a key
         if rtype == PUT:
             if self._index.upsert(key, crc32c(key), location, len(key), value_len, seq):
-                self._sorted.note_added(key, self._index.last_entry)
-        elif self._index.remove(key, crc32c(key)):
-            self._sorted.note_removed(key)
+                self._sorted.insert(key, self._index.last_entry)
+        else:
+            self._remove_key(key, crc32c(key))
         if expires_at or self._expires:
             self._note_expiry(key, expires_at)
+
+    def _remove_key(self, key: bytes, h: int) -> bool:
+        """Drop `key` from the index and the ordered view; True if it was there. Lock held,
+        version odd."""
+        e = self._index.find(key, h)
+        if e < 0:
+            return False
+        self._index.remove(key, h)
+        self._sorted.remove(e)
+        return True
 
     def _make_durable(self, end: tuple[int, int]) -> None:
         if self.durability == "fsync":
@@ -729,82 +743,98 @@ class ShardEngine:
             self._start_active(self._writer.position[0])
 
     # -- ordered reads ---------------------------------------------------------------------
-    def _all_keys(self) -> list[tuple[bytes, int]]:
-        index = self._index
-        ids = index.live_ids()
-        key_at = self._key_at
-        return [(key_at(loc, klen), e) for loc, klen, e in zip(index.locations[ids].tolist(), index.key_lens[ids].tolist(), ids.tolist())]
+    def _entry_keys(self) -> tuple:
+        """(locations, key_lens) of the index's entries (the arrays change when it grows)."""
+        return self._index.locations, self._index.key_lens
+
+    def _open_view(self) -> None:
+        """Give the ordered view every key at open: at once for a small shard, else sorted in a
+        background thread (writes go on meanwhile; an ordered read waits for it)."""
+        ids = self._index.live_ids()
+        if len(ids) <= sortedkeys.SYNC_BUILD_MAX:
+            self._sorted.build_now(ids)
+            return
+        # The thread reads keys through copies of the entry arrays and of the segment table:
+        # writes and compactions change those, never the records the copies point at.
+        locations, key_lens = self._index.locations.copy(), self._index.key_lens.copy()
+        self._sorted.start_build(ids, KeySource(lambda: (locations, key_lens), dict(self._maps)))
+
+    def _view_ready(self) -> None:
+        """Make the ordered view complete; the caller holds the lock (after wait_built)."""
+        view = self._sorted
+        if view.state == BUILDING:
+            view.finish_build(self._index.live_ids)
+        elif view.state != READY:
+            view.build_now(self._index.live_ids())
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
 
-        `prefix` keeps only keys that start with it; `limit` caps the number of items. Each
-        value is read when its key is reached: a key deleted meanwhile is skipped.
+        `prefix` keeps only keys that start with it; `limit` caps the number of items. The scan
+        is a cursor over the live data: each item is the next key present when it is reached,
+        with its value then (keys are read in chunks, each chunk again if a write came between
+        two items); a key written ahead of the cursor meanwhile shows, one deleted does not.
         """
         start, stop, prefix = check_scan_args(start, stop, prefix, limit)
+        if prefix:
+            if start is None or start < prefix:
+                start = prefix
+            successor = prefix_successor(prefix)
+            if successor is not None and (stop is None or successor < stop):
+                stop = successor
+        self._check_open()
+        return self._scan(start, stop, bool(reverse), limit)
+
+    def _scan(self, start, stop, reverse, limit):
+        if limit == 0 or (start is not None and stop is not None and start >= stop):
+            return
+        cursor, bound = (stop, start) if reverse else (start, stop)
+        inclusive = not reverse  # a reverse scan starts below `stop`, a forward one at `start`
+        size = SCAN_FIRST if limit is None else min(SCAN_FIRST, limit)
+        produced = 0
+        version_of = self.__dict__.get
+        while True:
+            items, more, version = self._scan_window(cursor, inclusive, bound, reverse, size)
+            for item in items:
+                if version_of("_version_value") != version:
+                    size = SCAN_FIRST  # a write came: read again from the cursor
+                    break
+                yield item
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+                cursor, inclusive = item[0], False
+            else:
+                if not more and version_of("_version_value") == version:
+                    return  # nothing left, and nothing written since it was read
+                size = min(size * 4, SCAN_CHUNK)
+
+    def _scan_window(self, cursor, inclusive, bound, reverse, size) -> tuple[list, bool, int]:
+        """The next (key, value) items of a scan from `cursor`, read with the lock held:
+        (items, more, the version they were read at)."""
+        if self._sorted.state == BUILDING:
+            self._sorted.wait_built()  # without the lock: writes go on meanwhile
         with self._lock:
             self._check_open()
             if self._expires:
                 self._purge_expired()
-            self._sorted.ensure(self._all_keys)
-            view = self._sorted
-            lo = view.bisect_left(start) if start is not None else 0
-            hi = view.bisect_left(stop) if stop is not None else len(view)
-            if prefix:
-                lo = max(lo, view.bisect_left(prefix))
-                successor = prefix_successor(prefix)
-                if successor is not None:
-                    hi = min(hi, view.bisect_left(successor))
-            arena, offsets, eids = view.snapshot()
-        return self._scan_range(arena, memoryview(offsets), memoryview(eids), lo, hi, reverse, limit)
+            self._view_ready()
+            eids, more = self._sorted.window(cursor, inclusive, bound, reverse, size)
+            items = [self._entry_item(e) for e in eids]
+            return items, more, self._version_value
 
-    def _scan_range(self, arena, offsets, eids, lo, hi, reverse, limit):
-        positions = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
-        produced = 0
-        by_entry = self._value_by_entry
-        for i in positions:
-            if limit is not None and produced >= limit:
-                return
-            key = arena[offsets[i] : offsets[i + 1]]
-            value = by_entry(key, eids[i])
-            if value is _RETRY:
-                value = self.get(key)
-            elif value is not None and self._expires and self._expired(key):
-                value = None
-            if value is not None:
-                produced += 1
-                yield key, value
-
-    def _value_by_entry(self, key: bytes, e: int):
-        """The value of `key` read through index entry `e` (a hint), or _RETRY if `e` no
-        longer holds `key` or a write overlapped the read."""
-        version = self._version
-        if version & 1 or self._closed:
-            return _RETRY
+    def _entry_item(self, e: int) -> tuple[bytes, bytes]:
+        """(key, value) of index entry `e`, its record's checksum verified. Lock held."""
         index = self._index
-        try:
-            location = index._loc_v[e]
-            key_len = len(key)
-            if not location or index._klen_v[e] != key_len:
-                return _RETRY
-            offset = location & 0xFFFFFFFF
-            buf = self._maps[location >> 32]
-            value_start = offset + RECORD_HEADER_SIZE + key_len
-            value_end = value_start + index._vlen_v[e]
-            if self.verify_checksums:
-                record = buf[offset + 4 : value_end]
-                if not record.startswith(key, RECORD_HEADER_SIZE - 4):
-                    return _RETRY
-                if crc32c(record) != _unpack_crc(buf, offset)[0]:
-                    return _RETRY  # get() re-reads under the lock and raises if it is real
-                value = record[RECORD_HEADER_SIZE - 4 + key_len :]
-            else:
-                if buf[offset + RECORD_HEADER_SIZE : value_start] != key:
-                    return _RETRY
-                value = buf[value_start:value_end]
-        except (IndexError, KeyError, ValueError):
-            return _RETRY
-        return value if self._version == version else _RETRY
+        location = index._loc_v[e]
+        key_len = index._klen_v[e]
+        offset = location & 0xFFFFFFFF
+        buf = self._maps[location >> 32]
+        value_end = offset + RECORD_HEADER_SIZE + key_len + index._vlen_v[e]
+        record = buf[offset + 4 : value_end]
+        if self.verify_checksums and crc32c(record) != _unpack_crc(buf, offset)[0]:
+            raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
+        return record[RECORD_HEADER_SIZE - 4 : RECORD_HEADER_SIZE - 4 + key_len], record[RECORD_HEADER_SIZE - 4 + key_len :]
 
     def min(self):
         """(key, value) of the smallest key, or None if the shard is empty."""
@@ -893,6 +923,7 @@ class ShardEngine:
             if self._closed:
                 return
             self._closed = True
+            self._version_value += 1  # scans part-way through read again, and find it closed
             try:
                 self._writer.close()
                 segment, end = self._writer.position
@@ -902,6 +933,7 @@ class ShardEngine:
                 except OSError:
                     pass
             finally:
+                self._sorted.close()  # a background build reads the mappings: it ends first
                 unmap_all(self._maps)
                 os.close(self._lock_fd)
 
