@@ -748,9 +748,14 @@ class ShardEngine:
         return self._index.locations, self._index.key_lens
 
     def _open_view(self) -> None:
-        """Give the ordered view every key at open: at once for a small shard, else sorted in a
-        background thread (writes go on meanwhile; an ordered read waits for it)."""
+        """Give the ordered view every key at open: the one saved by the last clean close if it
+        describes exactly these keys, else sorted at once for a small shard, or in a background
+        thread (writes go on meanwhile; an ordered read waits for it)."""
         ids = self._index.live_ids()
+        saved = sortedkeys.load_view(self.directory, self.shard_id, self._seq, self._index.locations[ids])
+        if saved is not None:
+            self._sorted.load(ids[saved[0]], saved[1])
+            return
         if len(ids) <= sortedkeys.SYNC_BUILD_MAX:
             self._sorted.build_now(ids)
             return
@@ -932,10 +937,23 @@ class ShardEngine:
                         write_hint(self.directory, self.shard_id, segment, end, self._active_records, self._maps[segment])
                 except OSError:
                     pass
+                self._save_view()
             finally:
                 self._sorted.close()  # a background build reads the mappings: it ends first
                 unmap_all(self._maps)
                 os.close(self._lock_fd)
+
+    def _save_view(self) -> None:
+        """Write the ordered view for the next open (docs/FORMAT.md, "Ordered view file"): big
+        shards only, the others sort at once."""
+        view = self._sorted
+        if self._index_failure is not None or view.state != READY or self._index.count <= sortedkeys.SYNC_BUILD_MAX:
+            return
+        try:
+            eids, prefixes = view.ordered_eids()
+            sortedkeys.save_view(self.directory, self.shard_id, self._seq, eids, prefixes, self._index.locations[eids])
+        except OSError:
+            pass  # derived data: the next open sorts instead
 
     def _check_open(self) -> None:
         if self._closed:

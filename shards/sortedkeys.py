@@ -33,12 +33,15 @@ held and its seqlock version odd, like the hash index.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from typing import Callable
 
 import numpy as np
 
-from shardkv.wal.format import RECORD_HEADER_SIZE
+from crc32c import crc32c
+
+from shardkv.wal.format import FORMAT_VERSION, HINT_CRC, RECORD_HEADER_SIZE, SORTED_FILE, SORTED_HEADER, SORTED_MAGIC, TMP_SUFFIX
 
 DEAD = 0xFFFFFFFF  # a run slot whose key was removed
 SMALL = 0  # the level that changes in place
@@ -639,3 +642,53 @@ def _order_ties(eids: list, prefixes: list, key_of, reverse: bool) -> list:
         out[i:j] = sorted(eids[i:j], key=key_of, reverse=reverse)
         i = j
     return eids if out is None else out
+
+
+# -- the saved view (docs/FORMAT.md, "Ordered view file") ----------------------------------------
+def save_view(directory: str, shard: int, max_seq: int, eids: np.ndarray, prefixes: np.ndarray, locations: np.ndarray) -> None:
+    """Write SORTED: the keys of entries `eids` (in key order, with their `prefixes`) located
+    at `locations` (of those entries, same order). Derived data: no fsync; OSError propagates."""
+    n = len(eids)
+    by_location = np.argsort(locations, kind="stable")
+    ordered_locations = np.ascontiguousarray(locations[by_location], dtype="<u8")
+    header = SORTED_HEADER.pack(SORTED_MAGIC, FORMAT_VERSION, 0, shard, n, max_seq, crc32c(ordered_locations), 0)
+    body = b"".join((header, by_location.astype("<u4").tobytes(), np.ascontiguousarray(prefixes, dtype="<u8").tobytes()))
+    temporary = os.path.join(directory, SORTED_FILE + TMP_SUFFIX)
+    with open(temporary, "wb") as f:
+        f.write(body)
+        f.write(HINT_CRC.pack(crc32c(body)))
+    os.replace(temporary, os.path.join(directory, SORTED_FILE))
+
+
+def load_view(directory: str, shard: int, max_seq: int, locations: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The saved view for a shard whose live entries 0..n-1 are at `locations`: (entry ids in key
+    order, their prefixes), or None if SORTED is missing or does not describe exactly these
+    keys. The file is deleted either way: it describes one close only."""
+    path = os.path.join(directory, SORTED_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+    except OSError:
+        return None
+    n = len(locations)
+    if len(data) != SORTED_HEADER.size + 12 * n + HINT_CRC.size:
+        return None
+    body = memoryview(data)[: -HINT_CRC.size]
+    if crc32c(body) != HINT_CRC.unpack_from(data, len(body))[0]:
+        return None
+    magic, version, _, saved_shard, count, saved_seq, live_crc, _ = SORTED_HEADER.unpack_from(data)
+    if (magic, version, saved_shard, count, saved_seq) != (SORTED_MAGIC, FORMAT_VERSION, shard, n, max_seq):
+        return None
+    by_location = np.argsort(locations, kind="stable")  # nearly sorted after recovery: fast
+    if crc32c(np.ascontiguousarray(locations[by_location], dtype="<u8")) != live_crc:
+        return None
+    ranks = np.frombuffer(data, dtype="<u4", count=n, offset=SORTED_HEADER.size).astype(np.int64)
+    prefixes = np.frombuffer(data, dtype="<u8", count=n, offset=SORTED_HEADER.size + 4 * n).astype(np.uint64)
+    if n and (int(ranks.max()) >= n or (n > 1 and bool((prefixes[1:] < prefixes[:-1]).any()))):
+        return None
+    eids = np.full(n, -1, dtype=np.int64)
+    eids[ranks] = by_location
+    if n and int(eids.min()) < 0:
+        return None  # the ranks are not a permutation
+    return eids, prefixes

@@ -5,6 +5,7 @@ Level capacities are made tiny here so that every merge path (level 0 into 1, a 
 the last level, tombstones dropped) runs many times in a few thousand operations.
 """
 
+import os
 import random
 import threading
 
@@ -216,6 +217,7 @@ def test_writes_during_a_background_build_are_kept(tmp_path, tiny, monkeypatch):
     keys = [b"k%05d" % i for i in range(3000)]
     engine.apply([("put", k, b"v") for k in keys])
     engine.close()
+    os.unlink(tmp_path / "SORTED")  # no saved view: sorted in the background
     release = threading.Event()
     original = sortedkeys.sort_by_key
 
@@ -246,7 +248,9 @@ def test_close_waits_for_a_background_build(tmp_path, tiny):
     engine = open_engine(tmp_path, segment_size=1 << 16)
     engine.apply([("put", b"%06d" % i, b"v") for i in range(2000)])
     engine.close()
+    os.unlink(tmp_path / "SORTED")
     engine = open_engine(tmp_path, segment_size=1 << 16)
+    assert engine._sorted.state == sortedkeys.BUILDING
     engine.close()  # must not unmap what the build thread reads
     assert engine._sorted._builder is None
 
@@ -320,6 +324,7 @@ def test_no_ordered_read_sorts_the_whole_shard(tmp_path, tiny, monkeypatch):
         engine.apply([("put", k, b"v") for k in keys[i : i + 100]])
     assert engine._sorted.ready  # kept current, no scan yet
     engine.close()
+    os.unlink(tmp_path / "SORTED")  # the saved view: tests/test_ordered_saved.py
     engine = open_engine(tmp_path, segment_size=1 << 16)
     engine._sorted.wait_built(30)
 
