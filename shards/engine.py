@@ -22,6 +22,7 @@ from crc32c import crc32c
 from shardkv import faults
 from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
 from shardkv.ipc.messages import PutColumns
+from shardkv.ipc import sortedview  # (imports shardkv.shards: used at run time only)
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
@@ -133,7 +134,8 @@ class ShardEngine:
         self._index.load(*state.live)
         # The ordered view, kept current by every write (sortedkeys.py); built from the index now
         # for small shards, in a background thread for big ones.
-        self._sorted = SortedView(KeySource(self._entry_keys, self._maps))
+        # With a shared index, the view's runs are published beside it for clients' scans.
+        self._sorted = SortedView(KeySource(self._entry_keys, self._maps), sortedview.ViewPublisher(shared_index) if shared_index is not None else None)
         self._sorted.key_count = lambda: self._index.count
         self._open_view()
         # Keys that expire: key -> expires_at (ms), and a heap of (expires_at, key) that tells
@@ -655,6 +657,8 @@ class ShardEngine:
             base = segment << 32
             offsets = list(map(offset.__add__, relative))
             first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
+            if not first and n > 1:
+                self._sorted.note_batch(list(keys))  # scans must not show part of it
             self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
             if columns and types.count(PUT) == n - first and expires.count(0) == n:
                 # Only puts that never expire: indexed in one tight loop.
@@ -767,10 +771,21 @@ class ShardEngine:
     def _view_ready(self) -> None:
         """Make the ordered view complete; the caller holds the lock (after wait_built)."""
         view = self._sorted
-        if view.state == BUILDING:
-            view.finish_build(self._index.live_ids)
-        elif view.state != READY:
-            view.build_now(self._index.live_ids())
+        if view.state == READY:
+            return
+        self._version += 1  # clients may be reading the view: it changes now
+        try:
+            if view.state == BUILDING:
+                view.finish_build(self._index.live_ids)
+            else:
+                view.build_now(self._index.live_ids())
+        finally:
+            self._version += 1
+
+    def batch_history(self) -> tuple[int, list]:
+        """The single-shard batches applied so far and the key range of the last few, for scans
+        through a worker's ring (SortedView.history)."""
+        return self._sorted.history()
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).

@@ -41,6 +41,7 @@ import numpy as np
 
 from crc32c import crc32c
 
+from shardkv.ipc.messages import BATCH_RING  # the last batches whose key ranges readers can look up
 from shardkv.wal.format import FORMAT_VERSION, HINT_CRC, RECORD_HEADER_SIZE, SORTED_FILE, SORTED_HEADER, SORTED_MAGIC, TMP_SUFFIX
 
 DEAD = 0xFFFFFFFF  # a run slot whose key was removed
@@ -199,8 +200,8 @@ class PrivateRuns:
     def set_ready(self, ready: bool) -> None:
         """Whether the view is complete (readers may use it)."""
 
-    def note_batch(self, first: int, last: int) -> None:
-        """A batch of two or more keys with prefixes in [first, last] was applied."""
+    def note_batch(self, batch: int, first: int, last: int) -> None:
+        """Batch number `batch`, of two or more keys with prefixes in [first, last], was applied."""
 
     def close(self) -> None:
         """Release everything."""
@@ -237,6 +238,8 @@ class SortedView:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self.key_count: Callable[[], int] = lambda: len(self)
+        self.batches = 0  # single-shard batches of two or more keys applied (see note_batch)
+        self.batch_ring = [(0, 0, 0)] * BATCH_RING
 
     def __len__(self) -> int:
         return sum(run.count - run.dead for run in self.runs)
@@ -506,17 +509,27 @@ class SortedView:
             self.where_v = memoryview(grown)
 
     def note_batch(self, keys: list) -> None:
-        """A batch changed these keys at once: readers that are part-way through learn of it."""
-        if len(keys) > 1:
-            prefixes = [key_prefix(k) for k in keys]
-            self.storage.note_batch(min(prefixes), max(prefixes))
+        """A single-shard batch changed these keys at once: scans part-way through this shard
+        learn where (the prefixes of its first and last keys), so that none shows part of it."""
+        if len(keys) < 2:
+            return
+        first, last = min(keys), max(keys)
+        self.batches += 1
+        entry = (self.batches, key_prefix(first), key_prefix(last))
+        self.batch_ring[self.batches % BATCH_RING] = entry
+        self.storage.note_batch(*entry)
+
+    def history(self) -> tuple[int, list]:
+        """(batches noted, the last BATCH_RING of them as (batch, first prefix, last prefix))."""
+        return self.batches, list(self.batch_ring)
 
     # -- searching --------------------------------------------------------------------------
     def window(self, cursor: bytes | None, inclusive: bool, bound: bytes | None, reverse: bool, size: int) -> tuple[list, bool]:
         """The entry ids of the next keys after `cursor` (from it if `inclusive`; None: from the
         first, or the last if `reverse`), in scan order, up to about `size` of them, not past
         `bound` (exclusive; None: no bound): (eids, more). `more` is False once nothing is left."""
-        return window([(run.eids_v, run.prefixes_v, run.count) for run in self.runs], self.source.key, cursor, inclusive, bound, reverse, size)
+        found, _, more = window([(run.eids_v, run.prefixes_v, run.count) for run in self.runs], self.source.key, cursor, inclusive, bound, reverse, size)
+        return found.tolist(), more
 
     def ordered_eids(self) -> tuple[np.ndarray, np.ndarray]:
         """Every live entry id in key order, with its prefix (a merge of the levels)."""
@@ -529,12 +542,16 @@ class SortedView:
 
 
 # -- reading a sorted run (shared by the engine and clients: shardkv/ipc/sortedview.py) ----------
-def find_position(eids, prefixes, count: int, key: bytes, prefix: int, key_of: Callable[[int], bytes], after: bool = False) -> int:
+def find_position(eids, prefixes, count: int, key: bytes, prefix: int, key_of: Callable[[int], bytes], after: bool = False, check: bool = False) -> int:
     """The first position in [0, count) of a run whose key is >= `key` (> with `after`), or
     `count`. Equal prefixes are told apart by the keys themselves (`key_of(entry id)`);
-    tombstones (DEAD) among them are passed over. `eids` and `prefixes` may be memoryviews."""
+    tombstones (DEAD) among them are passed over. `eids` and `prefixes` may be memoryviews.
+    With `check` (a client reading shared memory), the keys on both sides of the position
+    found are read: a run whose prefixes lie raises ValueError."""
     lo = bisect.bisect_left(prefixes, prefix, 0, count)
     if lo == count or prefixes[lo] != prefix:
+        if check:
+            _check_boundary(eids, count, lo, key, key_of, after)
         return lo
     hi = bisect.bisect_right(prefixes, prefix, lo, count)
     # Binary search over the live entries of [lo, hi): tombstones hold no key to compare.
@@ -547,38 +564,60 @@ def find_position(eids, prefixes, count: int, key: bytes, prefix: int, key_of: C
             a = mid + 1
         else:
             b = mid
-    return live[a] if a < len(live) else hi
+    position = live[a] if a < len(live) else hi
+    if check:
+        _check_boundary(eids, count, position, key, key_of, after)
+    return position
 
 
-def window(runs: list, key_of: Callable[[int], bytes], cursor, inclusive: bool, bound, reverse: bool, size: int) -> tuple[list, bool]:
-    """The next entries of a scan over sorted runs (see SortedView.window): ([entry id, ...],
-    more). `runs`: (eids, prefixes, count) each (numpy arrays or memoryviews), eids possibly
+def _check_boundary(eids, count: int, position: int, key: bytes, key_of, after: bool, reach: int = 16) -> None:
+    """Raise ValueError unless the nearest live keys before and from `position` lie on the
+    right sides of `key` (looking past at most `reach` tombstones each way)."""
+    i = position - 1
+    while i >= 0 and i >= position - reach and eids[i] == DEAD:
+        i -= 1
+    if i >= 0 and eids[i] != DEAD:
+        other = key_of(eids[i])
+        if other > key or (other == key and not after):
+            raise ValueError("run out of order")
+    i = position
+    while i < count and i < position + reach and eids[i] == DEAD:
+        i += 1
+    if i < count and eids[i] != DEAD:
+        other = key_of(eids[i])
+        if other < key or (other == key and after):
+            raise ValueError("run out of order")
+
+
+def window(runs: list, key_of: Callable[[int], bytes], cursor, inclusive: bool, bound, reverse: bool, size: int, check: bool = False) -> tuple[list, bool]:
+    """The next entries of a scan over sorted runs (see SortedView.window): (entry ids and
+    their prefixes as numpy arrays, more). `runs`: (eids, prefixes, count) each (numpy arrays or memoryviews), eids possibly
     holding DEAD. Forward: keys after `cursor` and below `bound`; reverse: keys before `cursor`
     and from `bound` on. A window that would come back empty with keys left is taken again,
-    bigger: every call makes progress."""
+    bigger: every call makes progress. `check`: see find_position and _take."""
     spans = []
     for eids, prefixes, count in runs:
         if not count:
             continue
         if not reverse:
-            lo = 0 if cursor is None else find_position(eids, prefixes, count, cursor, key_prefix(cursor), key_of, after=not inclusive)
-            hi = count if bound is None else find_position(eids, prefixes, count, bound, key_prefix(bound), key_of)
+            lo = 0 if cursor is None else find_position(eids, prefixes, count, cursor, key_prefix(cursor), key_of, not inclusive, check)
+            hi = count if bound is None else find_position(eids, prefixes, count, bound, key_prefix(bound), key_of, False, check)
         else:
-            hi = count if cursor is None else find_position(eids, prefixes, count, cursor, key_prefix(cursor), key_of, after=inclusive)
-            lo = 0 if bound is None else find_position(eids, prefixes, count, bound, key_prefix(bound), key_of)
+            hi = count if cursor is None else find_position(eids, prefixes, count, cursor, key_prefix(cursor), key_of, inclusive, check)
+            lo = 0 if bound is None else find_position(eids, prefixes, count, bound, key_prefix(bound), key_of, False, check)
         if lo < hi:
             spans.append((eids, prefixes, lo, hi))
     while spans:
-        found, more = _take(spans, key_of, reverse, size)
-        if found or not more:
-            return found, more
+        found, prefixes, more = _take(spans, key_of, reverse, size, check)
+        if len(found) or not more:
+            return found, prefixes, more
         size *= 4
-    return [], False
+    return _EMPTY_EIDS, _EMPTY_PREFIXES, False
 
 
-def _take(spans: list, key_of, reverse: bool, size: int) -> tuple[list, bool]:
+def _take(spans: list, key_of, reverse: bool, size: int, check: bool = False) -> tuple[list, bool]:
     """Up to `size` entries of each span (eids, prefixes, lo, hi) merged in scan order, cut
-    where a span that has more stops knowing its keys: (entry ids, more)."""
+    where a span that has more stops knowing its keys: (entry ids, prefixes, more)."""
     pieces = []
     limits = []  # spans with entries left beyond those taken: the last taken (prefix, entry id)
     for eids, prefixes, lo, hi in spans:
@@ -601,28 +640,34 @@ def _take(spans: list, key_of, reverse: bool, size: int) -> tuple[list, bool]:
         merged_prefixes = np.concatenate([p[1] for p in pieces])
         order = np.argsort(~merged_prefixes if reverse else merged_prefixes, kind="stable")  # merges the runs
         merged_eids, merged_prefixes = merged_eids[order], merged_prefixes[order]
-    eids_list, prefix_list = merged_eids.tolist(), merged_prefixes.tolist()
-    if len(pieces) > 1:
-        eids_list = _order_ties(eids_list, prefix_list, key_of, reverse)
+    if len(pieces) > 1 and (merged_prefixes[1:] == merged_prefixes[:-1]).any():
+        merged_eids = np.array(_order_ties(merged_eids.tolist(), merged_prefixes.tolist(), key_of, reverse), dtype=merged_eids.dtype)
     if not limits:
-        return eids_list, False
+        return merged_eids, merged_prefixes, False
     # Beyond the last key taken from a span that has more, that span's keys are unknown: stop
     # at the nearest such key (by prefix; by key among equal prefixes, when all are known).
     edge = min(p for p, _ in limits) if not reverse else max(p for p, _ in limits)
     at_edge = [e for p, e in limits if p == edge]
     if not reverse:
-        cut = bisect.bisect_left(prefix_list, edge)
+        cut = int(np.searchsorted(merged_prefixes, np.uint64(edge), side="left"))
     else:
-        cut = next((i for i, p in enumerate(prefix_list) if p <= edge), len(prefix_list))
+        cut = int(np.searchsorted(~merged_prefixes, ~np.uint64(edge), side="left"))
     if DEAD not in at_edge:
         edge_keys = [key_of(e) for e in at_edge]
         edge_key = min(edge_keys) if not reverse else max(edge_keys)
-        while cut < len(prefix_list) and prefix_list[cut] == edge:
-            key = key_of(eids_list[cut])
+        while cut < len(merged_prefixes) and merged_prefixes[cut] == edge:
+            key = key_of(int(merged_eids[cut]))
             if (key > edge_key) if not reverse else (key < edge_key):
                 break
             cut += 1
-    return eids_list[:cut], True
+    if check and cut:
+        # The last entry returned must not pass any run's last taken key: prefixes that lie
+        # would make the next window start past keys never returned.
+        last = key_of(int(merged_eids[cut - 1]))
+        for _, e in limits:
+            if e != DEAD and ((key_of(e) < last) if not reverse else (key_of(e) > last)):
+                raise ValueError("run out of order")
+    return merged_eids[:cut], merged_prefixes[:cut], True
 
 
 def _order_ties(eids: list, prefixes: list, key_of, reverse: bool) -> list:
