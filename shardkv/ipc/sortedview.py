@@ -34,7 +34,7 @@ from crc32c import crc32c
 from shardkv.errors import Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.sharedindex import HEADER_FIELDS, SERVING, VERSION, VERSION_OFFSET, U32, _map
-from shardkv.shards.sortedkeys import BATCH_RING, LEVELS, PrivateRuns, key_prefix, key_prefixes, prefix_successor, window
+from shardkv.shards.sortedkeys import BATCH_RING, DEAD, LEVELS, PrivateRuns, find_position, key_prefix, key_prefixes, prefix_successor, window
 from shardkv.wal.format import PUT, RECORD_HEADER, RECORD_HEADER_SIZE
 
 VIEW_FIELD = 40  # offset of `view` (u32) in the shard's index header: the view object's number
@@ -375,7 +375,7 @@ def check_order(keys: list, prefixes: np.ndarray, reverse: bool) -> bool:
 class _State:
     """What one read of a shard's header found: everything a window needs, at `version`."""
 
-    __slots__ = ("version", "runs", "locations", "key_lens", "value_lens", "active", "active_end", "epoch", "history")
+    __slots__ = ("version", "runs", "locations", "key_lens", "value_lens", "active", "active_end", "epoch", "history", "key_of", "entry_views")
 
 
 class ViewReader:
@@ -391,6 +391,7 @@ class ViewReader:
         self._view = (None, 0, None)
         self._runs: dict[int, tuple] = {}
         self._table = (None, None)  # (table tuple of the IndexReader, numpy arrays of it)
+        self._state = None  # the last state read (see state())
 
     # -- mapping ----------------------------------------------------------------------------
     def _map_object(self, number: int):
@@ -425,9 +426,13 @@ class ViewReader:
 
     def state(self) -> _State | None:
         """The shard's view at its current version, or None (use the ring): not serving, changing
-        right now, no view published, not complete, or anything that does not check out."""
+        right now, no view published, not complete, or anything that does not check out. (Kept
+        while the version stays: every change to what it describes moves the version.)"""
         reader = self.reader
         header = reader._header
+        cached = self._state
+        if cached is not None and VERSION.unpack_from(header, VERSION_OFFSET)[0] == cached.version:
+            return cached
         version, serving, _, table_number, active, epoch, active_end = HEADER_FIELDS.unpack_from(header, VERSION_OFFSET)
         if version & 1 or serving != SERVING:
             return None
@@ -468,6 +473,9 @@ class ViewReader:
         state.active, state.active_end, state.epoch = active, active_end, epoch
         ring = [BATCH_ENTRY.unpack_from(buf, BATCHES_AT + BATCH_ENTRY.size * i) for i in range(BATCH_RING)]
         state.history = (batches, ring)
+        state.key_of = self._key_of(state)
+        state.entry_views = table[3], table[5], table[6]  # locations, key_lens, value_lens
+        self._state = state
         return state
 
     def same_version(self, state: _State) -> bool:
@@ -535,7 +543,7 @@ class ViewReader:
             if state is None:
                 return None
             try:
-                eids, published, more = window(state.runs, self._key_of(state), cursor, inclusive, bound, reverse, size, check=True)
+                eids, published, more = window(state.runs, state.key_of, cursor, inclusive, bound, reverse, size, check=True)
                 # The keys read must be those the runs place there (their prefixes), in order.
                 keys, values, prefixes = self.read(state, eids, int(time.time() * 1000), published)
                 ordered = check_order(keys, prefixes, reverse)
@@ -551,6 +559,125 @@ class ViewReader:
                 return None
             return keys, values, prefixes, more, state.history
         return None
+
+
+    # -- one item (min, max, above, below) ------------------------------------------------------
+    def candidate(self, state: _State, cursor, cursor_prefix, inclusive: bool, bound_prefix, reverse: bool):
+        """The first entry of the shard after `cursor` (before, with `reverse`) by prefix:
+        (prefix, entry id, eids, position) or None; `bound_prefix`: past it, none. Entries of
+        equal prefixes are told apart by their keys."""
+        best = None
+        key_of = state.key_of
+        for eids, prefixes, count in state.runs:
+            if cursor is None:
+                position = count - 1 if reverse else 0
+            else:
+                position = bisect.bisect_left(prefixes, cursor_prefix, 0, count)
+                if position < count and prefixes[position] == cursor_prefix:
+                    position = find_position(eids, prefixes, count, cursor, cursor_prefix, key_of, inclusive if reverse else not inclusive)
+                if reverse:
+                    position -= 1
+            step = -1 if reverse else 1
+            for _ in range(64):  # past tombstones
+                if not 0 <= position < count or eids[position] != DEAD:
+                    break
+                position += step
+            else:
+                raise ValueError("too many tombstones in a row")  # rare: the general path copes
+            if not 0 <= position < count:
+                continue
+            prefix = prefixes[position]
+            if bound_prefix is not None and ((prefix < bound_prefix) if reverse else (prefix > bound_prefix)):
+                continue
+            if best is None or ((prefix > best[0]) if reverse else (prefix < best[0])):
+                best = (prefix, eids[position], eids, position)
+            elif prefix == best[0]:
+                mine, theirs = key_of(eids[position]), key_of(best[1])
+                if (mine > theirs) if reverse else (mine < theirs):
+                    best = (prefix, eids[position], eids, position)
+        return best
+
+    def item(self, state: _State, e: int, prefix: int, now_ms: int):
+        """(key, value) of entry `e`, its record checked and its key's prefix `prefix`; None if
+        it expired. Raises ValueError on anything out of bounds or not intact."""
+        locations, key_lens, value_lens = state.entry_views
+        location, key_len = locations[e], key_lens[e]
+        end = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE + key_len + value_lens[e]
+        buf, limit = self._segment(state, location >> 32)
+        if not location or end > limit:
+            raise ValueError("record out of bounds")
+        record = buf[location & 0xFFFFFFFF : end]
+        crc, _, rtype, _, _, stored_key_len, _, _, _, expires_at = _RECORD.unpack_from(record)
+        if rtype != PUT or stored_key_len != key_len or crc32c(memoryview(record)[4:]) != crc:
+            raise ValueError("not an intact PUT record of the indexed lengths")
+        key = record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + key_len]
+        if key_prefix(key) != prefix:
+            raise ValueError("a key that the runs do not place there")
+        if expires_at and expires_at <= now_ms:
+            return None
+        return key, record[RECORD_HEADER_SIZE + key_len :]
+
+
+def first(readers: list, control, start, stop, reverse: bool):
+    """(key, value) of the smallest key in [start, stop) (the largest, with `reverse`), None if
+    there is none, or FALLBACK (the general scan answers): min, max, above and below. Every
+    shard is read at one version each, inside one stretch of no cross-shard commit phase."""
+    cursor, inclusive, bound = (stop, False, start) if reverse else (start, True, stop)
+    cursor_prefix = None if cursor is None else key_prefix(cursor)
+    bound_prefix = None if bound is None else key_prefix(bound)
+    for _ in range(RETRIES):
+        finished = control.commits_finished  # read before started (docs/TRANSACTIONS.md)
+        started = control.commits_started
+        if started != finished:
+            return FALLBACK  # a commit phase runs: the general path waits for it
+        states = []
+        best = None
+        try:
+            for reader in readers:
+                state = reader.state()
+                if state is None:
+                    return FALLBACK
+                states.append((reader, state))
+                found = reader.candidate(state, cursor, cursor_prefix, inclusive, bound_prefix, reverse)
+                if found is None:
+                    continue
+                if best is None or ((found[0] > best[0][0]) if reverse else (found[0] < best[0][0])):
+                    best = (found, reader, state)
+                elif found[0] == best[0][0]:
+                    mine, theirs = state.key_of(found[1]), best[2].key_of(best[0][1])
+                    if (mine > theirs) if reverse else (mine < theirs):
+                        best = (found, reader, state)
+            item = None
+            if best is not None:
+                (prefix, e, eids, position), reader, state = best
+                item = reader.item(state, e, prefix, int(time.time() * 1000))
+                if item is None:
+                    return FALLBACK  # expired, not yet purged: the general path skips it
+                key = item[0]
+                if not _within(key, key, cursor, inclusive, bound, reverse):
+                    raise ValueError("a key out of the range asked")
+                # The live entry before it (after it, in reverse) must lie behind the cursor:
+                # else the runs' prefixes lied and a key was passed over.
+                step = 1 if reverse else -1
+                before = position + step
+                while 0 <= before < len(eids) and eids[before] == DEAD and abs(before - position) < 64:
+                    before += step
+                if cursor is not None and 0 <= before < len(eids) and eids[before] != DEAD:
+                    other = state.key_of(eids[before])
+                    if (other > cursor or (other == cursor and not inclusive)) if reverse else (other < cursor or (other == cursor and not inclusive)):
+                        pass
+                    else:
+                        raise ValueError("run out of order")
+        except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error):
+            if all(reader.same_version(state) for reader, state in states):
+                return FALLBACK
+            continue
+        if all(reader.same_version(state) for reader, state in states) and control.commits_started == started:
+            return item
+    return FALLBACK
+
+
+FALLBACK = object()
 
 
 def _within(first: bytes, last: bytes, cursor, inclusive: bool, bound, reverse: bool) -> bool:
@@ -579,6 +706,17 @@ class Restart(Exception):
     """The scan must start again from its beginning (it has returned nothing yet)."""
 
 
+def _bounds(start, stop, prefix) -> tuple:
+    """(start, stop) of a scan with `prefix` folded in."""
+    if prefix:
+        if start is None or start < prefix:
+            start = prefix
+        successor = prefix_successor(prefix)
+        if successor is not None and (stop is None or successor < stop):
+            stop = successor
+    return start, stop
+
+
 class OrderedScan:
     """One scan over all shards, without I/O of its own: `next_items()` returns the next items
     in order, [] when done, or raises NeedPage (the caller fetches a SCAN page through the ring
@@ -587,12 +725,7 @@ class OrderedScan:
     history (docs/TRANSACTIONS.md, "Isolation")."""
 
     def __init__(self, readers, shards: int, start, stop, reverse: bool, prefix, limit, snapshot):
-        if prefix:
-            if start is None or start < prefix:
-                start = prefix
-            successor = prefix_successor(prefix)
-            if successor is not None and (stop is None or successor < stop):
-                stop = successor
+        start, stop = _bounds(start, stop, prefix)
         self.readers = readers  # ViewReader per shard, or None: every page through the ring
         self.shards, self.reverse, self.limit, self.snapshot = shards, reverse, limit, snapshot
         self.start, self.stop = start, stop
@@ -771,6 +904,13 @@ def view_readers(client) -> list | None:
 
 def scan(client, start, stop, reverse: bool, prefix, limit):
     """Client._scan: (key, value) in key order across all shards (docs/TRANSACTIONS.md)."""
+    readers = view_readers(client) if limit == 1 else None
+    if readers is not None:
+        found = first(readers, client._control, *_bounds(start, stop, prefix), reverse)
+        if found is not FALLBACK:
+            if found is not None:
+                yield found
+            return
     with client._snapshot() as snapshot:
         scan = OrderedScan(view_readers(client), client.shards, start, stop, reverse, prefix, limit, snapshot)
         restarts = 0
