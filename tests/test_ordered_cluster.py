@@ -254,7 +254,7 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
     }
     cases = list(shared) + ["entry ids", "entry ids shuffled", "prefixes", "prefixes zero"]
     for name in cases:
-        reader._runs, reader._view = {}, (None, 0, None)  # as a client that maps them now
+        reader._runs, reader._view, reader._state = {}, (None, 0, None), None  # as a client that maps them now
         if name in shared:
             buf, offset, garbage = shared[name]
             saved = buf[offset : offset + len(garbage)]
@@ -273,7 +273,7 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
                 buf[offset : offset + len(garbage)] = saved
             else:
                 monkeypatch.setattr(sortedview.ViewReader, "_run", original_run)
-    reader._runs, reader._view = {}, (None, 0, None)
+    reader._runs, reader._view, reader._state = {}, (None, 0, None), None
     pages = counter.pages
     assert list(db.scan()) == sorted(model.items())
     assert counter.pages == pages, "restored: read directly again"

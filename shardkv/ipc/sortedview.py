@@ -263,27 +263,71 @@ def _row_reader(buf, length: int):
     return np.lib.stride_tricks.as_strided(data, shape=(len(data) - length + 1, length), strides=(1, 1), writeable=False)
 
 
-def _columns(rows: np.ndarray, start: int, width: int) -> list:
-    """Bytes start..start+width of each row, as a list of bytes objects."""
+def _column(rows: np.ndarray, start: int, width: int):
+    """Bytes start..start+width of each row as a numpy array of `width`-byte items (None for
+    width 0): reordered, sliced and merged as numpy, made bytes objects only when handed out."""
     if not width:
-        return [b""] * len(rows)
-    return np.ascontiguousarray(rows[:, start : start + width]).view(f"V{width}").ravel().tolist()
+        return None
+    return np.ascontiguousarray(rows[:, start : start + width]).view(f"V{width}").ravel()
+
+
+class Items:
+    """Keys and values of a window in scan order, with the keys' prefixes (uint64): columns of
+    one key length and one value length (numpy arrays of fixed-size items; values None when
+    empty), or lists of bytes."""
+
+    __slots__ = ("keys", "values", "prefixes")
+
+    def __init__(self, keys, values, prefixes: np.ndarray):
+        self.keys, self.values, self.prefixes = keys, values, prefixes
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    @property
+    def columns(self) -> bool:
+        return type(self.keys) is np.ndarray
+
+    def key(self, i: int) -> bytes:
+        key = self.keys[i]
+        return key if type(key) is bytes else key.tobytes()
+
+    def take(self, rows) -> "Items":
+        """The items picked by `rows` (a mask or an index array)."""
+        if self.columns:
+            return Items(self.keys[rows], None if self.values is None else self.values[rows], self.prefixes[rows])
+        picked = np.arange(len(self.prefixes))[rows].tolist()
+        return Items([self.keys[i] for i in picked], [self.values[i] for i in picked], self.prefixes[rows])
+
+    def part(self, start: int, end: int) -> "Items":
+        values = self.values
+        return Items(self.keys[start:end], None if values is None else values[start:end], self.prefixes[start:end])
+
+    def lists(self) -> tuple[list, list]:
+        """(keys, values) as lists of bytes."""
+        if not self.columns:
+            return self.keys, self.values
+        return self.keys.tolist(), [b""] * len(self.keys) if self.values is None else self.values.tolist()
+
+
+_NO_ITEMS = Items([], [], np.zeros(0, dtype=np.uint64))
 
 
 def read_records(buffers: dict, segments: np.ndarray, offsets: np.ndarray, key_lens: np.ndarray, value_lens: np.ndarray, now_ms: int, published=None):
     """Keys and values of the PUT records at (`segments`[i], `offsets`[i]) with these lengths,
     read from `buffers` (segment -> buffer; the caller checked every record lies within), each
     record checked (CRC-32C, type PUT, its lengths). Returns (keys, values, prefixes of the
-    keys), records that expired at or before `now_ms` left out; raises ValueError if a record is
-    not what the index says, or its key's prefix is not the one `published` for it."""
+    keys) as Items, records that expired at or before `now_ms` left out; raises ValueError if a
+    record is not what the index says, or its key's prefix is not the one `published` for it."""
     n = len(offsets)
     shapes = (key_lens << 32) | value_lens
     distinct = shapes[:1] if (shapes == shapes[0]).all() else np.unique(shapes)
     if len(distinct) > 8:
         return _read_one_by_one(buffers, segments, offsets, key_lens, value_lens, now_ms, published)
-    keys, values = [None] * n, [None] * n
-    prefixes = np.zeros(n, dtype=np.uint64)
-    expires = np.zeros(n, dtype=np.uint64)
+    if len(distinct) > 1:
+        keys, values = [None] * n, [None] * n
+        prefixes = np.zeros(n, dtype=np.uint64)
+        expires = np.zeros(n, dtype=np.uint64)
     one_segment = len(buffers) == 1
     for shape in distinct.tolist():
         group = np.flatnonzero(shapes == shape) if len(distinct) > 1 else None
@@ -297,22 +341,24 @@ def read_records(buffers: dict, segments: np.ndarray, offsets: np.ndarray, key_l
             and _check_crcs(rows, length)
         ):
             raise ValueError("not an intact PUT record of the indexed lengths")
-        found_keys = _columns(rows, RECORD_HEADER_SIZE, key_len)
-        found_values = _columns(rows, RECORD_HEADER_SIZE + key_len, length - RECORD_HEADER_SIZE - key_len)
+        found_keys = _column(rows, RECORD_HEADER_SIZE, key_len)
+        found_values = _column(rows, RECORD_HEADER_SIZE + key_len, value_len)
         head = np.zeros((len(rows), 8), dtype=np.uint8)
         head[:, : min(8, key_len)] = rows[:, RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + min(8, key_len)]
+        found_prefixes = head.view(">u8").ravel().astype(np.uint64)
+        found_expires = np.ascontiguousarray(rows[:, 32:40]).view("<u8").ravel()
         if group is None:
-            keys, values = found_keys, found_values
-            prefixes = head.view(">u8").ravel().astype(np.uint64)
-            expires = np.ascontiguousarray(rows[:, 32:40]).view("<u8").ravel()
-        else:
-            for i, k, v in zip(group.tolist(), found_keys, found_values):
-                keys[i], values[i] = k, v
-            prefixes[group] = head.view(">u8").ravel()
-            expires[group] = np.ascontiguousarray(rows[:, 32:40]).view("<u8").ravel()
-    if published is not None and not (len(published) == n and (prefixes == published).all()):
+            items, expires = Items(found_keys, found_values, found_prefixes), found_expires
+            break
+        for i, k, v in zip(group.tolist(), found_keys.tolist(), [b""] * len(group) if found_values is None else found_values.tolist()):
+            keys[i], values[i] = k, v
+        prefixes[group] = found_prefixes
+        expires[group] = found_expires
+    else:
+        items = Items(keys, values, prefixes)
+    if published is not None and not (len(published) == n and (items.prefixes == published).all()):
         raise ValueError("keys that the runs do not place there")
-    return _unexpired(keys, values, prefixes, expires, now_ms)
+    return _unexpired(items, expires, now_ms)
 
 
 def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segment: bool) -> np.ndarray:
@@ -330,13 +376,12 @@ def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segme
     return rows
 
 
-def _unexpired(keys: list, values: list, prefixes: np.ndarray, expires: np.ndarray, now_ms: int):
+def _unexpired(items: Items, expires: np.ndarray, now_ms: int) -> Items:
     if expires.any():
         live = (expires == 0) | (expires > now_ms)
         if not live.all():
-            rows = np.flatnonzero(live).tolist()
-            return [keys[i] for i in rows], [values[i] for i in rows], prefixes[live]
-    return keys, values, prefixes
+            return items.take(live)
+    return items
 
 
 def _read_one_by_one(buffers: dict, segments, offsets, key_lens, value_lens, now_ms: int, published=None):
@@ -355,18 +400,20 @@ def _read_one_by_one(buffers: dict, segments, offsets, key_lens, value_lens, now
     prefixes = np.array(prefixes, dtype=np.uint64)
     if published is not None and not (len(published) == len(prefixes) and (prefixes == published).all()):
         raise ValueError("keys that the runs do not place there")
-    return _unexpired(keys, values, prefixes, np.array(expires, dtype=np.uint64), now_ms)
+    return _unexpired(Items(keys, values, prefixes), np.array(expires, dtype=np.uint64), now_ms)
 
 
-def check_order(keys: list, prefixes: np.ndarray, reverse: bool) -> bool:
-    """Whether `keys` (with their `prefixes`) rise strictly (fall, with `reverse`)."""
-    if len(keys) < 2:
+def check_order(items: Items, reverse: bool) -> bool:
+    """Whether the keys of `items` rise strictly (fall, with `reverse`)."""
+    prefixes = items.prefixes
+    if len(prefixes) < 2:
         return True
     before, after = prefixes[:-1], prefixes[1:]
     if ((after > before) if reverse else (after < before)).any():
         return False
     for i in np.flatnonzero(after == before).tolist():
-        if not ((keys[i] > keys[i + 1]) if reverse else (keys[i] < keys[i + 1])):
+        first, second = items.key(i), items.key(i + 1)
+        if not ((first > second) if reverse else (first < second)):
             return False
     return True
 
@@ -473,8 +520,8 @@ class ViewReader:
         state.active, state.active_end, state.epoch = active, active_end, epoch
         ring = [BATCH_ENTRY.unpack_from(buf, BATCHES_AT + BATCH_ENTRY.size * i) for i in range(BATCH_RING)]
         state.history = (batches, ring)
-        state.key_of = self._key_of(state)
         state.entry_views = table[3], table[5], table[6]  # locations, key_lens, value_lens
+        state.key_of = self._key_of(state)
         self._state = state
         return state
 
@@ -494,18 +541,25 @@ class ViewReader:
         return mapped[1], mapped[2]
 
     def _key_of(self, state: _State):
-        """key_of(entry id) for ordering equal prefixes: the key bytes, bounds-checked."""
-        locations, key_lens, entries = state.locations, state.key_lens, len(state.locations)
+        """key_of(entry id): the key bytes, bounds-checked (for ordering equal prefixes and
+        checking positions; the hottest path of min/max/above/below)."""
+        locations, key_lens, _ = state.entry_views
+        entries = len(locations)
+        segment_of = self._segment
+        mapped: dict[int, tuple] = {}  # segment -> (buffer, readable length), for this state
 
         def key_of(e: int) -> bytes:
             if not 0 <= e < entries:
                 raise ValueError("entry id out of range")
-            location, key_len = int(locations[e]), int(key_lens[e])
-            buf, limit = self._segment(state, location >> 32)
+            location = locations[e]
+            found = mapped.get(location >> 32)
+            if found is None:
+                found = mapped[location >> 32] = segment_of(state, location >> 32)
             start = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE
-            if not location or start + key_len > limit:
+            end = start + key_lens[e]
+            if not location or end > found[1]:
                 raise ValueError("key out of bounds")
-            return buf[start : start + key_len]
+            return found[0][start:end]
 
         return key_of
 
@@ -514,7 +568,7 @@ class ViewReader:
         out of bounds or not intact, or a key whose prefix is not in `published` (if given)."""
         e = np.asarray(eids, dtype=np.int64)
         if not len(e):
-            return [], [], np.zeros(0, dtype=np.uint64)
+            return _NO_ITEMS
         if int(e.max()) >= len(state.locations) or int(e.min()) < 0:
             raise ValueError("entry id out of range")
         locations = state.locations[e]
@@ -536,8 +590,7 @@ class ViewReader:
 
     def window(self, cursor, inclusive: bool, bound, reverse: bool, size: int):
         """The next keys after `cursor` (see sortedkeys.window) with their values, read and
-        checked at one version of the shard: (keys, values, prefixes, more, history), or None
-        (use the ring)."""
+        checked at one version of the shard: (Items, more, history), or None (use the ring)."""
         for _ in range(RETRIES):
             state = self.state()
             if state is None:
@@ -545,8 +598,8 @@ class ViewReader:
             try:
                 eids, published, more = window(state.runs, state.key_of, cursor, inclusive, bound, reverse, size, check=True)
                 # The keys read must be those the runs place there (their prefixes), in order.
-                keys, values, prefixes = self.read(state, eids, int(time.time() * 1000), published)
-                ordered = check_order(keys, prefixes, reverse)
+                items = self.read(state, eids, int(time.time() * 1000), published)
+                ordered = check_order(items, reverse)
             except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error, mmap.error):
                 if self.same_version(state):
                     return None  # not a race: let the worker answer
@@ -555,19 +608,21 @@ class ViewReader:
             if not self.same_version(state):
                 size = max(16, size // 4)  # a write came meanwhile: a smaller window is likelier to fit
                 continue
-            if not ordered or (keys and not _within(keys[0], keys[-1], cursor, inclusive, bound, reverse)):
+            if not ordered or (len(items) and not _within(items.key(0), items.key(len(items) - 1), cursor, inclusive, bound, reverse)):
                 return None
-            return keys, values, prefixes, more, state.history
+            return items, more, state.history
         return None
 
 
     # -- one item (min, max, above, below) ------------------------------------------------------
-    def candidate(self, state: _State, cursor, cursor_prefix, inclusive: bool, bound_prefix, reverse: bool):
-        """The first entry of the shard after `cursor` (before, with `reverse`) by prefix:
-        (prefix, entry id, eids, position) or None; `bound_prefix`: past it, none. Entries of
-        equal prefixes are told apart by their keys."""
+    def candidate(self, state: _State, cursor, cursor_prefix, inclusive: bool, bound, reverse: bool):
+        """The first key of the shard after `cursor` (before it, with `reverse`; at it too if
+        `inclusive`; None: from the first or last) and not past `bound`: (key, entry id) or None.
+        Each level's position is checked against the keys themselves (the entry found and the
+        live one before it), so that prefixes that lie cannot hide a key. Raises ValueError."""
         best = None
         key_of = state.key_of
+        step = -1 if reverse else 1
         for eids, prefixes, count in state.runs:
             if cursor is None:
                 position = count - 1 if reverse else 0
@@ -577,29 +632,25 @@ class ViewReader:
                     position = find_position(eids, prefixes, count, cursor, cursor_prefix, key_of, inclusive if reverse else not inclusive)
                 if reverse:
                     position -= 1
-            step = -1 if reverse else 1
-            for _ in range(64):  # past tombstones
-                if not 0 <= position < count or eids[position] != DEAD:
-                    break
-                position += step
-            else:
-                raise ValueError("too many tombstones in a row")  # rare: the general path copes
+            position = _live(eids, count, position, step)
+            previous = _live(eids, count, position - step, -step)
+            if cursor is not None and 0 <= previous < count and _after(key_of(eids[previous]), cursor, inclusive, reverse):
+                raise ValueError("run out of order")
             if not 0 <= position < count:
                 continue
-            prefix = prefixes[position]
-            if bound_prefix is not None and ((prefix < bound_prefix) if reverse else (prefix > bound_prefix)):
+            e = eids[position]
+            key = key_of(e)
+            if key_prefix(key) != prefixes[position] or (cursor is not None and not _after(key, cursor, inclusive, reverse)):
+                raise ValueError("run out of order")
+            if bound is not None and ((key < bound) if reverse else (key >= bound)):
                 continue
-            if best is None or ((prefix > best[0]) if reverse else (prefix < best[0])):
-                best = (prefix, eids[position], eids, position)
-            elif prefix == best[0]:
-                mine, theirs = key_of(eids[position]), key_of(best[1])
-                if (mine > theirs) if reverse else (mine < theirs):
-                    best = (prefix, eids[position], eids, position)
+            if best is None or ((key > best[0]) if reverse else (key < best[0])):
+                best = (key, e)
         return best
 
-    def item(self, state: _State, e: int, prefix: int, now_ms: int):
-        """(key, value) of entry `e`, its record checked and its key's prefix `prefix`; None if
-        it expired. Raises ValueError on anything out of bounds or not intact."""
+    def item(self, state: _State, e: int, key: bytes, now_ms: int):
+        """(key, value) of entry `e`, its record checked and its key `key`; None if it expired.
+        Raises ValueError on anything out of bounds or not intact."""
         locations, key_lens, value_lens = state.entry_views
         location, key_len = locations[e], key_lens[e]
         end = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE + key_len + value_lens[e]
@@ -610,12 +661,28 @@ class ViewReader:
         crc, _, rtype, _, _, stored_key_len, _, _, _, expires_at = _RECORD.unpack_from(record)
         if rtype != PUT or stored_key_len != key_len or crc32c(memoryview(record)[4:]) != crc:
             raise ValueError("not an intact PUT record of the indexed lengths")
-        key = record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + key_len]
-        if key_prefix(key) != prefix:
-            raise ValueError("a key that the runs do not place there")
+        if record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + key_len] != key:
+            raise ValueError("the entry changed")
         if expires_at and expires_at <= now_ms:
             return None
         return key, record[RECORD_HEADER_SIZE + key_len :]
+
+
+def _live(eids, count: int, position: int, step: int) -> int:
+    """The nearest position from `position` on (going by `step`) that is no tombstone; out of
+    [0, count) if there is none."""
+    for _ in range(64):
+        if not 0 <= position < count or eids[position] != DEAD:
+            return position
+        position += step
+    raise ValueError("too many tombstones in a row")  # rare: the general path copes
+
+
+def _after(key: bytes, cursor: bytes, inclusive: bool, reverse: bool) -> bool:
+    """Whether `key` comes after `cursor` in scan order (or is it, with `inclusive`)."""
+    if reverse:
+        return key < cursor or (inclusive and key == cursor)
+    return key > cursor or (inclusive and key == cursor)
 
 
 def first(readers: list, control, start, stop, reverse: bool):
@@ -624,7 +691,6 @@ def first(readers: list, control, start, stop, reverse: bool):
     shard is read at one version each, inside one stretch of no cross-shard commit phase."""
     cursor, inclusive, bound = (stop, False, start) if reverse else (start, True, stop)
     cursor_prefix = None if cursor is None else key_prefix(cursor)
-    bound_prefix = None if bound is None else key_prefix(bound)
     for _ in range(RETRIES):
         finished = control.commits_finished  # read before started (docs/TRANSACTIONS.md)
         started = control.commits_started
@@ -638,36 +704,15 @@ def first(readers: list, control, start, stop, reverse: bool):
                 if state is None:
                     return FALLBACK
                 states.append((reader, state))
-                found = reader.candidate(state, cursor, cursor_prefix, inclusive, bound_prefix, reverse)
-                if found is None:
-                    continue
-                if best is None or ((found[0] > best[0][0]) if reverse else (found[0] < best[0][0])):
-                    best = (found, reader, state)
-                elif found[0] == best[0][0]:
-                    mine, theirs = state.key_of(found[1]), best[2].key_of(best[0][1])
-                    if (mine > theirs) if reverse else (mine < theirs):
-                        best = (found, reader, state)
+                found = reader.candidate(state, cursor, cursor_prefix, inclusive, bound, reverse)
+                if found is not None and (best is None or ((found[0] > best[0]) if reverse else (found[0] < best[0]))):
+                    best = (found[0], found[1], reader, state)
             item = None
             if best is not None:
-                (prefix, e, eids, position), reader, state = best
-                item = reader.item(state, e, prefix, int(time.time() * 1000))
+                key, e, reader, state = best
+                item = reader.item(state, e, key, int(time.time() * 1000))
                 if item is None:
                     return FALLBACK  # expired, not yet purged: the general path skips it
-                key = item[0]
-                if not _within(key, key, cursor, inclusive, bound, reverse):
-                    raise ValueError("a key out of the range asked")
-                # The live entry before it (after it, in reverse) must lie behind the cursor:
-                # else the runs' prefixes lied and a key was passed over.
-                step = 1 if reverse else -1
-                before = position + step
-                while 0 <= before < len(eids) and eids[before] == DEAD and abs(before - position) < 64:
-                    before += step
-                if cursor is not None and 0 <= before < len(eids) and eids[before] != DEAD:
-                    other = state.key_of(eids[before])
-                    if (other > cursor or (other == cursor and not inclusive)) if reverse else (other < cursor or (other == cursor and not inclusive)):
-                        pass
-                    else:
-                        raise ValueError("run out of order")
         except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error):
             if all(reader.same_version(state) for reader, state in states):
                 return FALLBACK
@@ -691,11 +736,11 @@ def _within(first: bytes, last: bytes, cursor, inclusive: bool, bound, reverse: 
 
 # -- a scan over every shard ---------------------------------------------------------------------------
 class _Shard:
-    __slots__ = ("cursor", "inclusive", "keys", "values", "prefixes", "taken", "more", "size", "batches", "direct")
+    __slots__ = ("cursor", "inclusive", "items", "taken", "more", "size", "batches", "direct")
 
     def __init__(self, cursor, inclusive: bool, size: int, direct: bool):
         self.cursor, self.inclusive = cursor, inclusive  # where the next window starts
-        self.keys, self.values, self.prefixes, self.taken = [], [], np.zeros(0, dtype=np.uint64), 0
+        self.items, self.taken = _NO_ITEMS, 0  # read, and how many of them were handed out
         self.more = True
         self.size = size
         self.batches = None  # the shard's batch count when its first window was read
@@ -751,8 +796,7 @@ class OrderedScan:
             finally:
                 self.snapshot.fetching(False)
             if found is not None:
-                keys, values, prefixes, more, history = found
-                self._accept(s, keys, values, prefixes, more, history)
+                self._accept(s, *found)
                 return None
         return s, self._page_request(shard)
 
@@ -768,18 +812,18 @@ class OrderedScan:
         """A SCAN page of shard `s` fetched through the ring."""
         items, more, history = m.decode_scan_page(body)
         keys = [k for k, _ in items]
-        self._accept(s, keys, [v for _, v in items], key_prefixes(keys), more and bool(items), history)
+        self._accept(s, Items(keys, [v for _, v in items], key_prefixes(keys)), more and bool(items), history)
 
-    def _accept(self, s: int, keys, values, prefixes, more: bool, history) -> None:
+    def _accept(self, s: int, items: Items, more: bool, history) -> None:
         shard = self.state[s]
         if not self.snapshot.still_valid():
             self._moved("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans)")
         if history is not None:
             self._check_batches(shard, history)
-        shard.keys, shard.values, shard.prefixes, shard.taken = keys, values, prefixes, 0
+        shard.items, shard.taken = items, 0
         shard.more = more
-        if keys:
-            shard.cursor, shard.inclusive = keys[-1], False
+        if len(items):
+            shard.cursor, shard.inclusive = items.key(len(items) - 1), False
         shard.size = min(shard.size * 4, MAX_WINDOW)
 
     def _check_batches(self, shard: _Shard, history) -> None:
@@ -818,7 +862,7 @@ class OrderedScan:
             return [], []
         while True:
             for s, shard in enumerate(self.state):
-                if shard.taken >= len(shard.keys) and shard.more:
+                if shard.taken >= len(shard.items) and shard.more:
                     request = self.fill(s)
                     if request is not None:
                         raise NeedPage(*request)
@@ -829,56 +873,79 @@ class OrderedScan:
                 self.produced += len(keys)
                 return keys, values
 
-    def _merge(self) -> list:
-        """Every buffered item up to the nearest last key of a shard that has more."""
+    def _merge(self) -> tuple[list, list]:
+        """Every buffered item up to the nearest last key of a shard that has more, in order."""
         reverse = self.reverse
         edge = None
         for shard in self.state:
-            if shard.more and shard.keys:
-                last = shard.keys[-1]
+            if shard.more and len(shard.items):
+                last = shard.items.key(len(shard.items) - 1)
                 if edge is None or (last > edge if reverse else last < edge):
                     edge = last
         parts = []
         for shard in self.state:
-            keys, taken = shard.keys, shard.taken
-            if taken >= len(keys):
+            items, taken = shard.items, shard.taken
+            if taken >= len(items):
                 continue
-            if edge is None:
-                end = len(keys)
-            elif not reverse:
-                end = bisect.bisect_right(keys, edge, taken)
-            else:
-                # A falling list: the items above the edge's prefix, then those equal to it.
-                end = taken + int(np.searchsorted(~shard.prefixes[taken:], ~np.uint64(key_prefix(edge)), side="left"))
-                while end < len(keys) and keys[end] >= edge:
-                    end += 1
+            end = len(items) if edge is None else _upto(items, taken, edge, reverse)
             if end > taken:
-                parts.append((keys[taken:end], shard.values[taken:end], shard.prefixes[taken:end]))
+                parts.append(items.part(taken, end))
                 shard.taken = end
         if not parts:
             return [], []
         if len(parts) == 1:
-            return parts[0][0], parts[0][1]
-        keys, values = parts[0][0], parts[0][1]
-        for part in parts[1:]:
-            keys, values = keys + part[0], values + part[1]
-        prefixes = np.concatenate([part[2] for part in parts])
+            return parts[0].lists()
+        prefixes = np.concatenate([part.prefixes for part in parts])
         order = np.argsort(~prefixes if reverse else prefixes, kind="stable")  # merges the shards' runs
         ordered = prefixes[order]
         same = np.flatnonzero(ordered[1:] == ordered[:-1])
-        order = order.tolist()
         if len(same):
-            # Equal prefixes: those keys in key order (they come from different shards).
-            i = 0
-            ties = same.tolist()
-            while i < len(ties):
-                j = i
-                while j + 1 < len(ties) and ties[j + 1] == ties[j] + 1:
-                    j += 1
-                lo, hi = ties[i], ties[j] + 2
-                order[lo:hi] = sorted(order[lo:hi], key=keys.__getitem__, reverse=reverse)
-                i = j + 1
+            order = _order_equal_prefixes(parts, order, same.tolist(), reverse)
+        kinds = {(part.keys.dtype, None if part.values is None else part.values.dtype) if part.columns else None for part in parts}
+        if len(kinds) == 1 and None not in kinds:
+            # One key length, one value length: reorder the columns, then make bytes objects.
+            keys = np.concatenate([part.keys for part in parts])[order].tolist()
+            if parts[0].values is None:
+                return keys, [b""] * len(keys)
+            return keys, np.concatenate([part.values for part in parts])[order].tolist()
+        keys, values = [], []
+        for part in parts:
+            part_keys, part_values = part.lists()
+            keys += part_keys
+            values += part_values
+        order = order.tolist()
         return list(map(keys.__getitem__, order)), list(map(values.__getitem__, order))
+
+
+def _upto(items: Items, start: int, edge: bytes, reverse: bool) -> int:
+    """The end of the items from `start` on that are at or before `edge` in scan order."""
+    prefixes, edge_prefix = items.prefixes[start:], np.uint64(key_prefix(edge))
+    if not reverse:
+        end = start + int(np.searchsorted(prefixes, edge_prefix, side="right"))
+        while end > start and items.prefixes[end - 1] == edge_prefix and items.key(end - 1) > edge:
+            end -= 1
+    else:
+        end = start + int(np.searchsorted(~prefixes, ~edge_prefix, side="right"))
+        while end > start and items.prefixes[end - 1] == edge_prefix and items.key(end - 1) < edge:
+            end -= 1
+    return end
+
+
+def _order_equal_prefixes(parts: list, order: np.ndarray, same: list, reverse: bool) -> np.ndarray:
+    """`order` with each run of equal prefixes (positions `same` and the next) put in key order."""
+    keys = []
+    for part in parts:
+        keys += part.lists()[0]
+    order = order.tolist()
+    i = 0
+    while i < len(same):
+        j = i
+        while j + 1 < len(same) and same[j + 1] == same[j] + 1:
+            j += 1
+        lo, hi = same[i], same[j] + 2
+        order[lo:hi] = sorted(order[lo:hi], key=keys.__getitem__, reverse=reverse)
+        i = j + 1
+    return np.array(order, dtype=np.int64)
 
 
 class NeedPage(Exception):
