@@ -18,6 +18,8 @@ is deleted right after that store's runs:
                      inside one long read transaction;
 * scan             - every item in key order (LMDB cursor, RocksDB ``items()``);
 * reopen           - close, then time open + the first get;
+* reopen + scan    - close, then time open + the first item of a scan (shardkv: the ordered view
+                     saved at close, or sorted in the background);
 * index bytes/key  - shardkv ``stats()["index_bytes"] / N`` after the scans (so the sorted
                      structure, built on the first ordered read, is counted); n/a for peers.
 
@@ -74,6 +76,7 @@ OPERATIONS = (
     ("get_long_txn", "get, random, LMDB one txn", "rate"),
     ("scan", "scan, key order", "rate"),
     ("reopen", "reopen (open + 1st get)", "time"),
+    ("reopen_scan", "reopen (open + 1st scan item)", "time"),
     ("index_bytes", "index bytes/key", "figure"),
 )
 
@@ -526,6 +529,18 @@ def run_store(
             if got is None:
                 rec.problem(f"{label}: first get after reopen returned None")
         print(f"  {label}: reopen {statistics.median(rec.samples[(value_size, 'reopen')][name]) * 1e3:,.1f} ms", flush=True)
+        op = "reopen_scan"
+        for _ in range(repeat):
+            store.close()
+            gc.collect()
+            t0 = time.perf_counter()
+            store.open()
+            got = next(iter(store.items()), None)
+            secs = time.perf_counter() - t0
+            rec.add(value_size, "reopen_scan", name, secs)
+            if got is None:
+                rec.problem(f"{label}: first scan item after reopen was None")
+        print(f"  {label}: reopen + first scan item {statistics.median(rec.samples[(value_size, 'reopen_scan')][name]) * 1e3:,.1f} ms", flush=True)
         if name == "shardkv":
             idx2 = store.index_bytes()
             if idx is not None and idx2 != idx:

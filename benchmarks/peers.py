@@ -178,6 +178,14 @@ class Client:
         """Every (key, value) in key order (descending with `reverse`)."""
         raise Unsupported(f"{LABELS[self.name]} has no ordered iteration")
 
+    def above(self, key: bytes):
+        """(key, value) of the smallest key after `key`, or None."""
+        raise Unsupported(f"{LABELS[self.name]}: no ordered seek in this benchmark")
+
+    def below(self, key: bytes):
+        """(key, value) of the largest key before `key`, or None."""
+        raise Unsupported(f"{LABELS[self.name]}: no ordered seek in this benchmark")
+
     def count(self) -> int:
         raise NotImplementedError
 
@@ -211,6 +219,12 @@ class _ShardkvBoth(Client):
 
     def items(self, reverse=False):
         return self.db.scan(reverse=reverse)
+
+    def above(self, key):
+        return self.db.above(key)
+
+    def below(self, key):
+        return self.db.below(key)
 
     def count(self):
         return len(self.db)
@@ -289,7 +303,19 @@ class LmdbClient(Client):
             with begin(write=True) as txn:
                 return txn.delete(key)
 
-        self.get, self.put, self.delete = get, put, delete
+        def above(key):
+            with begin() as txn:
+                cursor = txn.cursor()
+                return cursor.item() if cursor.set_range(key + b"\x00") else None
+
+        def below(key):
+            with begin() as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(key):
+                    return cursor.item() if cursor.prev() else None
+                return cursor.item() if cursor.last() else None
+
+        self.get, self.put, self.delete, self.above, self.below = get, put, delete, above, below
 
     def put_batch(self, pairs):
         with self.env.begin(write=True) as txn:
@@ -519,6 +545,12 @@ class SqliteClient(Client):
 
     def items(self, reverse=False):
         return self.conn.execute(f"SELECT k, v FROM kv ORDER BY k {'DESC' if reverse else 'ASC'}")
+
+    def above(self, key):
+        return self.conn.execute("SELECT k, v FROM kv WHERE k > ? ORDER BY k LIMIT 1", (key,)).fetchone()
+
+    def below(self, key):
+        return self.conn.execute("SELECT k, v FROM kv WHERE k < ? ORDER BY k DESC LIMIT 1", (key,)).fetchone()
 
     def count(self):
         return int(self.conn.execute("SELECT COUNT(*) FROM kv").fetchone()[0])

@@ -19,9 +19,12 @@ Workloads (rows), every store in a fresh temporary directory per row group, same
 * load      (seeds 000 and 001) N keys x V-byte values, for (1M, 1 KiB), (1M, 16 B) and
             (10M, 16 B): insert all N - the first N - S in atomic batches of 1000, the last S
             one by one; look up S random keys one by one and S in batches of 1000; iterate
-            all N ascending, then descending; remove S random keys one by one and the rest in
-            batches of 1000. S = 50,000: the single-key rows time a sample, so that the 10M row
-            ends in reasonable time for the stores answering over IPC; iterations stop after
+            all N ascending, then descending (the first ordered read, one item of an
+            iteration, timed before them); S above() and below() of random keys (LMDB: a
+            cursor's set_range; sqlite3: ORDER BY ... LIMIT 1); remove S random keys one by
+            one and the rest in batches of 1000. S = 50,000: the single-key rows time a
+            sample, so that the 10M row ends in reasonable time for the stores answering over
+            IPC; iterations stop after
             60 s (quick: 1 s), the rate counting the items read by then.
 * overwrite (seed 002) K keys x 100 B written one by one, then W - K overwrites of random keys
             (K = 200k, W = 300k), R = 200k random reads; bytes on disk; compaction (shardkv
@@ -101,6 +104,7 @@ WORKLOADS = ("load", "overwrite", "readers", "ycsb", "batches", "fsync")
 EXTRA_WORKLOADS = ("shards",)  # not run unless named: shard scaling, for machines with many cores
 NO_FSYNC, FSYNC = "no fsync", "fsync"
 MIB = 1 << 20
+FIRST_ORDERED = "first ordered read after the load, ms"
 BIG_ROW = 10_000_000  # load rows this large leave out the stores of SLOW_ON_BIG_ROW (unless --all-10m)
 SLOW_ON_BIG_ROW = {"diskcache": "about 20k keys/s for batched inserts and removals: those alone would take it some 17 minutes"}
 
@@ -138,7 +142,7 @@ class Row:
     workload: str
     operation: str
     durability: str
-    unit: str = "ops/s"  # "ops/s", "MB" or "s"
+    unit: str = "ops/s"  # "ops/s", "MB", "s" or "ms"
     values: dict = dataclasses.field(default_factory=dict)
     absent: dict = dataclasses.field(default_factory=dict)  # store -> why "-"
 
@@ -151,6 +155,8 @@ class Row:
             return fmt_rate(value)
         if self.unit == "MB":
             return f"{value:.1f}"
+        if self.unit == "ms":
+            return f"{value:.3g}"
         return f"{value:.2f}"
 
     def best_peer(self) -> tuple[str, float] | None:
@@ -340,6 +346,30 @@ class Suite:
         self.check(seen == n or seconds >= self.scale.iterate_s, f"{LABELS[store]} {row.workload}: {row.operation} saw {seen} items, not {n}")
         self.results.put(row, store, seen / seconds, f"  ({seen:,} in {seconds:.2f} s{'' if seen == n else ', stopped at the time limit'})")
 
+    def first_ordered(self, row: Row, store: str, client: Client) -> None:
+        """Time the first ordered read after the inserts: open an iteration, take one item."""
+        gc.collect()
+        started = time.perf_counter()
+        try:
+            first = next(iter(client.items()), None)
+        except Unsupported as exc:
+            self.results.absent(row, store, str(exc))
+            return
+        seconds = time.perf_counter() - started
+        self.check(first is not None, f"{LABELS[store]} {row.workload}: the first ordered read found nothing")
+        self.results.put(row, store, seconds * 1000)
+
+    def measure_seek(self, row: Row, store: str, client: Client, method: str, probes: list[bytes]) -> None:
+        """above() or below() of each probe (random keys), against sorted() of a sample."""
+        try:
+            seek = getattr(client, method)
+            seek(probes[0])
+        except Unsupported as exc:
+            self.results.absent(row, store, str(exc))
+            return
+        found = self.measure(row, store, len(probes), lambda: [seek(k) for k in probes])
+        self.check(found is not None and sum(f is None for f in found) < len(probes) // 100, f"{LABELS[store]} {row.workload}: {method} found nothing for most probes")
+
     def check(self, ok: bool, text: str) -> None:
         if not ok:
             self.results.problem(text)
@@ -362,12 +392,14 @@ class Suite:
                 "lookups": rng.integers(0, n, sample),
                 "lookups_batch": rng.integers(0, n, sample),
                 "removal": rng.permutation(n),
+                "probes": [bytes(row) for row in rng.integers(0, 256, (sample, 16), dtype=np.uint8)],  # for above/below
             }
             map_size = n * (size + 16 + 64) * 4 + (256 << 20)
             for name in self.stores:
                 if n >= BIG_ROW and name in SLOW_ON_BIG_ROW and not self.args.all_10m:
-                    for op in (f"insert, batch {BATCH}", "insert, one by one", "lookup, random", f"lookup, batch {BATCH}",
-                               "iterate ascending", "iterate descending", "remove, one by one", f"remove, batch {BATCH}"):  # fmt: skip
+                    for op in (f"insert, batch {BATCH}", "insert, one by one", "lookup, random", f"lookup, batch {BATCH}", FIRST_ORDERED,
+                               "iterate ascending", "iterate descending", "above, random", "below, random", "remove, one by one",
+                               f"remove, batch {BATCH}"):  # fmt: skip
                         self.results.absent(self.results.row(workload, op), name, f"{LABELS[name]}: not run on the {fmt_count(n)}-key row ({SLOW_ON_BIG_ROW[name]}; --all-10m runs it)")
                     continue
                 self.guarded(f"{LABELS[name]} {workload}", lambda name=name, keys=keys, plan=plan: self._load_one(name, workload, keys, pool, sample, plan, map_size))
@@ -394,8 +426,11 @@ class Suite:
             self.check(not missing, f"{LABELS[name]} {workload}: {missing} lookups found nothing")
             missing = self.measure(results.row(workload, f"lookup, batch {BATCH}"), name, sample, get_batches, client, keys.take(plan["lookups_batch"]))
             self.check(not missing, f"{LABELS[name]} {workload}: {missing} batched lookups found nothing")
+            self.first_ordered(results.row(workload, FIRST_ORDERED, unit="ms"), name, client)
             for reverse, label in ((False, "iterate ascending"), (True, "iterate descending")):
                 self.iterate(results.row(workload, label), name, client, reverse, n)
+            for label, method in (("above, random", "above"), ("below, random", "below")):
+                self.measure_seek(results.row(workload, label), name, client, method, plan["probes"])
             counted = client.count()
             self.check(counted == n, f"{LABELS[name]} {workload}: holds {counted} keys after the inserts, not {n}")
             removal = plan["removal"]

@@ -75,6 +75,7 @@ from shardkv.ipc.layout import (
     worker_ring_slots,
 )
 from shardkv.ipc.sharedindex import HEADER_SIZE, create_header, mark_not_serving, unlink_tables
+from shardkv.ipc.sortedview import unlink_views
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio
 from shardkv.wal.writer import check_durability
@@ -407,6 +408,7 @@ class Supervisor:
                     # worker publishes fresh ones).
                     mark_not_serving(self.index_headers[index - 1])
                     unlink_tables(self.names["prefix"], index - 1)
+                    unlink_views(self.names["prefix"], index - 1)
                 if self.stopping:
                     entry["state"] = PROC_DOWN
                     self._publish_proc(index)
@@ -514,6 +516,7 @@ class Supervisor:
         for shard, header in enumerate(self.index_headers):
             mark_not_serving(header)  # a worker killed above could not say so itself
             unlink_tables(self.names["prefix"], shard)
+            unlink_views(self.names["prefix"], shard)
         self.index_headers = []
         for kind, name, obj in self.objects:
             try:

@@ -14,7 +14,6 @@ cancellation is dropped by the worker when the slot's next request begins.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
 from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PROBE_TIMEOUT, Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc import sortedview
 from shardkv.ipc.sharedindex import FALLBACK
 from shardkv.ipc.transport import Unresponsive, exchange
 from shardkv.ops import status
@@ -394,68 +394,14 @@ class AsyncClient:
             await items.aclose()
 
     async def _scan(self, start, stop, reverse, prefix, limit):
-        page = 1000 if limit is None else max(1, min(1000, limit))
-        bounds = [[start, stop, start, stop] for _ in range(self.shards)]  # current, then original
-        buffers: list[list] = [[] for _ in range(self.shards)]
-        more = [True] * self.shards
-
-        async def refill(shard: int) -> None:
-            lo, hi = bounds[shard][:2]
-            snapshot.fetching(True)
-            _, body = await self._call(shard, m.encode_scan(lo, hi, reverse, prefix, page), read=True)
-            snapshot.fetching(False)
-            items, more[shard] = m.decode_items(body)
-            if not items:
-                more[shard] = False
-            elif reverse:
-                bounds[shard][1] = items[-1][0]
-            else:
-                bounds[shard][0] = items[-1][0] + b"\x00"
-            buffers[shard] = items[::-1]  # pop() from the end gives key order
-
+        # As Client._scan (shardkv/ipc/sortedview.py): direct reads where possible, pages
+        # through the rings otherwise, merged in key order under the snapshot rules.
         async with _AsyncSnapshot(self._clients[0]) as snapshot:
-            async for item in self._merge(bounds, buffers, more, refill, reverse, limit, snapshot):
+            async for item in sortedview.ascan(self, start, stop, reverse, prefix, limit, snapshot):
                 yield item
 
-    async def _merge(self, bounds, buffers, more, refill, reverse, limit, snapshot):
-        """The shards' pages merged in key order; the pages read at one snapshot (a batch that
-        commits before anything was yielded restarts the scan, after: Unavailable)."""
-        while True:
-            await asyncio.gather(*(refill(s) for s in range(self.shards)))
-            if snapshot.still_valid():
-                break
-            await snapshot.arestart()
-            for shard in range(self.shards):
-                bounds[shard][:2] = bounds[shard][2:]  # back to the scan's own bounds
-                more[shard] = True
-        sign = -1 if reverse else 1
-        heap = []
-        for shard in range(self.shards):
-            if buffers[shard]:
-                heap.append((_order_key(buffers[shard][-1][0], sign), shard))
-        heapq.heapify(heap)
-        produced = 0
-        while heap:
-            if limit is not None and produced >= limit:
-                return
-            _, shard = heapq.heappop(heap)
-            yield buffers[shard].pop()
-            produced += 1
-            if not buffers[shard] and more[shard]:
-                await refill(shard)
-                if not snapshot.still_valid():
-                    raise Unavailable("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans); start the scan again")
-            if buffers[shard]:
-                heapq.heappush(heap, (_order_key(buffers[shard][-1][0], sign), shard))
-
-    # -- operations ------------------------------------------------------------------------
-    async def stats(self) -> dict:
-        """Per-shard engine statistics and their totals."""
-        return await self._run_all(self._requests.stats())
-
-    async def health(self) -> dict:
-        """The object `shardkv status DIR --json` prints (see Client.health); each process is
-        probed for a second at most, without blocking the event loop."""
+    def health(self) -> dict:
+        """The status object of `shardkv status --json` (read from shared memory, no request)."""
         if self._closed:
             raise Closed("the shardkv client is closed")
         first = self._clients[0]
@@ -556,22 +502,6 @@ class _AsyncSnapshot(_Snapshot):
 
     async def __aexit__(self, *exc) -> None:
         self.__exit__(*exc)
-
-
-class _Descending:
-    """Orders keys backwards inside a heap (for reverse scans)."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: bytes):
-        self.key = key
-
-    def __lt__(self, other: "_Descending") -> bool:
-        return self.key > other.key
-
-
-def _order_key(key: bytes, sign: int):
-    return key if sign > 0 else _Descending(key)
 
 
 __all__ = ["AsyncClient", "aopen"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
-import heapq
+import json
 import os
 import subprocess
 import sys
@@ -52,12 +52,12 @@ from shardkv.ipc.layout import (
     worker_ring_slots,
 )
 from shardkv.ipc.transport import Channel, Requester, Unresponsive, drain
+from shardkv.ipc import sortedview
 from shardkv.ipc.sharedindex import FALLBACK, SUPPORTED, IndexReader
 from shardkv.limits import MAX_KEY_LEN
 from shardkv.requests import Fanout, Request, Requests
 from shardkv.wal.writer import check_durability
 
-SCAN_PAGE = 1000
 _LIVE_CLIENTS: "weakref.WeakValueDictionary[int, Client]" = weakref.WeakValueDictionary()  # a Mapping is unhashable
 
 
@@ -492,38 +492,9 @@ class Client(MutableMapping):
         return self._requests.items_out(self._scan(start, stop, bool(reverse), prefix, limit))
 
     def _scan(self, start, stop, reverse, prefix, limit):
-        page = SCAN_PAGE if limit is None else max(1, min(SCAN_PAGE, limit))
-        with self._snapshot() as snapshot:
-            while True:
-                streams = [self._scan_shard(s, start, stop, reverse, prefix, page, snapshot) for s in range(self.shards)]
-                merged = heapq.merge(*streams, key=lambda item: item[0], reverse=reverse)
-                try:
-                    for produced, item in enumerate(merged):
-                        if limit is not None and produced >= limit:
-                            return
-                        snapshot.yielded = True
-                        yield item
-                    return
-                except _SnapshotMoved:
-                    snapshot.restart()  # nothing was yielded yet: start over at a newer snapshot
-
-    def _scan_shard(self, shard, start, stop, reverse, prefix, page, snapshot):
-        while True:
-            snapshot.fetching(True)
-            _, body = self._call(shard, m.encode_scan(start, stop, reverse, prefix, page), read=True)
-            snapshot.fetching(False)
-            items, more = m.decode_items(body)
-            if not snapshot.still_valid():
-                if snapshot.yielded:
-                    raise Unavailable("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans); start the scan again")
-                raise _SnapshotMoved
-            yield from items
-            if not more or not items:
-                return
-            if reverse:
-                stop = items[-1][0]
-            else:
-                start = items[-1][0] + b"\x00"  # the smallest key after the last one
+        # Read from the shards' ordered views in shared memory, or page by page through the
+        # rings, merged in key order under the snapshot rules (shardkv/ipc/sortedview.py).
+        return sortedview.scan(self, start, stop, reverse, prefix, limit)
 
     def _snapshot(self) -> "_Snapshot":
         """A consistent-read window for a multi-key read (docs/TRANSACTIONS.md, "Isolation")."""
@@ -674,10 +645,6 @@ class Client(MutableMapping):
 
     def __repr__(self) -> str:
         return f"<shardkv.Client {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
-
-
-class _SnapshotMoved(Exception):
-    """A multi-key read overlapped a cross-shard commit before it returned anything."""
 
 
 class _Snapshot:

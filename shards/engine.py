@@ -23,6 +23,7 @@ from crc32c import crc32c
 from shardkv import faults
 from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
 from shardkv.ipc.messages import PutColumns
+from shardkv.ipc import sortedview  # (imports shardkv.shards: used at run time only)
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 from shardkv.shards import compaction
@@ -30,7 +31,8 @@ from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
 from shardkv.shards.keyindex import GOLDEN32, KeyIndex
 from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare, txid_key
 from shardkv.shards.recovery import latest_state, recover, sealed_records, unmap_all
-from shardkv.shards.sortedkeys import SortedKeys, prefix_successor
+from shardkv.shards import sortedkeys
+from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView, prefix_successor
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
@@ -42,6 +44,8 @@ from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, LogWriter
 LOCK_FILE = "LOCK"
 MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
 DEFER_MIN = 64  # apply_deferred answers before indexing from this many records of a batch
+SCAN_FIRST = 64  # a scan reads this many keys first (min(), above() need one), then 4x more each time
+SCAN_CHUNK = 4096  # up to this many
 _RETRY = object()
 _unpack_crc = struct.Struct("<I").unpack_from
 
@@ -130,7 +134,12 @@ class ShardEngine:
         self._seq = state.max_seq
         self._index = KeyIndex(self._key_at, tables=shared_index)
         self._index.load(*state.live)
-        self._sorted = SortedKeys()
+        # The ordered view, kept current by every write (sortedkeys.py); built from the index now
+        # for small shards, in a background thread for big ones.
+        # With a shared index, the view's runs are published beside it for clients' scans.
+        self._sorted = SortedView(KeySource(self._entry_keys, self._maps), sortedview.ViewPublisher(shared_index) if shared_index is not None else None)
+        self._sorted.key_count = lambda: self._index.count
+        self._open_view()
         # Keys that expire: key -> expires_at (ms), and a heap of (expires_at, key) that tells
         # which to purge first (entries whose time no longer matches the dict are stale).
         self._expires: dict[bytes, int] = dict(state.expiring)
@@ -281,8 +290,7 @@ class ShardEngine:
                 at, key = heapq.heappop(heap)
                 if self._expires.get(key) == at:
                     del self._expires[key]
-                    if self._index.remove(key, crc32c(key)):
-                        self._sorted.note_removed(key)
+                    self._remove_key(key, crc32c(key))
         finally:
             self._version += 1
 
@@ -693,16 +701,16 @@ class ShardEngine:
             base = segment << 32
             offsets = list(map(offset.__add__, relative))
             first = 1 if types[0] > DELETE else 0  # a COMMIT record heads a committed batch
+            if not first and n > 1:
+                self._sorted.note_batch(list(keys))  # scans must not show part of it
             self._active_records.add_batch(offsets, list(types), key_lens, value_lens, seq, list(expires))
             if columns and types.count(PUT) == n - first and expires.count(0) == n:
                 # Only puts that never expire: indexed in one tight loop.
                 keys = keys[first:]
                 locations = list(map(base.__or__, offsets[first:]))
                 added = self._index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
-                if self._sorted.built:
-                    note_added = self._sorted.note_added
-                    for key, entry in added:
-                        note_added(key, entry)
+                if added:
+                    self._sorted.insert_many([key for key, _ in added], [entry for _, entry in added])
                 if self._expires:  # these keys now never expire
                     pop = self._expires.pop
                     for key in keys:
@@ -724,11 +732,21 @@ class ShardEngine:
             return  # a COMMIT record: it names a batch, not a key
         if rtype == PUT:
             if self._index.upsert(key, crc32c(key), location, len(key), value_len, seq):
-                self._sorted.note_added(key, self._index.last_entry)
-        elif self._index.remove(key, crc32c(key)):
-            self._sorted.note_removed(key)
+                self._sorted.insert(key, self._index.last_entry)
+        else:
+            self._remove_key(key, crc32c(key))
         if expires_at or self._expires:
             self._note_expiry(key, expires_at)
+
+    def _remove_key(self, key: bytes, h: int) -> bool:
+        """Drop `key` from the index and the ordered view; True if it was there. Lock held,
+        version odd."""
+        e = self._index.find(key, h)
+        if e < 0:
+            return False
+        self._index.remove(key, h)
+        self._sorted.remove(e)
+        return True
 
     def _make_durable(self, end: tuple[int, int]) -> None:
         if self.durability == "fsync":
@@ -773,82 +791,129 @@ class ShardEngine:
             self._start_active(self._writer.position[0])
 
     # -- ordered reads ---------------------------------------------------------------------
-    def _all_keys(self) -> list[tuple[bytes, int]]:
-        index = self._index
-        ids = index.live_ids()
-        key_at = self._key_at
-        return [(key_at(loc, klen), e) for loc, klen, e in zip(index.locations[ids].tolist(), index.key_lens[ids].tolist(), ids.tolist())]
+    def _entry_keys(self) -> tuple:
+        """(locations, key_lens) of the index's entries (the arrays change when it grows)."""
+        return self._index.locations, self._index.key_lens
+
+    def _open_view(self) -> None:
+        """Give the ordered view every key at open: the one saved by the last clean close if it
+        describes exactly these keys, else sorted at once for a small shard, or in a background
+        thread (writes go on meanwhile; an ordered read waits for it)."""
+        ids = self._index.live_ids()
+        saved = sortedkeys.load_view(self.directory, self.shard_id, self._seq, self._index.locations[ids])
+        if saved is not None:
+            self._sorted.load(ids[saved[0]], saved[1])
+            return
+        if len(ids) <= sortedkeys.SYNC_BUILD_MAX:
+            self._sorted.build_now(ids)
+            return
+        # The thread reads keys through copies of the entry arrays and of the segment table:
+        # writes and compactions change those, never the records the copies point at.
+        locations, key_lens = self._index.locations.copy(), self._index.key_lens.copy()
+        self._sorted.start_build(ids, KeySource(lambda: (locations, key_lens), dict(self._maps)))
+
+    def _view_ready(self) -> None:
+        """Make the ordered view complete; the caller holds the lock (after wait_built)."""
+        view = self._sorted
+        if view.state == READY:
+            return
+        self._version += 1  # clients may be reading the view: it changes now
+        try:
+            if view.state == BUILDING:
+                view.finish_build(self._index.live_ids)
+            else:
+                view.build_now(self._index.live_ids())
+        finally:
+            self._version += 1
+
+    def batch_history(self) -> tuple[int, list]:
+        """The single-shard batches applied so far and the key range of the last few, for scans
+        through a worker's ring (SortedView.history)."""
+        return self._sorted.history()
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
 
-        `prefix` keeps only keys that start with it; `limit` caps the number of items. Each
-        value is read when its key is reached: a key deleted meanwhile is skipped.
+        `prefix` keeps only keys that start with it; `limit` caps the number of items. The scan
+        is a cursor over the live data: each item is the next key present when it is reached,
+        with its value then (keys are read in chunks, each chunk again if a write came between
+        two items); a key written ahead of the cursor meanwhile shows, one deleted does not.
         """
         start, stop, prefix = check_scan_args(start, stop, prefix, limit)
+        if prefix:
+            if start is None or start < prefix:
+                start = prefix
+            successor = prefix_successor(prefix)
+            if successor is not None and (stop is None or successor < stop):
+                stop = successor
+        self._check_open()
+        return self._scan(start, stop, bool(reverse), limit)
+
+    def _scan(self, start, stop, reverse, limit):
+        if limit == 0 or (start is not None and stop is not None and start >= stop):
+            return
+        cursor, bound = (stop, start) if reverse else (start, stop)
+        inclusive = not reverse  # a reverse scan starts below `stop`, a forward one at `start`
+        size = SCAN_FIRST if limit is None else min(SCAN_FIRST, limit)
+        produced = 0
+        version_of = self.__dict__.get
+        while True:
+            items, more, version = self._scan_window(cursor, inclusive, bound, reverse, size)
+            for item in zip(*items):  # zip's one tuple is reused when the caller lets it go
+                if version_of("_version_value") != version:
+                    size = SCAN_FIRST  # a write came: read again from the cursor
+                    break
+                yield item
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+                cursor, inclusive = item[0], False
+            else:
+                if not more and version_of("_version_value") == version:
+                    return  # nothing left, and nothing written since it was read
+                size = min(size * 4, SCAN_CHUNK)
+
+    def _scan_window(self, cursor, inclusive, bound, reverse, size) -> tuple[list, bool, int]:
+        """The next (key, value) items of a scan from `cursor`, read with the lock held:
+        (items, more, the version they were read at)."""
+        if self._sorted.state == BUILDING:
+            self._sorted.wait_built()  # without the lock: writes go on meanwhile
         with self._lock:
             self._check_open()
             if self._expires:
                 self._purge_expired()
-            self._sorted.ensure(self._all_keys)
-            view = self._sorted
-            lo = view.bisect_left(start) if start is not None else 0
-            hi = view.bisect_left(stop) if stop is not None else len(view)
-            if prefix:
-                lo = max(lo, view.bisect_left(prefix))
-                successor = prefix_successor(prefix)
-                if successor is not None:
-                    hi = min(hi, view.bisect_left(successor))
-            arena, offsets, eids = view.snapshot()
-        return self._scan_range(arena, memoryview(offsets), memoryview(eids), lo, hi, reverse, limit)
+            self._view_ready()
+            eids, more = self._sorted.window(cursor, inclusive, bound, reverse, size)
+            return self._entry_items(eids), more, self._version_value
 
-    def _scan_range(self, arena, offsets, eids, lo, hi, reverse, limit):
-        positions = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
-        produced = 0
-        by_entry = self._value_by_entry
-        for i in positions:
-            if limit is not None and produced >= limit:
-                return
-            key = arena[offsets[i] : offsets[i + 1]]
-            value = by_entry(key, eids[i])
-            if value is _RETRY:
-                value = self.get(key)
-            elif value is not None and self._expires and self._expired(key):
-                value = None
-            if value is not None:
-                produced += 1
-                yield key, value
-
-    def _value_by_entry(self, key: bytes, e: int):
-        """The value of `key` read through index entry `e` (a hint), or _RETRY if `e` no
-        longer holds `key` or a write overlapped the read."""
-        version = self._version
-        if version & 1 or self._closed:
-            return _RETRY
+    def _entry_items(self, eids: list) -> tuple[list, list]:
+        """(keys, values) of index entries `eids`, checked (sortedview.read_records: numpy, one
+        CRC-32C call per run of records of one length). Lock held."""
+        if len(eids) < 8 or not self.verify_checksums:
+            return [list(t) for t in zip(*map(self._entry_item, eids))] or ([], [])
         index = self._index
+        e = np.array(eids, dtype=np.int64)
+        locations = index.locations[e]
+        segments = (locations >> np.uint64(32)).astype(np.int64)
+        buffers = {int(segment): self._maps[int(segment)] for segment in np.unique(segments).tolist()}
         try:
-            location = index._loc_v[e]
-            key_len = len(key)
-            if not location or index._klen_v[e] != key_len:
-                return _RETRY
-            offset = location & 0xFFFFFFFF
-            buf = self._maps[location >> 32]
-            value_start = offset + RECORD_HEADER_SIZE + key_len
-            value_end = value_start + index._vlen_v[e]
-            if self.verify_checksums:
-                record = buf[offset + 4 : value_end]
-                if not record.startswith(key, RECORD_HEADER_SIZE - 4):
-                    return _RETRY
-                if crc32c(record) != _unpack_crc(buf, offset)[0]:
-                    return _RETRY  # get() re-reads under the lock and raises if it is real
-                value = record[RECORD_HEADER_SIZE - 4 + key_len :]
-            else:
-                if buf[offset + RECORD_HEADER_SIZE : value_start] != key:
-                    return _RETRY
-                value = buf[value_start:value_end]
-        except (IndexError, KeyError, ValueError):
-            return _RETRY
-        return value if self._version == version else _RETRY
+            items = sortedview.read_records(buffers, segments, (locations & np.uint64(0xFFFFFFFF)).astype(np.int64), index.key_lens[e].astype(np.int64), index.value_lens[e].astype(np.int64), 0)
+        except ValueError:
+            return [list(t) for t in zip(*map(self._entry_item, eids))]  # one by one: names the damaged record
+        return items.lists()
+
+    def _entry_item(self, e: int) -> tuple[bytes, bytes]:
+        """(key, value) of index entry `e`, its record's checksum verified. Lock held."""
+        index = self._index
+        location = index._loc_v[e]
+        key_len = index._klen_v[e]
+        offset = location & 0xFFFFFFFF
+        buf = self._maps[location >> 32]
+        value_end = offset + RECORD_HEADER_SIZE + key_len + index._vlen_v[e]
+        record = buf[offset + 4 : value_end]
+        if self.verify_checksums and crc32c(record) != _unpack_crc(buf, offset)[0]:
+            raise CorruptionError(f"{self._paths[location >> 32]}: record checksum mismatch at offset {offset}")
+        return record[RECORD_HEADER_SIZE - 4 : RECORD_HEADER_SIZE - 4 + key_len], record[RECORD_HEADER_SIZE - 4 + key_len :]
 
     def min(self):
         """(key, value) of the smallest key, or None if the shard is empty."""
@@ -927,7 +992,10 @@ class ShardEngine:
         with `_version` odd; `known` as for _segment_tables."""
         live, expiring = latest_state(self._segment_tables(known), self._now_ms())
         self._index.load(*live)
-        self._sorted.drop()  # it names entry ids of the old table
+        # The ordered view names entry ids of the old table: build it again from the new one.
+        if self._sorted.state == BUILDING:
+            self._sorted.abandon_build()
+        self._sorted.build_now(self._index.live_ids())
         self._expires = dict(expiring)
         self._expiry_heap = [(at, key) for key, at in expiring]
         heapq.heapify(self._expiry_heap)
@@ -975,6 +1043,7 @@ class ShardEngine:
             if self._closed:
                 return
             self._closed = True
+            self._version_value += 1  # scans part-way through read again, and find it closed
             try:
                 self._writer.close()
                 segment, end = self._writer.position
@@ -983,9 +1052,23 @@ class ShardEngine:
                         write_hint(self.directory, self.shard_id, segment, end, self._active_records, self._maps[segment])
                 except OSError:
                     pass
+                self._save_view()
             finally:
+                self._sorted.close()  # a background build reads the mappings: it ends first
                 unmap_all(self._maps)
                 os.close(self._lock_fd)
+
+    def _save_view(self) -> None:
+        """Write the ordered view for the next open (docs/FORMAT.md, "Ordered view file"): big
+        shards only, the others sort at once."""
+        view = self._sorted
+        if self._index_failure is not None or view.state != READY or self._index.count <= sortedkeys.SYNC_BUILD_MAX:
+            return
+        try:
+            eids, prefixes = view.ordered_eids()
+            sortedkeys.save_view(self.directory, self.shard_id, self._seq, eids, prefixes, self._index.locations[eids])
+        except OSError:
+            pass  # derived data: the next open sorts instead
 
     def _check_open(self) -> None:
         if self._closed:

@@ -371,7 +371,7 @@ class Worker:
                     break
                 items.append((key, value))
                 size += len(key) + len(value) + 8
-            return m.ok(m.encode_items(items, more))
+            return m.ok(m.encode_items(items, more) + m.encode_history(engine.batch_history()))
         if op == m.LEN:
             reader.end()
             return m.ok(len(engine).to_bytes(8, "little"))

@@ -144,18 +144,22 @@ class EngineMachine(RuleBasedStateMachine):
         batch=st.lists(ops, min_size=1, max_size=4),
     )
     def scan_with_interleaved_write(self, start, stop, prefix, limit, reverse, batch):
-        """A scan's key set is fixed when scan() is called; each value is read when its key is
-        reached, and a key deleted meanwhile is skipped (ShardEngine.scan's docstring)."""
-        snapshot = [
-            k
-            for k in sorted(self.model, reverse=reverse)
-            if (start is None or k >= start) and (stop is None or k < stop) and (prefix is None or k.startswith(prefix))
-        ]
+        """A scan is a cursor over the live data (ShardEngine.scan's docstring): after a write
+        between two items, it goes on from the last key returned with what is there now - keys
+        written ahead of it show, keys deleted do not, values are the new ones."""
+
+        def in_range(k):
+            return (start is None or k >= start) and (stop is None or k < stop) and (prefix is None or k.startswith(prefix))
+
+        snapshot = [k for k in sorted(self.model, reverse=reverse) if in_range(k)]
         it = self.engine.scan(start=start, stop=stop, reverse=reverse, prefix=prefix, limit=limit)
         first = next(it, None)
         assert first == ((snapshot[0], self.model[snapshot[0]]) if snapshot else None)
         self.apply(batch)  # deletes free index entries that the puts of the same batch reuse
-        rest = [(k, self.model[k]) for k in snapshot[1:] if k in self.model]
+        if first is None:
+            return
+        after = [k for k in sorted(self.model, reverse=reverse) if in_range(k) and (k < first[0] if reverse else k > first[0])]
+        rest = [(k, self.model[k]) for k in after]
         if limit is not None:
             rest = rest[: limit - 1]
         assert list(it) == rest

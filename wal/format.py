@@ -55,6 +55,11 @@ HINT_HEADER = struct.Struct("<8sHHIQQQ")  # magic, version, reserved, shard, seg
 HINT_ENTRY = struct.Struct("<IB3xIIQQ")  # offset, type, reserved, key_len, value_len, seq, expires_at
 HINT_CRC = struct.Struct("<I")
 
+# Ordered view file: header, u32 ranks, u64 prefixes, crc.
+SORTED_MAGIC = b"SHKVSRT\n"
+SORTED_HEADER = struct.Struct("<8sHHIQQII")  # magic, version, reserved, shard, count, max_seq, live_crc, reserved
+SORTED_FILE = "SORTED"
+
 # Compaction commit record.
 COMPACTION_MAGIC = b"SHKVCMP\n"
 COMPACTION_HEADER = struct.Struct("<8sHHIII")  # magic, version, reserved, n_inputs, n_outputs, reserved

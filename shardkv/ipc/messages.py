@@ -37,6 +37,8 @@ _ERROR_KINDS = {
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+BATCH_RING = 8  # how many of a shard's last batches a scan can look up (shards/sortedkeys.py)
+HISTORY = struct.Struct("<Q" + "QQQ" * BATCH_RING)  # a SCAN page's tail: batches, then (batch, first, last) each
 
 
 class MessageError(ValueError):
@@ -361,7 +363,7 @@ def parse_response(message) -> tuple[int, memoryview]:
 
 
 def encode_items(items: list[tuple[bytes, bytes]], more: bool) -> bytes:
-    """A SCAN response body."""
+    """A SCAN response body without its batch history (see encode_history)."""
     parts = [_U32.pack(len(items))]
     for key, value in items:
         parts.append(_U32.pack(len(key)) + key)
@@ -377,6 +379,24 @@ def decode_items(body) -> tuple[list[tuple[bytes, bytes]], bool]:
     more = reader.u8() == 1
     reader.end()
     return items, more
+
+
+def encode_history(history: tuple) -> bytes:
+    """The batch history a SCAN page carries after its items: (batches, [(batch, first, last)]),
+    the shard's count of single-shard batches and the key-prefix range of the last few
+    (shards/sortedkeys.py `SortedView.note_batch`)."""
+    batches, ring = history
+    return HISTORY.pack(batches, *(value for entry in ring for value in entry))
+
+
+def decode_scan_page(body) -> tuple[list[tuple[bytes, bytes]], bool, tuple]:
+    """(items, more, batch history) of a SCAN response body."""
+    reader = Reader(body)
+    items = [(reader.blob(), reader.blob()) for _ in range(reader.count(8))]
+    more = reader.u8() == 1
+    values = HISTORY.unpack(reader._take(HISTORY.size))
+    reader.end()
+    return items, more, (values[0], [tuple(values[1 + 3 * i : 4 + 3 * i]) for i in range(BATCH_RING)])
 
 
 def encode_optionals(values: list[bytes | None]) -> bytes:

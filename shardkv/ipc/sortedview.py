@@ -1,0 +1,1048 @@
+"""Ordered reads in the client's own process (docs/IPC.md, "Ordered view").
+
+Each shard worker publishes its ordered view (shards/sortedkeys.py: levels of index entry ids
+in key order, with the keys' first 8 bytes) in shared memory beside its hash index, under the
+index's seqlock. A client scans by reading windows of entries from every level, merging them by
+prefix (and by key where prefixes are equal), and reading keys and values from its own
+read-only mappings of the segment files, every record's CRC-32C checked: no round trip per page.
+
+- worker side: `ViewPublisher`, the `storage` of a SortedView;
+- client side: `ViewReader`, one shard's view (`window`: the next entries after a key, read and
+  checked at one seqlock version; `first`: one item, for min/max/above/below);
+- `OrderedScan`, a scan over every shard: each shard's windows read directly, or as SCAN pages
+  through the ring when that cannot be done safely, merged in key order under the isolation rules
+  of docs/TRANSACTIONS.md ("Isolation"); `scan` and `ascan` drive it for Client and AsyncClient.
+
+Nothing read from shared memory is trusted: entry ids, counts and locations are bounds-checked,
+every record must be an intact PUT of the length the index says, the keys returned must rise
+strictly (fall, in reverse), and anything unexpected means: ask the worker through the ring.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import operator
+import os
+import struct
+import time
+
+import numpy as np
+import posix_ipc
+from crc32c import crc32c
+
+from shardkv.errors import Unavailable
+from shardkv.ipc import messages as m
+from shardkv.ipc.sharedindex import HEADER_FIELDS, SERVING, VERSION, VERSION_OFFSET, U32, _map
+from shardkv.shards.sortedkeys import BATCH_RING, DEAD, LEVELS, PrivateRuns, find_position, key_prefix, key_prefixes, prefix_successor, window
+from shardkv.wal.format import PUT, RECORD_HEADER, RECORD_HEADER_SIZE
+
+VIEW_FIELD = 40  # offset of `view` (u32) in the shard's index header: the view object's number
+VIEW_MAGIC = b"SHKVORD\n"
+RUN_MAGIC = b"SHKVRUN\n"
+VIEW_HEADER = struct.Struct("<8sIIQ")  # magic, ready, levels, batches (then reserved up to 64)
+LEVEL_ENTRY = struct.Struct("<IIII")  # number, count, dead, capacity
+BATCH_ENTRY = struct.Struct("<QQQ")  # batch, first, last
+RUN_HEADER = struct.Struct("<8sQ")  # magic, capacity (then reserved up to 64)
+HEADER_BYTES = 64
+LEVELS_AT = HEADER_BYTES
+BATCHES_AT = LEVELS_AT + LEVEL_ENTRY.size * LEVELS
+VIEW_BYTES = BATCHES_AT + BATCH_ENTRY.size * BATCH_RING
+
+RETRIES = 8  # a window that overlapped a change is read again this often (smaller), then the ring
+FIRST_WINDOW = 64  # a scan's first window per shard; then 4x bigger each time, up to MAX_WINDOW
+MAX_WINDOW = 8192
+PAGE = 1000  # items per SCAN page through the ring
+MAX_RESTARTS = 50  # a scan that has returned nothing starts again at most this often
+CRC_TABLE_MAX = 4096  # records up to this long are checked with the tables below
+_getitem = operator.getitem
+_RECORD = RECORD_HEADER  # crc, header_crc, type, flags, reserved, key_len, value_len, batch_left, seq, expires_at
+
+
+def view_name(prefix: str, shard: int, number: int) -> str:
+    """The POSIX name of shared object `number` of shard `shard`'s ordered view."""
+    return f"{prefix}-ord{shard}-{number}"
+
+
+def unlink_views(prefix: str, shard: int) -> list[str]:
+    """Unlink every ordered-view object of shard `shard` (a dead or stopped worker's); return
+    their names. (The supervisor calls this beside sharedindex.unlink_tables.)"""
+    stem = view_name(prefix, shard, 0)[1:-1]
+    removed = []
+    for entry in os.listdir("/dev/shm"):
+        if entry.startswith(stem) and entry[len(stem) :].isdigit():
+            try:
+                posix_ipc.unlink_shared_memory("/" + entry)
+                removed.append(entry)
+            except posix_ipc.ExistentialError:
+                pass
+    return removed
+
+
+def run_layout(capacity: int) -> tuple[int, int]:
+    """(offset of the prefixes, size in bytes) of a run object of `capacity` entries."""
+    prefixes_at = (HEADER_BYTES + 4 * capacity + 7) // 8 * 8
+    return prefixes_at, prefixes_at + 8 * capacity
+
+
+# -- worker ----------------------------------------------------------------------------------------
+class ViewPublisher(PrivateRuns):
+    """The worker's side: the SortedView's runs in shared memory objects, a view object listing
+    them, and its number in the index header (`<prefix>-ord<S>-<G>`, created by the worker, 0600;
+    the supervisor unlinks a dead worker's with `unlink_views`). Every call comes with the
+    engine's lock held and its version odd (or before the shard serves). If shared memory runs
+    out, the view goes on in private memory and clients scan through the ring."""
+
+    def __init__(self, index):
+        self.index = index
+        self.buf = None
+        self.name = None
+        self.names = [None] * LEVELS  # the shared object of each level
+        self._next = 1
+        made = self._create(VIEW_BYTES) if index.enabled else None
+        if made is not None:
+            self.buf, number, self.name = made
+            VIEW_HEADER.pack_into(self.buf, 0, VIEW_MAGIC, 0, LEVELS, 0)
+            U32.pack_into(index.header, VIEW_FIELD, number)
+
+    def allocate(self, level, capacity):
+        if self.buf is None or not capacity:
+            return super().allocate(level, capacity)
+        prefixes_at, size = run_layout(capacity)
+        made = self._create(size)
+        if made is None:
+            self._disable()
+            return super().allocate(level, capacity)
+        buf, number, name = made
+        RUN_HEADER.pack_into(buf, 0, RUN_MAGIC, capacity)
+        eids = np.frombuffer(buf, dtype="<u4", count=capacity, offset=HEADER_BYTES)
+        prefixes = np.frombuffer(buf, dtype="<u8", count=capacity, offset=prefixes_at)
+        return eids, prefixes, (number, name, capacity)
+
+    def install(self, level, token, count, dead):
+        if self.buf is None:
+            return
+        number, name, capacity = token if token is not None else (0, None, 0)
+        LEVEL_ENTRY.pack_into(self.buf, LEVELS_AT + LEVEL_ENTRY.size * level, number, count, dead, capacity)
+        previous, self.names[level] = self.names[level], name
+        if previous is not None:
+            _unlink(previous)  # readers' mappings stay valid; they see the new number
+
+    def set_count(self, level, count, dead):
+        if self.buf is not None:
+            struct.pack_into("<II", self.buf, LEVELS_AT + LEVEL_ENTRY.size * level + 4, count, dead)
+
+    def set_ready(self, ready):
+        if self.buf is not None:
+            U32.pack_into(self.buf, 8, 1 if ready else 0)
+
+    def note_batch(self, batch, first, last):
+        if self.buf is not None:
+            BATCH_ENTRY.pack_into(self.buf, BATCHES_AT + BATCH_ENTRY.size * (batch % BATCH_RING), batch, first, last)
+            struct.pack_into("<Q", self.buf, 16, batch)
+
+    def _create(self, size: int):
+        """A new shared object of `size` bytes: (mapping, number, name), or None if shared
+        memory ran out."""
+        while True:
+            number = self._next
+            self._next += 1
+            name = view_name(self.index.prefix, self.index.shard, number)
+            try:
+                return _map(name, create_size=size), number, name
+            except posix_ipc.ExistentialError:
+                continue  # a leftover of an earlier worker: take the next number
+            except (OSError, ValueError, posix_ipc.Error):
+                return None
+
+    def _disable(self) -> None:
+        """No shared memory for a run: clients scan through the ring from now on."""
+        U32.pack_into(self.index.header, VIEW_FIELD, 0)
+        self.close()
+
+    def close(self):
+        if self.buf is not None:
+            U32.pack_into(self.buf, 8, 0)
+        for name in self.names + [self.name]:
+            if name is not None:
+                _unlink(name)
+        self.names = [None] * LEVELS
+        self.name = None
+        self.buf = None
+
+
+def _unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+# -- checking records --------------------------------------------------------------------------------
+# Records are read as rows of one length (numpy copies each row: a memcpy) and checked in bulk:
+# CRC-32C is affine over GF(2) (zlib's crc32_combine: crc(X + Y) = A_len(Y)(crc(X)) ^ crc(Y), A
+# linear), so the CRC of a run of intact records follows from their stored CRCs, and one call
+# over the run checks them all. A run that does not check out is not read from here at all.
+_shift_tables: dict[int, np.ndarray] = {}
+_record_tables: dict[int, tuple[np.ndarray, int]] = {}
+_BITS = (np.arange(256)[:, None] >> np.arange(8)) & 1
+_BYTES8 = np.arange(8)
+
+
+def _tables_of(columns: np.ndarray) -> np.ndarray:
+    """4 x 256 lookup tables of the GF(2)-linear map whose images of bit i are `columns[i]`."""
+    return np.stack([np.bitwise_xor.reduce(np.where(_BITS == 1, columns[8 * j : 8 * j + 8], 0).astype(np.uint32), axis=1) for j in range(4)])
+
+
+def _apply(tables: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The map of `tables` applied to each uint32 of `x` (one table per byte)."""
+    b = np.ascontiguousarray(x, dtype="<u4").view(np.uint8).reshape(-1, 4)
+    return _apply_bytes(tables, b)
+
+
+def _apply_bytes(tables: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The same for uint32s given as their 4 little-endian bytes (rows of `b`)."""
+    return tables[0][b[:, 0]] ^ tables[1][b[:, 1]] ^ tables[2][b[:, 2]] ^ tables[3][b[:, 3]]
+
+
+def _shift(length: int) -> np.ndarray:
+    """Tables of A_length: what `length` more bytes do to the CRC of what came before."""
+    tables = _shift_tables.get(length)
+    if tables is None:
+        if length > 4096 and length % 2 == 0:
+            half = _shift(length // 2)  # A_2n = A_n after A_n: no long buffer of zeros
+            columns = _apply(half, _apply(half, (np.uint32(1) << np.arange(32, dtype=np.uint32))))
+        else:
+            zeros = bytes(length)
+            base = crc32c(zeros)
+            columns = np.array([crc32c(zeros, 1 << i) ^ base for i in range(32)], dtype=np.uint32)
+        tables = _tables_of(columns)
+        if len(_shift_tables) > 4096:
+            _shift_tables.clear()
+        _shift_tables[length] = tables
+    return tables
+
+
+def _record_crc(length: int) -> tuple[np.ndarray, int]:
+    """(tables, constant): the CRC-32C of a whole record of `length` bytes (its stored crc s,
+    then the body that crc covers) is _apply(tables, s) ^ constant when the body is intact."""
+    found = _record_tables.get(length)
+    if found is None:
+        zeros = bytes(length - 4)
+        base = crc32c(bytes(4) + zeros)
+        columns = np.array([crc32c((1 << i).to_bytes(4, "little") + zeros) ^ base ^ (1 << i) for i in range(32)], dtype=np.uint32)
+        found = (_tables_of(columns), base ^ crc32c(zeros))
+        if len(_record_tables) > 4096:
+            _record_tables.clear()
+        _record_tables[length] = found
+    return found
+
+
+def _check_crcs(rows: np.ndarray, length: int) -> bool:
+    """Whether every row of `rows` (records of `length` bytes, C-contiguous) is intact."""
+    tables, constant = _record_crc(length)
+    expected = _apply_bytes(tables, rows[:, :4]) ^ np.uint32(constant)
+    n, start = len(rows), 0
+    while start < n:
+        size = 1 << ((n - start).bit_length() - 1)  # runs of 2**k records: a regular tree
+        crcs, level = expected[start : start + size], 0
+        while len(crcs) > 1:
+            crcs = _apply(_shift(length << level), crcs[0::2]) ^ crcs[1::2]
+            level += 1
+        if crc32c(rows[start : start + size]) != int(crcs[0]):
+            return False
+        start += size
+    return True
+
+
+def _row_reader(buf, length: int):
+    """Rows of `length` bytes starting at any offset of `buf`, as a strided numpy view."""
+    data = np.frombuffer(buf, dtype=np.uint8)
+    if len(data) < length:
+        return None
+    return np.lib.stride_tricks.as_strided(data, shape=(len(data) - length + 1, length), strides=(1, 1), writeable=False)
+
+
+def _column(rows: np.ndarray, start: int, width: int):
+    """Bytes start..start+width of each row as a numpy array of `width`-byte items (None for
+    width 0): reordered, sliced and merged as numpy, made bytes objects only when handed out."""
+    if not width:
+        return None
+    return np.ascontiguousarray(rows[:, start : start + width]).view(f"V{width}").ravel()
+
+
+class Items:
+    """Keys and values of a window in scan order, with the keys' prefixes (uint64): columns of
+    one key length and one value length (numpy arrays of fixed-size items; values None when
+    empty), or lists of bytes."""
+
+    __slots__ = ("keys", "values", "prefixes")
+
+    def __init__(self, keys, values, prefixes: np.ndarray):
+        self.keys, self.values, self.prefixes = keys, values, prefixes
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    @property
+    def columns(self) -> bool:
+        return type(self.keys) is np.ndarray
+
+    def key(self, i: int) -> bytes:
+        key = self.keys[i]
+        return key if type(key) is bytes else key.tobytes()
+
+    def take(self, rows) -> "Items":
+        """The items picked by `rows` (a mask or an index array)."""
+        if self.columns:
+            return Items(self.keys[rows], None if self.values is None else self.values[rows], self.prefixes[rows])
+        picked = np.arange(len(self.prefixes))[rows].tolist()
+        return Items([self.keys[i] for i in picked], [self.values[i] for i in picked], self.prefixes[rows])
+
+    def part(self, start: int, end: int) -> "Items":
+        values = self.values
+        return Items(self.keys[start:end], None if values is None else values[start:end], self.prefixes[start:end])
+
+    def lists(self) -> tuple[list, list]:
+        """(keys, values) as lists of bytes."""
+        if not self.columns:
+            return self.keys, self.values
+        return self.keys.tolist(), [b""] * len(self.keys) if self.values is None else self.values.tolist()
+
+
+_NO_ITEMS = Items([], [], np.zeros(0, dtype=np.uint64))
+
+
+def read_records(buffers: dict, segments: np.ndarray, offsets: np.ndarray, key_lens: np.ndarray, value_lens: np.ndarray, now_ms: int, published=None):
+    """Keys and values of the PUT records at (`segments`[i], `offsets`[i]) with these lengths,
+    read from `buffers` (segment -> buffer; the caller checked every record lies within), each
+    record checked (CRC-32C, type PUT, its lengths). Returns (keys, values, prefixes of the
+    keys) as Items, records that expired at or before `now_ms` left out; raises ValueError if a
+    record is not what the index says, or its key's prefix is not the one `published` for it."""
+    n = len(offsets)
+    shapes = (key_lens << 32) | value_lens
+    distinct = shapes[:1] if (shapes == shapes[0]).all() else np.unique(shapes)
+    if len(distinct) > 8:
+        return _read_one_by_one(buffers, segments, offsets, key_lens, value_lens, now_ms, published)
+    if len(distinct) > 1:
+        keys, values = [None] * n, [None] * n
+        prefixes = np.zeros(n, dtype=np.uint64)
+        expires = np.zeros(n, dtype=np.uint64)
+    one_segment = len(buffers) == 1
+    for shape in distinct.tolist():
+        group = np.flatnonzero(shapes == shape) if len(distinct) > 1 else None
+        key_len, value_len = shape >> 32, shape & 0xFFFFFFFF
+        length = RECORD_HEADER_SIZE + key_len + value_len
+        rows = _gather_rows(buffers, segments, offsets, group, length, one_segment)
+        header = np.ascontiguousarray(rows[:, 8:20])
+        if not (
+            (header[:, 0] == PUT).all()
+            and (header[:, 4:12].view("<u4") == np.array([key_len, value_len], dtype=np.uint32)).all()
+            and _check_crcs(rows, length)
+        ):
+            raise ValueError("not an intact PUT record of the indexed lengths")
+        found_keys = _column(rows, RECORD_HEADER_SIZE, key_len)
+        found_values = _column(rows, RECORD_HEADER_SIZE + key_len, value_len)
+        head = np.zeros((len(rows), 8), dtype=np.uint8)
+        head[:, : min(8, key_len)] = rows[:, RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + min(8, key_len)]
+        found_prefixes = head.view(">u8").ravel().astype(np.uint64)
+        found_expires = np.ascontiguousarray(rows[:, 32:40]).view("<u8").ravel()
+        if group is None:
+            items, expires = Items(found_keys, found_values, found_prefixes), found_expires
+            break
+        for i, k, v in zip(group.tolist(), found_keys.tolist(), [b""] * len(group) if found_values is None else found_values.tolist()):
+            keys[i], values[i] = k, v
+        prefixes[group] = found_prefixes
+        expires[group] = found_expires
+    else:
+        items = Items(keys, values, prefixes)
+    if published is not None and not (len(published) == n and (items.prefixes == published).all()):
+        raise ValueError("keys that the runs do not place there")
+    return _unexpired(items, expires, now_ms)
+
+
+def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segment: bool) -> np.ndarray:
+    """The records (rows of `length` bytes) at the offsets of `group` (None: all)."""
+    where = offsets if group is None else offsets[group]
+    if one_segment:
+        (buf,) = buffers.values()
+        return _row_reader(buf, length)[where]
+    rows = np.empty((len(where), length), dtype=np.uint8)
+    of_group = segments if group is None else segments[group]
+    for segment, buf in buffers.items():
+        picked = np.flatnonzero(of_group == segment)
+        if len(picked):
+            rows[picked] = _row_reader(buf, length)[where[picked]]
+    return rows
+
+
+def _unexpired(items: Items, expires: np.ndarray, now_ms: int) -> Items:
+    if expires.any():
+        live = (expires == 0) | (expires > now_ms)
+        if not live.all():
+            return items.take(live)
+    return items
+
+
+def _read_one_by_one(buffers: dict, segments, offsets, key_lens, value_lens, now_ms: int, published=None):
+    """read_records for windows of many record lengths: a slice and a CRC-32C per record."""
+    keys, values, prefixes, expires = [], [], [], []
+    for segment, offset, key_len, value_len in zip(segments.tolist(), offsets.tolist(), key_lens.tolist(), value_lens.tolist()):
+        record = bytes(buffers[segment][offset : offset + RECORD_HEADER_SIZE + key_len + value_len])
+        crc, _, rtype, _, _, stored_key_len, stored_value_len, _, _, expires_at = _RECORD.unpack_from(record)
+        if rtype != PUT or stored_key_len != key_len or stored_value_len != value_len or crc32c(memoryview(record)[4:]) != crc:
+            raise ValueError("not an intact PUT record of the indexed lengths")
+        key = record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + key_len]
+        keys.append(key)
+        values.append(record[RECORD_HEADER_SIZE + key_len :])
+        prefixes.append(key_prefix(key))
+        expires.append(expires_at)
+    prefixes = np.array(prefixes, dtype=np.uint64)
+    if published is not None and not (len(published) == len(prefixes) and (prefixes == published).all()):
+        raise ValueError("keys that the runs do not place there")
+    return _unexpired(Items(keys, values, prefixes), np.array(expires, dtype=np.uint64), now_ms)
+
+
+def check_order(items: Items, reverse: bool) -> bool:
+    """Whether the keys of `items` rise strictly (fall, with `reverse`)."""
+    prefixes = items.prefixes
+    if len(prefixes) < 2:
+        return True
+    before, after = prefixes[:-1], prefixes[1:]
+    if ((after > before) if reverse else (after < before)).any():
+        return False
+    for i in np.flatnonzero(after == before).tolist():
+        first, second = items.key(i), items.key(i + 1)
+        if not ((first > second) if reverse else (first < second)):
+            return False
+    return True
+
+
+# -- client: one shard -------------------------------------------------------------------------------
+class _State:
+    """What one read of a shard's header found: everything a window needs, at `version`."""
+
+    __slots__ = ("version", "runs", "locations", "key_lens", "value_lens", "active", "active_end", "epoch", "history", "key_of", "entry_views")
+
+
+class ViewReader:
+    """A client's view of one shard's ordered view (wraps the shard's IndexReader, whose table
+    and segment mappings it shares). Safe to share between threads: cached mappings are swapped
+    in one assignment."""
+
+    def __init__(self, index_reader):
+        self.reader = index_reader
+        # (epoch, number, mapping) of the view object; (epoch, number) -> (mapping, capacity,
+        # eids view, prefixes view) of the runs. Numbers start again with each worker, which changes the
+        # epoch: mappings are kept for one epoch only.
+        self._view = (None, 0, None)
+        self._runs: dict[int, tuple] = {}
+        self._table = (None, None)  # (table tuple of the IndexReader, numpy arrays of it)
+        self._state = None  # the last state read (see state())
+
+    # -- mapping ----------------------------------------------------------------------------
+    def _map_object(self, number: int):
+        try:
+            return _map(view_name(self.reader.prefix, self.reader.shard, number), read_only=True)
+        except (posix_ipc.ExistentialError, OSError, ValueError):
+            return None
+
+    def _view_buf(self, epoch: int, number: int):
+        view = self._view
+        if view[0] != epoch or view[1] != number:
+            self._runs = {}
+            buf = self._map_object(number)
+            if buf is None or len(buf) < VIEW_BYTES or buf[:8] != VIEW_MAGIC:
+                self._view = (None, 0, None)
+                return None
+            view = (epoch, number, buf)
+            self._view = view
+        return view[2]
+
+    def _run(self, epoch: int, number: int, capacity: int):
+        run = self._runs.get((epoch, number))
+        if run is None:
+            buf = self._map_object(number)
+            prefixes_at, size = run_layout(capacity)
+            if buf is None or len(buf) < size or buf[:8] != RUN_MAGIC or RUN_HEADER.unpack_from(buf)[1] != capacity:
+                return None
+            data = memoryview(buf)
+            run = (buf, capacity, data[HEADER_BYTES : HEADER_BYTES + 4 * capacity].cast("I"), data[prefixes_at:size].cast("Q"))
+            self._runs[(epoch, number)] = run  # (two threads may fill it at once: keyed by epoch too)
+        return run
+
+    def state(self) -> _State | None:
+        """The shard's view at its current version, or None (use the ring): not serving, changing
+        right now, no view published, not complete, or anything that does not check out. (Kept
+        while the version stays: every change to what it describes moves the version.)"""
+        reader = self.reader
+        header = reader._header
+        cached = self._state
+        if cached is not None and VERSION.unpack_from(header, VERSION_OFFSET)[0] == cached.version:
+            return cached
+        version, serving, _, table_number, active, epoch, active_end = HEADER_FIELDS.unpack_from(header, VERSION_OFFSET)
+        if version & 1 or serving != SERVING:
+            return None
+        number = U32.unpack_from(header, VIEW_FIELD)[0]
+        if not number:
+            return None
+        buf = self._view_buf(epoch, number)
+        if buf is None:
+            return None
+        magic, ready, levels, batches = VIEW_HEADER.unpack_from(buf)
+        if not ready or levels != LEVELS:
+            return None
+        table = reader._table
+        if table is None or table[0] != table_number:
+            table = reader._map_table(table_number)
+            if table is None:
+                return None
+        cached = self._table
+        if cached[0] is not table:
+            arrays = tuple(np.frombuffer(view, dtype=dtype) for view, dtype in zip(table[3:], ("<u8", "<u4", "<u4", "<u4")))
+            cached = (table, arrays)
+            self._table = cached
+        runs = []
+        for level in range(LEVELS):
+            run_number, count, dead, capacity = LEVEL_ENTRY.unpack_from(buf, LEVELS_AT + LEVEL_ENTRY.size * level)
+            if not count:
+                continue
+            if count > capacity or not run_number:
+                return None
+            run = self._run(epoch, run_number, capacity)
+            if run is None:
+                return None
+            runs.append((run[2], run[3], count))
+        state = _State()
+        state.version = version
+        state.runs = runs
+        state.locations, _, state.key_lens, state.value_lens = cached[1]
+        state.active, state.active_end, state.epoch = active, active_end, epoch
+        ring = [BATCH_ENTRY.unpack_from(buf, BATCHES_AT + BATCH_ENTRY.size * i) for i in range(BATCH_RING)]
+        state.history = (batches, ring)
+        state.entry_views = table[3], table[5], table[6]  # locations, key_lens, value_lens
+        state.key_of = self._key_of(state)
+        self._state = state
+        return state
+
+    def same_version(self, state: _State) -> bool:
+        """Whether nothing changed in the shard since `state` was read."""
+        return VERSION.unpack_from(self.reader._header, VERSION_OFFSET)[0] == state.version
+
+    def _segment(self, state: _State, segment: int) -> tuple:
+        """(mapping, readable length) of `segment`: the active one only below its published end."""
+        reader = self.reader
+        if segment == state.active:
+            mapped = reader._active
+            if mapped[0] != segment:
+                mapped = reader._map_active(segment)
+            return mapped[1], min(state.active_end, mapped[2])
+        mapped = reader._sealed(segment, state.epoch, state.version)
+        return mapped[1], mapped[2]
+
+    def _key_of(self, state: _State):
+        """key_of(entry id): the key bytes, bounds-checked (for ordering equal prefixes and
+        checking positions; the hottest path of min/max/above/below)."""
+        locations, key_lens, _ = state.entry_views
+        entries = len(locations)
+        segment_of = self._segment
+        mapped: dict[int, tuple] = {}  # segment -> (buffer, readable length), for this state
+
+        def key_of(e: int) -> bytes:
+            if not 0 <= e < entries:
+                raise ValueError("entry id out of range")
+            location = locations[e]
+            found = mapped.get(location >> 32)
+            if found is None:
+                found = mapped[location >> 32] = segment_of(state, location >> 32)
+            start = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE
+            end = start + key_lens[e]
+            if not location or end > found[1]:
+                raise ValueError("key out of bounds")
+            return found[0][start:end]
+
+        return key_of
+
+    def read(self, state: _State, eids, now_ms: int, published=None):
+        """(keys, values, prefixes) of entries `eids` in `state`; raises ValueError on anything
+        out of bounds or not intact, or a key whose prefix is not in `published` (if given)."""
+        e = np.asarray(eids, dtype=np.int64)
+        if not len(e):
+            return _NO_ITEMS
+        if int(e.max()) >= len(state.locations) or int(e.min()) < 0:
+            raise ValueError("entry id out of range")
+        locations = state.locations[e]
+        key_lens = state.key_lens[e].astype(np.int64)
+        value_lens = state.value_lens[e].astype(np.int64)
+        segments = (locations >> np.uint64(32)).astype(np.int64)
+        offsets = (locations & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ends = offsets + RECORD_HEADER_SIZE + key_lens + value_lens
+        distinct = [int(segments[0])] if (segments == segments[0]).all() else np.flatnonzero(np.bincount(segments)).tolist()
+        buffers = {}
+        for segment in distinct:
+            buf, limit = self._segment(state, segment)
+            if int((ends if len(distinct) == 1 else ends[segments == segment]).max()) > limit:
+                raise ValueError("record out of bounds")
+            buffers[segment] = memoryview(buf)[:limit] if limit < len(buf) else buf
+        if (key_lens == 0).any() or not (locations != 0).all():
+            raise ValueError("a free entry")
+        return read_records(buffers, segments, offsets, key_lens, value_lens, now_ms, published)
+
+    def window(self, cursor, inclusive: bool, bound, reverse: bool, size: int):
+        """The next keys after `cursor` (see sortedkeys.window) with their values, read and
+        checked at one version of the shard: (Items, more, history), or None (use the ring)."""
+        for _ in range(RETRIES):
+            state = self.state()
+            if state is None:
+                return None
+            try:
+                eids, published, more = window(state.runs, state.key_of, cursor, inclusive, bound, reverse, size, check=True)
+                # The keys read must be those the runs place there (their prefixes), in order.
+                items = self.read(state, eids, int(time.time() * 1000), published)
+                ordered = check_order(items, reverse)
+            except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error, mmap.error):
+                if self.same_version(state):
+                    return None  # not a race: let the worker answer
+                size = max(16, size // 4)
+                continue
+            if not self.same_version(state):
+                size = max(16, size // 4)  # a write came meanwhile: a smaller window is likelier to fit
+                continue
+            if not ordered or (len(items) and not _within(items.key(0), items.key(len(items) - 1), cursor, inclusive, bound, reverse)):
+                return None
+            return items, more, state.history
+        return None
+
+
+    # -- one item (min, max, above, below) ------------------------------------------------------
+    def candidate(self, state: _State, cursor, cursor_prefix, inclusive: bool, bound, reverse: bool):
+        """The first key of the shard after `cursor` (before it, with `reverse`; at it too if
+        `inclusive`; None: from the first or last) and not past `bound`: (key, entry id) or None.
+        Each level's position is checked against the keys themselves (the entry found and the
+        live one before it), so that prefixes that lie cannot hide a key. Raises ValueError."""
+        best = None
+        key_of = state.key_of
+        step = -1 if reverse else 1
+        for eids, prefixes, count in state.runs:
+            if cursor is None:
+                position = count - 1 if reverse else 0
+            else:
+                position = bisect.bisect_left(prefixes, cursor_prefix, 0, count)
+                if position < count and prefixes[position] == cursor_prefix:
+                    position = find_position(eids, prefixes, count, cursor, cursor_prefix, key_of, inclusive if reverse else not inclusive)
+                if reverse:
+                    position -= 1
+            position = _live(eids, count, position, step)
+            previous = _live(eids, count, position - step, -step)
+            if cursor is not None and 0 <= previous < count and _after(key_of(eids[previous]), cursor, inclusive, reverse):
+                raise ValueError("run out of order")
+            if not 0 <= position < count:
+                continue
+            e = eids[position]
+            key = key_of(e)
+            if key_prefix(key) != prefixes[position] or (cursor is not None and not _after(key, cursor, inclusive, reverse)):
+                raise ValueError("run out of order")
+            if bound is not None and ((key < bound) if reverse else (key >= bound)):
+                continue
+            if best is None or ((key > best[0]) if reverse else (key < best[0])):
+                best = (key, e)
+        return best
+
+    def item(self, state: _State, e: int, key: bytes, now_ms: int):
+        """(key, value) of entry `e`, its record checked and its key `key`; None if it expired.
+        Raises ValueError on anything out of bounds or not intact."""
+        locations, key_lens, value_lens = state.entry_views
+        location, key_len = locations[e], key_lens[e]
+        end = (location & 0xFFFFFFFF) + RECORD_HEADER_SIZE + key_len + value_lens[e]
+        buf, limit = self._segment(state, location >> 32)
+        if not location or end > limit:
+            raise ValueError("record out of bounds")
+        record = buf[location & 0xFFFFFFFF : end]
+        crc, _, rtype, _, _, stored_key_len, _, _, _, expires_at = _RECORD.unpack_from(record)
+        if rtype != PUT or stored_key_len != key_len or crc32c(memoryview(record)[4:]) != crc:
+            raise ValueError("not an intact PUT record of the indexed lengths")
+        if record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + key_len] != key:
+            raise ValueError("the entry changed")
+        if expires_at and expires_at <= now_ms:
+            return None
+        return key, record[RECORD_HEADER_SIZE + key_len :]
+
+
+def _live(eids, count: int, position: int, step: int) -> int:
+    """The nearest position from `position` on (going by `step`) that is no tombstone; out of
+    [0, count) if there is none."""
+    for _ in range(64):
+        if not 0 <= position < count or eids[position] != DEAD:
+            return position
+        position += step
+    raise ValueError("too many tombstones in a row")  # rare: the general path copes
+
+
+def _after(key: bytes, cursor: bytes, inclusive: bool, reverse: bool) -> bool:
+    """Whether `key` comes after `cursor` in scan order (or is it, with `inclusive`)."""
+    if reverse:
+        return key < cursor or (inclusive and key == cursor)
+    return key > cursor or (inclusive and key == cursor)
+
+
+def first(readers: list, control, start, stop, reverse: bool):
+    """(key, value) of the smallest key in [start, stop) (the largest, with `reverse`), None if
+    there is none, or FALLBACK (the general scan answers): min, max, above and below. Every
+    shard is read at one version each, inside one stretch of no cross-shard commit phase."""
+    cursor, inclusive, bound = (stop, False, start) if reverse else (start, True, stop)
+    cursor_prefix = None if cursor is None else key_prefix(cursor)
+    for _ in range(RETRIES):
+        finished = control.commits_finished  # read before started (docs/TRANSACTIONS.md)
+        started = control.commits_started
+        if started != finished:
+            return FALLBACK  # a commit phase runs: the general path waits for it
+        states = []
+        best = None
+        try:
+            for reader in readers:
+                state = reader.state()
+                if state is None:
+                    return FALLBACK
+                states.append((reader, state))
+                found = reader.candidate(state, cursor, cursor_prefix, inclusive, bound, reverse)
+                if found is not None and (best is None or ((found[0] > best[0]) if reverse else (found[0] < best[0]))):
+                    best = (found[0], found[1], reader, state)
+            item = None
+            if best is not None:
+                key, e, reader, state = best
+                item = reader.item(state, e, key, int(time.time() * 1000))
+                if item is None:
+                    return FALLBACK  # expired, not yet purged: the general path skips it
+        except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error):
+            if all(reader.same_version(state) for reader, state in states):
+                return FALLBACK
+            continue
+        if all(reader.same_version(state) for reader, state in states) and control.commits_started == started:
+            return item
+    return FALLBACK
+
+
+FALLBACK = object()
+
+
+def _within(first: bytes, last: bytes, cursor, inclusive: bool, bound, reverse: bool) -> bool:
+    """Whether keys from `first` to `last` lie in the range a window was asked for."""
+    if not reverse:
+        after = cursor is None or (first >= cursor if inclusive else first > cursor)
+        return after and (bound is None or last < bound)
+    before = cursor is None or (first <= cursor if inclusive else first < cursor)
+    return before and (bound is None or last >= bound)
+
+
+# -- a scan over every shard ---------------------------------------------------------------------------
+class _Shard:
+    __slots__ = ("cursor", "inclusive", "items", "taken", "more", "size", "batches", "direct")
+
+    def __init__(self, cursor, inclusive: bool, size: int, direct: bool):
+        self.cursor, self.inclusive = cursor, inclusive  # where the next window starts
+        self.items, self.taken = _NO_ITEMS, 0  # read, and how many of them were handed out
+        self.more = True
+        self.size = size
+        self.batches = None  # the shard's batch count when its first window was read
+        self.direct = direct
+
+
+class Restart(Exception):
+    """The scan must start again from its beginning (it has returned nothing yet)."""
+
+
+def _bounds(start, stop, prefix) -> tuple:
+    """(start, stop) of a scan with `prefix` folded in."""
+    if prefix:
+        if start is None or start < prefix:
+            start = prefix
+        successor = prefix_successor(prefix)
+        if successor is not None and (stop is None or successor < stop):
+            stop = successor
+    return start, stop
+
+
+class OrderedScan:
+    """One scan over all shards, without I/O of its own: `next_items()` returns the next items
+    in order, [] when done, or raises NeedPage (the caller fetches a SCAN page through the ring
+    and hands it to `add_page`) or Restart. `snapshot` is the client's _Snapshot (commit phases
+    of cross-shard batches); single-shard batches are checked here through each shard's batch
+    history (docs/TRANSACTIONS.md, "Isolation")."""
+
+    def __init__(self, readers, shards: int, start, stop, reverse: bool, prefix, limit, snapshot):
+        start, stop = _bounds(start, stop, prefix)
+        self.readers = readers  # ViewReader per shard, or None: every page through the ring
+        self.shards, self.reverse, self.limit, self.snapshot = shards, reverse, limit, snapshot
+        self.start, self.stop = start, stop
+        self.bound = start if reverse else stop
+        self.produced = 0
+        self.empty = start is not None and stop is not None and start >= stop
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the beginning (after a Restart)."""
+        first = FIRST_WINDOW if self.limit is None else max(1, min(FIRST_WINDOW, self.limit))
+        cursor = self.stop if self.reverse else self.start
+        self.state = [_Shard(cursor, not self.reverse, first, self.readers is not None) for _ in range(self.shards)]
+
+    # -- filling ----------------------------------------------------------------------------
+    def fill(self, s: int) -> tuple[int, bytes] | None:
+        """Read shard `s`'s next window directly; or return (shard, SCAN message) to be fetched."""
+        shard = self.state[s]
+        if shard.direct:
+            self.snapshot.fetching(True)
+            try:
+                found = self.readers[s].window(shard.cursor, shard.inclusive, self.bound, self.reverse, shard.size)
+            finally:
+                self.snapshot.fetching(False)
+            if found is not None:
+                self._accept(s, *found)
+                return None
+        return s, self._page_request(shard)
+
+    def _page_request(self, shard: _Shard) -> bytes:
+        page = PAGE if self.limit is None else max(1, min(PAGE, self.limit - self.produced))
+        if not self.reverse:
+            start = shard.cursor if shard.cursor is None or shard.inclusive else shard.cursor + b"\0"
+            return m.encode_scan(start, self.stop, False, None, page)
+        stop = shard.cursor if shard.cursor is None or not shard.inclusive else shard.cursor + b"\0"
+        return m.encode_scan(self.start, stop, True, None, page)
+
+    def add_page(self, s: int, body) -> None:
+        """A SCAN page of shard `s` fetched through the ring."""
+        items, more, history = m.decode_scan_page(body)
+        keys = [k for k, _ in items]
+        self._accept(s, Items(keys, [v for _, v in items], key_prefixes(keys)), more and bool(items), history)
+
+    def _accept(self, s: int, items: Items, more: bool, history) -> None:
+        shard = self.state[s]
+        if not self.snapshot.still_valid():
+            self._moved("a cross-shard batch committed while this scan was running (for longer than the coordinator waits for scans)")
+        if history is not None:
+            self._check_batches(shard, history)
+        shard.items, shard.taken = items, 0
+        shard.more = more
+        if len(items):
+            shard.cursor, shard.inclusive = items.key(len(items) - 1), False
+        shard.size = min(shard.size * 4, MAX_WINDOW)
+
+    def _check_batches(self, shard: _Shard, history) -> None:
+        """A single-shard batch applied between two windows of this shard must lie wholly on one
+        side of what the scan has read of it; else the scan would show part of it."""
+        batches, ring = history
+        if shard.batches is None or batches == shard.batches:
+            shard.batches = batches
+            return
+        if batches < shard.batches or batches - shard.batches > BATCH_RING:
+            self._moved("batches were applied on a shard while this scan was reading it")
+        position = key_prefix(shard.cursor) if shard.cursor is not None else None
+        for batch in range(shard.batches + 1, batches + 1):
+            number, first, last = ring[batch % BATCH_RING]
+            if number != batch:
+                self._moved("batches were applied on a shard while this scan was reading it")
+            if position is None:
+                continue
+            ahead = last < position if self.reverse else first > position
+            behind = first > position if self.reverse else last < position
+            if not (ahead or behind):
+                self._moved("a batch was applied across the position of this scan")
+        shard.batches = batches
+
+    def _moved(self, why: str):
+        if self.snapshot.yielded:
+            raise Unavailable(f"{why}; start the scan again")
+        raise Restart(why)
+
+    # -- merging ------------------------------------------------------------------------------
+    def next_items(self) -> tuple[list, list]:
+        """The next keys and their values in order (empty once the scan is done); raises
+        NeedPage or Restart. (Lists, not (key, value) tuples: a caller that zips them makes no
+        tuple per item - zip reuses one - and so no work for the garbage collector.)"""
+        if self.empty or (self.limit is not None and self.produced >= self.limit):
+            return [], []
+        while True:
+            for s, shard in enumerate(self.state):
+                if shard.taken >= len(shard.items) and shard.more:
+                    request = self.fill(s)
+                    if request is not None:
+                        raise NeedPage(*request)
+            keys, values = self._merge()
+            if keys or not any(shard.more for shard in self.state):
+                if self.limit is not None and self.produced + len(keys) > self.limit:
+                    keys, values = keys[: self.limit - self.produced], values[: self.limit - self.produced]
+                self.produced += len(keys)
+                return keys, values
+
+    def _merge(self) -> tuple[list, list]:
+        """Every buffered item up to the nearest last key of a shard that has more, in order."""
+        reverse = self.reverse
+        edge = None
+        for shard in self.state:
+            if shard.more and len(shard.items):
+                last = shard.items.key(len(shard.items) - 1)
+                if edge is None or (last > edge if reverse else last < edge):
+                    edge = last
+        parts = []
+        for shard in self.state:
+            items, taken = shard.items, shard.taken
+            if taken >= len(items):
+                continue
+            end = len(items) if edge is None else _upto(items, taken, edge, reverse)
+            if end > taken:
+                parts.append(items.part(taken, end))
+                shard.taken = end
+        if not parts:
+            return [], []
+        if len(parts) == 1:
+            return parts[0].lists()
+        prefixes = np.concatenate([part.prefixes for part in parts])
+        order = np.argsort(~prefixes if reverse else prefixes, kind="stable")  # merges the shards' runs
+        ordered = prefixes[order]
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if len(same):
+            order = _order_equal_prefixes(parts, order, same.tolist(), reverse)
+        kinds = {(part.keys.dtype, None if part.values is None else part.values.dtype) if part.columns else None for part in parts}
+        if len(kinds) == 1 and None not in kinds:
+            # One key length, one value length: reorder the columns, then make bytes objects.
+            keys = np.concatenate([part.keys for part in parts])[order].tolist()
+            if parts[0].values is None:
+                return keys, [b""] * len(keys)
+            return keys, np.concatenate([part.values for part in parts])[order].tolist()
+        keys, values = [], []
+        for part in parts:
+            part_keys, part_values = part.lists()
+            keys += part_keys
+            values += part_values
+        order = order.tolist()
+        return list(map(keys.__getitem__, order)), list(map(values.__getitem__, order))
+
+
+def _upto(items: Items, start: int, edge: bytes, reverse: bool) -> int:
+    """The end of the items from `start` on that are at or before `edge` in scan order."""
+    prefixes, edge_prefix = items.prefixes[start:], np.uint64(key_prefix(edge))
+    if not reverse:
+        end = start + int(np.searchsorted(prefixes, edge_prefix, side="right"))
+        while end > start and items.prefixes[end - 1] == edge_prefix and items.key(end - 1) > edge:
+            end -= 1
+    else:
+        end = start + int(np.searchsorted(~prefixes, ~edge_prefix, side="right"))
+        while end > start and items.prefixes[end - 1] == edge_prefix and items.key(end - 1) < edge:
+            end -= 1
+    return end
+
+
+def _order_equal_prefixes(parts: list, order: np.ndarray, same: list, reverse: bool) -> np.ndarray:
+    """`order` with each run of equal prefixes (positions `same` and the next) put in key order."""
+    keys = []
+    for part in parts:
+        keys += part.lists()[0]
+    order = order.tolist()
+    i = 0
+    while i < len(same):
+        j = i
+        while j + 1 < len(same) and same[j + 1] == same[j] + 1:
+            j += 1
+        lo, hi = same[i], same[j] + 2
+        order[lo:hi] = sorted(order[lo:hi], key=keys.__getitem__, reverse=reverse)
+        i = j + 1
+    return np.array(order, dtype=np.int64)
+
+
+class NeedPage(Exception):
+    """OrderedScan needs SCAN page `message` of shard `shard` fetched through the ring."""
+
+    def __init__(self, shard: int, message: bytes):
+        super().__init__(shard)
+        self.shard, self.message = shard, message
+
+
+# -- drivers --------------------------------------------------------------------------------------
+def view_readers(client) -> list | None:
+    """The client's ViewReader per shard (made on first use), or None without direct reads."""
+    readers = client._index_readers
+    if readers is None:
+        return None
+    views = getattr(client, "_view_readers", None)
+    if views is None or views[0].reader is not readers[0]:
+        views = [ViewReader(reader) for reader in readers]
+        client._view_readers = views
+    return views
+
+
+def scan(client, start, stop, reverse: bool, prefix, limit):
+    """Client._scan: (key, value) in key order across all shards (docs/TRANSACTIONS.md)."""
+    readers = view_readers(client) if limit == 1 else None
+    if readers is not None:
+        found = first(readers, client._control, *_bounds(start, stop, prefix), reverse)
+        if found is not FALLBACK:
+            if found is not None:
+                yield found
+            return
+    with client._snapshot() as snapshot:
+        scan = OrderedScan(view_readers(client), client.shards, start, stop, reverse, prefix, limit, snapshot)
+        restarts = 0
+        while True:
+            try:
+                items = scan.next_items()
+            except NeedPage as need:
+                snapshot.fetching(True)
+                try:
+                    _, body = client._call(need.shard, need.message, read=True)
+                finally:
+                    snapshot.fetching(False)
+                try:
+                    scan.add_page(need.shard, body)
+                except Restart:
+                    restarts = _restart(scan, snapshot, restarts)
+                continue
+            except Restart:
+                restarts = _restart(scan, snapshot, restarts)
+                continue
+            if not items[0]:
+                return
+            snapshot.yielded = True
+            yield from zip(*items)
+
+
+def _restart(scan: OrderedScan, snapshot, restarts: int) -> int:
+    if restarts >= MAX_RESTARTS:
+        raise Unavailable("batches kept landing across this scan before it could return anything; start the scan again")
+    snapshot.restart()
+    scan.reset()
+    return restarts + 1
+
+
+async def ascan(aclient, start, stop, reverse: bool, prefix, limit, snapshot):
+    """AsyncClient._scan: the same, pages through the ring awaited (the caller holds `snapshot`)."""
+    scan = OrderedScan(view_readers(aclient._clients[0]), aclient.shards, start, stop, reverse, prefix, limit, snapshot)
+    restarts = 0
+    while True:
+        try:
+            items = scan.next_items()
+        except NeedPage as need:
+            snapshot.fetching(True)
+            try:
+                _, body = await aclient._call(need.shard, need.message, read=True)
+            finally:
+                snapshot.fetching(False)
+            try:
+                scan.add_page(need.shard, body)
+            except Restart:
+                restarts = await _arestart(scan, snapshot, restarts)
+            continue
+        except Restart:
+            restarts = await _arestart(scan, snapshot, restarts)
+            continue
+        if not items[0]:
+            return
+        snapshot.yielded = True
+        for item in zip(*items):
+            yield item
+
+
+async def _arestart(scan: OrderedScan, snapshot, restarts: int) -> int:
+    if restarts >= MAX_RESTARTS:
+        raise Unavailable("batches kept landing across this scan before it could return anything; start the scan again")
+    await snapshot.arestart()
+    scan.reset()
+    return restarts + 1
