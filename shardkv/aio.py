@@ -400,8 +400,14 @@ class AsyncClient:
             async for item in sortedview.ascan(self, start, stop, reverse, prefix, limit, snapshot):
                 yield item
 
-    def health(self) -> dict:
-        """The status object of `shardkv status --json` (read from shared memory, no request)."""
+    # -- operations ------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        """Per-shard engine statistics and their totals."""
+        return await self._run_all(self._requests.stats())
+
+    async def health(self) -> dict:
+        """The object `shardkv status DIR --json` prints (see Client.health); each process is
+        probed for a second at most, without blocking the event loop."""
         if self._closed:
             raise Closed("the shardkv client is closed")
         first = self._clients[0]
