@@ -58,6 +58,7 @@ from redis.retry import Retry
 
 from shardkv.backends import Features
 from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch, check_limits, check_ops, put_many_ops
+from shardkv.aio import AsyncBatch
 from shardkv.errors import Closed, Conflict, Error, StorageError, Unavailable, Unsupported
 from shardkv.ipc.messages import OP_DELETE, OP_EXPECT, OP_EXPECT_ABSENT, OP_PUT, OP_PUT_TTL
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
@@ -1806,18 +1807,6 @@ class AsyncRedisClusterStore(_Core):
 async def _aclose(rc) -> None:
     closer = getattr(rc, "aclose", None) or rc.close
     await closer()
-
-
-class AsyncBatch(Batch):
-    """`async with db.batch() as b:` - the operations of one atomic batch (see Batch)."""
-
-    async def __aenter__(self) -> "AsyncBatch":
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        self._done = True
-        if exc_type is None:
-            await self._submit(self._ops)
 
 
 class _Opening:
