@@ -386,9 +386,7 @@ class SortedView:
             self._spill(new_eids, new_prefixes)
             return
         count = small.count
-        merged_eids = np.concatenate((small.eids[:count].astype(np.int64), new_eids))
-        merged_prefixes = np.concatenate((small.prefixes[:count], new_prefixes))
-        merged_eids, merged_prefixes = sort_by_key(merged_eids, merged_prefixes, self.source)
+        merged_eids, merged_prefixes = self._merged([(small.eids[:count], small.prefixes[:count]), (new_eids, new_prefixes)])
         m = len(merged_eids)
         small.eids[:m] = merged_eids
         small.prefixes[:m] = merged_prefixes
@@ -456,7 +454,7 @@ class SortedView:
         if run.dead:
             keep = eids != DEAD
             eids, prefixes = eids[keep], prefixes[keep]
-        return eids.astype(np.int64), prefixes.copy()
+        return eids, prefixes  # (views when nothing is dropped: every merge writes new arrays)
 
     def _merged(self, parts: list) -> tuple[np.ndarray, np.ndarray]:
         """One sorted run of the sorted runs `parts` ((eids, prefixes) each)."""
@@ -492,11 +490,23 @@ class SortedView:
             return
         if n > POSITION_MASK + 1:
             raise ValueError(f"a shard's ordered view holds at most {POSITION_MASK + 1} keys")
-        new_eids, new_prefixes, token = self.storage.allocate(level, n)
-        new_eids[:] = eids
-        new_prefixes[:] = prefixes
-        self.runs[level] = _Run(new_eids, new_prefixes, n, 0)
-        self.storage.install(level, token, n, 0)
+        run = self.runs[level]
+        if n <= len(run.eids):
+            # Room in the level's arrays: rewritten in place, no new object (readers retry: the
+            # version is odd). `eids` may be a view of these very arrays, at the same places.
+            run.eids[:n] = eids
+            run.prefixes[:n] = prefixes
+            run.count, run.dead = n, 0
+            self.storage.set_count(level, n, 0)
+        else:
+            # A level that grows gets half again as much room, so that most merges into it
+            # write in place; a level filled at once (open) gets what it needs.
+            capacity = n if not len(run.eids) else min(level_capacity(level), max(n + n // 2, SMALL_CAPACITY))
+            new_eids, new_prefixes, token = self.storage.allocate(level, capacity)
+            new_eids[:n] = eids
+            new_prefixes[:n] = prefixes
+            self.runs[level] = _Run(new_eids, new_prefixes, n, 0)
+            self.storage.install(level, token, n, 0)
         if n:
             self._ensure_where(int(eids.max()))
             self.where[eids] = np.arange(n, dtype=np.uint32) | np.uint32(level << POSITION_BITS)
