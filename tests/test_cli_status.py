@@ -58,18 +58,22 @@ def test_status_does_not_count_its_own_probe_and_every_metric_is_described(tmp_p
     try:
         start(directory)
         time.sleep(0.3)  # past the start's own requests
-        for _ in range(2):
+        # The coordinator asks each worker for its undecided batches every 5 s (one request):
+        # a quarter-second sample may meet it. The probe came in every sample, so the least
+        # of three samples (taken within 5 s) is 0.0 only if the probe is not counted.
+        rates = []
+        for _ in range(3):
             done = run("status", directory, "--json")
             assert done.returncode == 0, done.stderr
             status = json.loads(done.stdout)
-            assert [entry["ops_per_second"] for entry in [status["coordinator"], *status["shards"]]] == [0.0, 0.0, 0.0]
+            rates.append([entry["ops_per_second"] for entry in [status["coordinator"], *status["shards"]]])
+        assert [min(column) for column in zip(*rates)] == [0.0, 0.0, 0.0], rates
         done = run("status", directory, "--format", "prometheus")
         assert done.returncode == 0, done.stderr
         assert_help_and_type_for_every_metric(done.stdout)
         samples = metric_lines(done.stdout)
         assert samples["shardkv_healthy"] == 1 and samples["shardkv_status_code"] == 0
         assert samples['shardkv_up{role="shard",shard="1"}'] == 1
-        assert samples['shardkv_ops_per_second{role="shard",shard="0"}'] == 0
         assert samples['shardkv_keys{role="shard",shard="0"}'] == 0
         # Load shows: puts from this process during the sample.
         with shardkv.open(directory, create=False) as db:
