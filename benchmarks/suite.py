@@ -4,6 +4,7 @@ one table (`python -m benchmarks`).
     python -m benchmarks --quick                      # 1/10 scale, under 3 minutes on 2 cores
     python -m benchmarks                              # full scale (1M and 10M keys), about 70 minutes
     python -m benchmarks --stores shardkv,lmdb,redis --workloads load,readers
+    python -m benchmarks --only-10m --stores shardkv,lmdb --workloads load   # the 10M-key load row alone
     python -m benchmarks --json out.json --chart docs/benchmarks_processes.png --markdown out.md
 
 Stores (columns): shardkv - the cluster users get from `shardkv.open` (2 shard workers, a
@@ -775,6 +776,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stores", default=",".join(STORES), help="comma-separated subset of " + ",".join(STORES))
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS) + " (shards: only when named)")
     p.add_argument("--no-10m", action="store_true", help="full scale without the 10M-key load row")
+    p.add_argument("--only-10m", action="store_true", help="full scale, of the load rows only the 10M-key one")
     p.add_argument("--all-10m", action="store_true", help="run every store on the 10M-key row (diskcache is left out by default: it takes ~17 min)")
     p.add_argument("--dir", default=None, help="parent of the temporary directories (default: system temp dir)")
     p.add_argument("--seed", type=int, default=SEED, help="seed of keys, values and access orders")
@@ -803,6 +805,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.scale = QUICK if args.quick else FULL
     if args.no_10m and not args.quick:
         args.scale = dataclasses.replace(FULL, load_rows=tuple(r for r in FULL.load_rows if r[0] < 10_000_000))
+    elif args.only_10m and not args.quick:
+        args.scale = dataclasses.replace(FULL, load_rows=tuple(r for r in FULL.load_rows if r[0] >= 10_000_000))
     return args
 
 

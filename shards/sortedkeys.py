@@ -476,7 +476,7 @@ class SortedView:
         return sort_by_key(*merged, self.source, presorted=True)  # equal prefixes: by key
 
     def _set_run(self, level: int, eids: np.ndarray, prefixes: np.ndarray) -> None:
-        """Replace run `level` (not SMALL, unless emptied) with these sorted entries."""
+        """Make run `level` hold exactly these sorted entries (in place when it has room)."""
         n = len(eids)
         if level == SMALL:
             run = self.runs[SMALL]
@@ -537,7 +537,8 @@ class SortedView:
     def window(self, cursor: bytes | None, inclusive: bool, bound: bytes | None, reverse: bool, size: int) -> tuple[list, bool]:
         """The entry ids of the next keys after `cursor` (from it if `inclusive`; None: from the
         first, or the last if `reverse`), in scan order, up to about `size` of them, not past
-        `bound` (exclusive; None: no bound): (eids, more). `more` is False once nothing is left."""
+        `bound` (forward: below it; reverse: from it on; None: no bound): (eids, more). `more` is
+        False once nothing is left."""
         found, _, more = window([(run.eids_v, run.prefixes_v, run.count) for run in self.runs], self.source.key, cursor, inclusive, bound, reverse, size)
         return found.tolist(), more
 
@@ -599,7 +600,7 @@ def _check_boundary(eids, count: int, position: int, key: bytes, key_of, after: 
             raise ValueError("run out of order")
 
 
-def window(runs: list, key_of: Callable[[int], bytes], cursor, inclusive: bool, bound, reverse: bool, size: int, check: bool = False) -> tuple[list, bool]:
+def window(runs: list, key_of: Callable[[int], bytes], cursor, inclusive: bool, bound, reverse: bool, size: int, check: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """The next entries of a scan over sorted runs (see SortedView.window): (entry ids and
     their prefixes as numpy arrays, more). `runs`: (eids, prefixes, count) each (numpy arrays or memoryviews), eids possibly
     holding DEAD. Forward: keys after `cursor` and below `bound`; reverse: keys before `cursor`
@@ -625,7 +626,7 @@ def window(runs: list, key_of: Callable[[int], bytes], cursor, inclusive: bool, 
     return _EMPTY_EIDS, _EMPTY_PREFIXES, False
 
 
-def _take(spans: list, key_of, reverse: bool, size: int, check: bool = False) -> tuple[list, bool]:
+def _take(spans: list, key_of, reverse: bool, size: int, check: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """Up to `size` entries of each span (eids, prefixes, lo, hi) merged in scan order, cut
     where a span that has more stops knowing its keys: (entry ids, prefixes, more)."""
     pieces = []
