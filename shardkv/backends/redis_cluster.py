@@ -935,6 +935,17 @@ def _key_slot(key: bytes) -> int:
     return user_slot(key)
 
 
+def _queued(pipe, commands: list):
+    """`pipe` with every planned command queued: a plain command, or a script by its SHA
+    (blocking and asyncio pipelines queue alike; only their execute() differs)."""
+    for script, keys, args, *_ in commands:
+        if script is None:
+            pipe.execute_command(*keys)
+        else:
+            pipe.execute_command("EVALSHA", SHAS[script], len(keys), *keys, *args)
+    return pipe
+
+
 def _seconds_left(pttl: int) -> float | None:
     """PTTL's answer as ttl() returns it: -2 (no such key) None, -1 (no expiry) math.inf."""
     if pttl == -1:
@@ -1098,12 +1109,7 @@ class RedisClusterStore(_Core, MutableMapping):
         retry = None
         while True:
             self._check_open()
-            pipe = self._rc.pipeline()
-            for script, keys, args, *_ in commands:
-                if script is None:
-                    pipe.execute_command(*keys)
-                else:
-                    pipe.execute_command("EVALSHA", SHAS[script], len(keys), *keys, *args)
+            pipe = _queued(self._rc.pipeline(), commands)
             try:
                 answers = pipe.execute(raise_on_error=False)
             except Exception as exc:  # noqa: BLE001
@@ -1610,12 +1616,7 @@ class AsyncRedisClusterStore(_Core):
         retry = None
         while True:
             self._check_open()
-            pipe = self._rc.pipeline()
-            for script, keys, args, *_ in commands:
-                if script is None:
-                    pipe.execute_command(*keys)
-                else:
-                    pipe.execute_command("EVALSHA", SHAS[script], len(keys), *keys, *args)
+            pipe = _queued(self._rc.pipeline(), commands)
             try:
                 answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:  # noqa: BLE001
