@@ -18,7 +18,7 @@ import time
 import shardkv
 from shardkv.coordinator.manifest import write_manifest
 from shardkv.shards import ShardEngine
-from shardkv.shards.worker import shard_directory
+from shardkv.coordinator.manifest import shard_directory
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from shardkv.ipc.layout import (
 from shardkv.ipc.transport import Channel, Requester, RingServer
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.coordinator.runfiles import read_config
-from shardkv.shards.worker import EXIT_CORRUPT, EXIT_STORAGE, leave_cluster, stop_confirmed
+from shardkv.coordinator.membership import EXIT_CORRUPT, EXIT_STORAGE, leave_cluster, stop_confirmed
 
 WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PREPARE included)
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress

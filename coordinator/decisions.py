@@ -13,11 +13,10 @@ import os
 import struct
 
 from shardkv.errors import CorruptionError
-from shardkv.shards.prepared import txid_key, txid_of
 from shardkv.wal import fileio
 from shardkv.wal.format import COMMIT, KIND_DECISIONS, RECORD_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file, scan_segment
-from shardkv.wal.records import encode_record
+from shardkv.wal.records import encode_record, txid_key, txid_of
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
 from shardkv.wal.writer import LogWriter, cut_tail
 

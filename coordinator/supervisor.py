@@ -39,10 +39,8 @@ from shardkv.coordinator.runfiles import (  # noqa: F401 (re-exported for caller
     RUN_DIR,
     SUPERVISOR_LOCK,
     attach_lock_path,
-    config_path,
     count_held,
     lease_path,
-    lock_is_held,
     read_cluster_file,
     run_dir,
     write_config,
@@ -76,11 +74,11 @@ from shardkv.ipc.layout import (
 )
 from shardkv.ipc.sharedindex import HEADER_SIZE, create_header, mark_not_serving, unlink_tables
 from shardkv.ipc.sortedview import unlink_views
+from shardkv.coordinator.membership import EXIT_CORRUPT
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio
 from shardkv.wal.writer import check_durability
 
-EXIT_CORRUPT = 65
 # An embedded cluster stops this long after its last client is gone (SHARDKV_IDLE_TIMEOUT: for
 # tests that need many idle stops).
 IDLE_TIMEOUT = float(os.environ.get("SHARDKV_IDLE_TIMEOUT", "3.0"))

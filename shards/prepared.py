@@ -8,25 +8,14 @@ encodes the PREPARE value; the engine does the logging.
 
 from __future__ import annotations
 
-import struct
 
 from shardkv.errors import Busy, CorruptionError, StorageError
 from shardkv.shards.uniform import UniformPuts
+from shardkv.wal.records import txid_key, txid_of  # noqa: F401 (the engine and recovery import them from here)
 from shardkv.wal.format import DELETE, PREPARE_COUNT, PREPARE_ENTRY, PREPARE_EXPECT, PREPARE_EXPECT_ABSENT, PUT
 
 EXPECT = PREPARE_EXPECT  # the key must hold the value
 EXPECT_ABSENT = PREPARE_EXPECT_ABSENT  # the key must be absent
-_TXID = struct.Struct("<Q")
-
-
-def txid_key(txid: int) -> bytes:
-    """The key field of a PREPARE, COMMIT or ABORT record: the batch id, u64 little-endian."""
-    return _TXID.pack(txid)
-
-
-def txid_of(key: bytes) -> int:
-    """The batch id a PREPARE, COMMIT or ABORT record's key holds."""
-    return _TXID.unpack(key)[0]
 
 
 def encode_prepare(batch: list, expects: list) -> bytes:

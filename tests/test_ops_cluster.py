@@ -12,7 +12,7 @@ from shardkv.cli.status import status_table
 from shardkv.ops.metrics import render_prometheus
 from shardkv.ops.status import collect_status, exit_code
 from shardkv.ops.verify import verify_store
-from shardkv.shards.worker import shard_directory
+from shardkv.coordinator.manifest import shard_directory
 
 WRITER = r"""
 import sys, shardkv

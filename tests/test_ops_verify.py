@@ -8,7 +8,7 @@ import pytest
 from shardkv.ops.salvage import salvage_store
 from shardkv.ops.verify import verify_store
 from shardkv.shards import ShardEngine
-from shardkv.shards.worker import shard_directory
+from shardkv.coordinator.manifest import shard_directory
 from shardkv.coordinator.manifest import read_manifest, write_manifest
 
 

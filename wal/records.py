@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from operator import add
 from typing import NamedTuple, Sequence
 
@@ -21,6 +22,18 @@ from shardkv.wal.format import (
 
 _pack_fields = RECORD_FIELDS.pack
 _unpack_header = RECORD_HEADER.unpack_from
+_TXID = struct.Struct("<Q")
+
+
+def txid_key(txid: int) -> bytes:
+    """The key field of a PREPARE, COMMIT or ABORT record: the batch id, u64 little-endian
+    (shards log such records for a cross-shard batch, the coordinator's decision log COMMITs)."""
+    return _TXID.pack(txid)
+
+
+def txid_of(key: bytes) -> int:
+    """The batch id a PREPARE, COMMIT or ABORT record's key holds."""
+    return _TXID.unpack(key)[0]
 
 
 class RecordHeader(NamedTuple):
