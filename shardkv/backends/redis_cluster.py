@@ -350,10 +350,6 @@ class Layout:
         """The bucket of a user key."""
         return self.bucket_of_slot[user_slot(key)]
 
-    def data_key(self, key: bytes) -> bytes:
-        """The Redis key holding a user key's value."""
-        return self.prefix[self.bucket_of_slot[user_slot(key)]] + key
-
 
 # -- errors ------------------------------------------------------------------------------------
 _NOT_APPLIED = tuple(

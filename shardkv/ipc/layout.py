@@ -130,14 +130,6 @@ class ControlBlock:
         self.leases = np.frombuffer(buf, dtype=LEASE_DTYPE, count=leases, offset=offset)
 
     @staticmethod
-    def read_header(buf) -> dict:
-        """The header fields of a control block, checked."""
-        magic, version, shards, leases, slots, state, map_version, slot_size, pid, *_ = CTL_HEADER.unpack_from(buf)
-        if magic != CTL_MAGIC or version != VERSION or slots != HASH_SLOTS:
-            raise ValueError("not a shardkv control block of this version")
-        return {"shards": shards, "leases": leases, "state": state, "map_version": map_version, "slot_size": slot_size, "supervisor_pid": pid}
-
-    @staticmethod
     def write_header(buf, shards: int, leases: int, slot_size: int, supervisor_pid: int) -> None:
         """Initialise the header (state STARTING)."""
         CTL_HEADER.pack_into(buf, 0, CTL_MAGIC, VERSION, shards, leases, HASH_SLOTS, STARTING, 0, slot_size, supervisor_pid, 0, 0, 0)
