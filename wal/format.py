@@ -21,6 +21,7 @@ SEGMENT_KINDS = (KIND_LOG, KIND_COMPACTED, KIND_DECISIONS)
 RECORD_CRCS = struct.Struct("<II")
 RECORD_FIELDS = struct.Struct("<BBHIIIQQ")  # type, flags, reserved, key_len, value_len, batch_left, seq, expires_at
 RECORD_HEADER = struct.Struct("<IIBBHIIIQQ")
+RECORD_HEADER_NAMES = ("crc", "header_crc", "type", "flags", "reserved", "key_len", "value_len", "batch_left", "seq", "expires_at")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 # A record's crc covers its bytes from here (header_crc on) to its end.
 RECORD_CRC_FROM = RECORD_CRCS.size // 2
