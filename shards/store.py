@@ -65,6 +65,7 @@ class Store:
         self.lock = threading.Lock()
         self.closed = False
         self.expiry = expiry
+        self._expires = expiry.expires  # (never replaced) one load on the write path: empty when no key expires
         self.header = IndexHeader(shared_index)
         self.index_failure: BaseException | None = None  # the index failed to take a logged batch
         # Run with the lock held when a compaction has sealed the active segment: logs what
@@ -222,7 +223,8 @@ class Store:
                 added = self.index.upsert_many(keys, list(map(crc32c, keys)), locations, key_lens[first:], value_lens[first:], seq)
                 if added:
                     self.sorted.insert_many([key for key, _ in added], [entry for _, entry in added])
-                self.expiry.forget(keys)  # these keys now never expire
+                if self._expires:
+                    self.expiry.forget(keys)  # these keys now never expire
             else:
                 index_record = self.index_record
                 for rtype, key, value_len, expires_at, record_offset in zip(types, keys, value_lens, expires, offsets):
@@ -243,7 +245,7 @@ class Store:
                 self.sorted.insert(key, self.index.last_entry)
         else:
             self._remove_key(key, crc32c(key))
-        if expires_at or self.expiry.expires:
+        if expires_at or self._expires:
             self.expiry.note(key, expires_at)
 
     def _remove_key(self, key: bytes, h: int) -> bool:
@@ -329,7 +331,7 @@ class Store:
         with self.lock:
             self.check_open()
             now = self.expiry.now_ms()  # one instant for the purge and for the log's verdict
-            if self.expiry.expires:
+            if self._expires:
                 self.purge_expired(now)  # expired keys are not copied
             before = self.space()
             self.seal_active()
