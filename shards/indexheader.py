@@ -3,7 +3,9 @@ of the fields the engine publishes there - the seqlock version, the active segme
 its data ends, and the epoch of the segment files.
 
 Without a shared index (an engine used in-process) only the version is kept: scans and
-lock-free gets read it too. The worker publishes the other fields (state, locked keys) itself.
+lock-free gets read it too. The worker publishes the other fields (state, locked keys) itself;
+the table number is written when the hash index installs a new table (IndexPublisher.install,
+inside a change).
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ class IndexHeader:
         self.version += 1
 
     def set_active(self, segment: int, end: int) -> None:
-        """Publish a new active segment and where its data ends. Readers map the active segment
-        only below the published end (it shrinks to its end when it is sealed)."""
+        """Publish the active segment and where its data ends (at open). Readers map the active
+        segment only below the published end (it shrinks to its end when it is sealed)."""
         if self.publisher is not None:
             self.publisher.set_active(segment, end)
+
+    def new_active(self, segment: int, end: int) -> None:
+        """The log rolled over to `segment`: publish it inside a change of its own, before any
+        index entry points into it."""
+        if self.publisher is not None:
+            self.bump()
+            self.publisher.set_active(segment, end)
+            self.bump()
 
     def set_active_end(self, end: int) -> None:
         """Publish where the active segment's data ends: after each append, before the index

@@ -299,12 +299,7 @@ class Store:
         self.paths[segment] = os.path.join(self.directory, segment_name(segment))
         self.maps[segment] = map_file(self.paths[segment])
         self.active_records = ActiveRecords()
-        if self.header.publisher is not None:
-            # Before any index entry points into it: clients read the active segment only below
-            # the published end (it shrinks to its end when it is sealed).
-            self.header.bump()
-            self.header.set_active(segment, SEGMENT_HEADER_SIZE)
-            self.header.bump()
+        self.header.new_active(segment, SEGMENT_HEADER_SIZE)  # before any index entry points into it
 
     def _on_seal(self, segment: int, end: int) -> None:
         """Writer callback: `segment` is sealed at `end` bytes; remap it and write its hint."""
