@@ -1,9 +1,11 @@
 """Finding a key in a shard's hash table and reading its record: the one home of the probe and
-of the record check, shared by the engine and by clients' direct reads.
+of the record check, for the engine and for clients' direct reads.
 
-`find_value` is the reference: clients' direct reads (shardkv/ipc/sharedindex.py) call it. The
-engine's `Store.read` is a flat copy of it, kept inline because it is the hottest path of a
-shard (one call less per get); tests/test_probe.py checks that the two agree, record for record.
+`find_value` is the reference. The two hot paths that do this - the engine's `Store.read`
+(shards/store.py) and clients' `IndexReader._find` (shardkv/ipc/sharedindex.py, with its bounds
+checks inline) - are flat copies of it, because a call layer there costs measurably (~5-10% of
+a read); tests/test_probe.py checks that both agree with it, record for record, on random
+tables with collisions, impostor entries and damage. Change the three together.
 
 The table is a KeyIndex's (shards/keyindex.py): slots hold entry id + 1 (0: empty) and are
 probed linearly from the key's home slot; the last slot is always empty. Keys are not in the

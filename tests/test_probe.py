@@ -1,16 +1,20 @@
-"""The hash probe and record check have one home (shards/probe.py `find_value`, which clients'
-direct reads call) and one flat copy on the engine's hot path (shards/store.py `Store.read`):
-they must agree on every table, intact or not - value, absent, or damaged."""
+"""The hash probe and record check have one home (shards/probe.py `find_value`) and two flat
+copies on hot paths: the engine's (shards/store.py `Store.read`) and clients' direct reads'
+(shardkv/ipc/sharedindex.py `IndexReader._find`). They must agree on every table, intact or
+not - value, absent (or expired, for the reader), or damaged."""
 
 from __future__ import annotations
 
 import random
+import struct
+import time
 from types import SimpleNamespace
 
 import pytest
 from crc32c import crc32c
 
 from shardkv.errors import CorruptionError
+from shardkv.ipc.sharedindex import IndexReader
 from shardkv.shards.probe import GOLDEN32, DamagedRecord, find_value
 from shardkv.shards.store import Store
 from shardkv.wal.format import DELETE, PUT, RECORD_CHECKED, RECORD_CRC_FROM, RECORD_HEADER, RECORD_HEADER_SIZE
@@ -38,7 +42,7 @@ def _table(entries: list[tuple[int, int, int, int]]) -> tuple:
 def _outcome(read, key):
     try:
         value = read(key)
-    except (CorruptionError, DamagedRecord):
+    except (CorruptionError, ValueError, struct.error):  # (DamagedRecord is a ValueError)
         return "damaged"
     return None if value is None else bytes(value)
 
@@ -51,6 +55,23 @@ def _both(table, buf: bytes, verify: bool):
     return reference, lambda key: Store.read(store, key)
 
 
+def _reader_pair(table, buf: bytes):
+    """(the reference's read, with the reader's bounds and expiry, and the reader's copy's read)
+    over `table` and `buf` as the active segment, published up to its end."""
+    shift, slots, hashes, key_lens, locations, value_lens = table
+    reader = IndexReader.__new__(IndexReader)  # the mappings only: no shared memory here
+    reader._active = (SEGMENT, buf, len(buf))
+    reader_table = (1, shift, slots, locations, hashes, key_lens, value_lens, table)
+
+    def buffer_of(segment, end, context):
+        if segment != SEGMENT or end > len(buf):
+            raise ValueError("record out of bounds")
+        return buf
+
+    reference = lambda key: find_value(key, crc32c(key), table, buffer_of, now_ms=lambda: time.time() * 1000)  # noqa: E731
+    return reference, lambda key: reader._find(reader_table, key, crc32c(key), SEGMENT, len(buf), 0, 0)
+
+
 def _random_case(rng: random.Random):
     """A segment of PUT (and a few DELETE) records of short keys, an index naming them - with
     impostor entries (a key's hash and length, another key's record), and some damage."""
@@ -60,12 +81,16 @@ def _random_case(rng: random.Random):
     for key in keys:
         rtype = DELETE if rng.random() < 0.1 else PUT
         value = b"" if rtype == DELETE else bytes(rng.randrange(256) for _ in range(rng.randrange(0, 20)))
+        expires_at = rng.choice([0, 0, 0, 1000, 2**62])  # long past, far ahead
         offset = len(buf)
-        buf += encode_record(rtype, key, value, rng.randrange(1, 100))
+        buf += encode_record(rtype, key, value, rng.randrange(1, 100), 0, expires_at)
         records.append((key, offset, len(value)))
     for key, offset, value_len in records:
         if rng.random() < 0.9:
             entries.append((crc32c(key), len(key), (SEGMENT << 32) | offset, value_len))
+    if rng.random() < 0.1:  # an entry past the end of the segment
+        key = rng.choice(keys)
+        entries.append((crc32c(key), len(key), (SEGMENT << 32) | len(buf), 4))
     for _ in range(rng.randrange(3)):  # an entry with a key's hash and length naming another record
         key = rng.choice(keys)
         others = [r for r in records if len(r[0]) == len(key)]
@@ -94,15 +119,29 @@ def test_the_engine_copy_agrees_with_the_reference(verify):
     assert outcomes == ({None, "damaged", "value"} if verify else {None, "value"}), "the cases should cover every outcome"
 
 
+def test_the_readers_copy_agrees_with_the_reference():
+    rng = random.Random(29)
+    outcomes = set()
+    for _ in range(3000):
+        table, buf, queries = _random_case(rng)
+        reference, reader = _reader_pair(table, buf)
+        for key in queries:
+            expected = _outcome(reference, key)
+            assert _outcome(reader, key) == expected, (key, table)
+            outcomes.add(expected if expected in (None, "damaged") else "value")
+    assert outcomes == {None, "damaged", "value"}
+
+
 def test_a_colliding_entry_whose_record_is_damaged_is_not_read_as_absent():
     """Same hash and length, another key in the record, and the record fails its checksum: its
-    key may be this one, damaged. Both report damage rather than "absent"."""
+    key may be this one, damaged. All three report damage rather than "absent"."""
     record = bytearray(encode_record(PUT, b"kb", b"value", 1))
     record[RECORD_HEADER_SIZE] ^= 0x01  # the key: "jb" now, and the checksum fails
     buf = bytes(64) + bytes(record)
     table = _table([(crc32c(b"kb"), 2, (SEGMENT << 32) | 64, 5)])
     reference, engine = _both(table, buf, verify=True)
-    assert _outcome(reference, b"kb") == _outcome(engine, b"kb") == "damaged"
+    _, reader = _reader_pair(table, buf)
+    assert _outcome(reference, b"kb") == _outcome(engine, b"kb") == _outcome(reader, b"kb") == "damaged"
 
 
 def test_record_checked_fields_are_those_of_the_record_header():

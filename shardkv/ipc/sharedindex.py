@@ -23,9 +23,10 @@ import time
 
 import numpy as np
 import posix_ipc
+from crc32c import crc32c
 
-from shardkv.shards.probe import find_value
-from shardkv.wal.format import segment_name
+from shardkv.shards.probe import GOLDEN32, KEY_IN_CHECKED, DamagedRecord, checked_fields
+from shardkv.wal.format import PUT, RECORD_CRC_FROM, RECORD_HEADER_SIZE, segment_name
 
 HEADER_MAGIC = b"SHKVIDX\n"
 HEADER_SIZE = 64
@@ -45,11 +46,6 @@ ARRAYS = (("slots", "<u4"), ("locations", "<u8"), ("hashes", "<u4"), ("key_lens"
 SUPPORTED = platform.machine().lower() in ("x86_64", "amd64")
 RETRIES = 8  # reads that overlapped a change are retried this often, then the ring answers
 FALLBACK = object()
-
-
-def _now_ms() -> float:
-    """Now, in milliseconds since the epoch: direct reads judge expiry by the wall clock."""
-    return time.time() * 1000
 
 
 def header_name(prefix: str, shard: int) -> str:
@@ -300,28 +296,48 @@ class IndexReader:
         return self.get(keys, hashes, True)
 
     def _find(self, table: tuple, key: bytes, h: int, active: int, active_end: int, epoch: int, version: int):
-        """Probe `table` for `key` and read its record (shards/probe.py): the value, or None.
-        Everything read here may be garbage if the worker changed something meanwhile (the
-        caller's version check decides); until then, every read is bounds-checked (`_buffer`).
-        Raises on anything unreadable; the worker reports corruption properly."""
-        return find_value(key, h, table[7], self._buffer, (active, active_end, epoch, version), now_ms=_now_ms)
+        """Probe `table` for `key` and read its record: the value, or None. Everything read here
+        may be garbage if the worker changed something meanwhile (the caller's version check
+        decides); until then, every read is bounds-checked. Raises on anything unreadable (the
+        worker reports corruption properly).
 
-    def _buffer(self, segment: int, end: int, view: tuple):
-        """The mapping of `segment`, if a record ending at `end` may be read from it: the
-        active segment only below the published end, a sealed one within its size (`view`:
-        the header's active, active_end, epoch and version this read started from)."""
-        active, active_end, epoch, version = view
-        if segment == active:
-            mapped = self._active
-            if mapped[0] != segment:
-                mapped = self._map_active(segment)
-            limit = active_end  # written and published: never cut while mapped
-        else:
-            mapped = self._sealed(segment, epoch, version)
-            limit = mapped[2]
-        if end > limit or end > mapped[2]:
-            raise ValueError("record out of bounds")
-        return mapped[1]
+        A flat copy of shards/probe.py `find_value` with this reader's bounds checks inline:
+        calling it, with a callback for the segment, costs ~10% of a direct read.
+        tests/test_probe.py checks that the two agree."""
+        _, shift, slots, locations, hashes, key_lens, value_lens, _ = table
+        key_len = len(key)
+        i = ((h * GOLDEN32) & 0xFFFFFFFF) >> shift
+        while True:
+            s = slots[i]
+            if not s:
+                return None
+            e = s - 1
+            if hashes[e] == h and key_lens[e] == key_len:
+                location = locations[e]
+                segment = location >> 32
+                offset = location & 0xFFFFFFFF
+                end = offset + RECORD_HEADER_SIZE + key_len + value_lens[e]
+                if segment == active:
+                    mapped = self._active
+                    if mapped[0] != segment:
+                        mapped = self._map_active(segment)
+                    limit = active_end  # written and published: never cut while mapped
+                else:
+                    mapped = self._sealed(segment, epoch, version)
+                    limit = mapped[2]
+                if end > limit or end > mapped[2]:
+                    raise ValueError("record out of bounds")
+                buf = mapped[1]
+                crc, rtype, expires_at = checked_fields(buf, offset)
+                record = buf[offset + RECORD_CRC_FROM : end]  # exactly the bytes the crc covers
+                if crc32c(record) != crc or rtype != PUT:
+                    # Also for another key of the same hash and length: it may be this one, damaged.
+                    raise DamagedRecord(segment, offset)
+                if record.startswith(key, KEY_IN_CHECKED):
+                    if expires_at and expires_at <= time.time() * 1000:
+                        return None
+                    return record[KEY_IN_CHECKED + key_len :]
+            i += 1
 
     def _map_active(self, segment: int) -> tuple:
         """(segment, mapping, size) of the active segment. Reads of it stay below the published
