@@ -16,8 +16,7 @@ from typing import Callable
 import numpy as np
 
 from shardkv.ipc.sharedindex import PrivateTables
-
-GOLDEN32 = 0x9E3779B1  # Fibonacci hashing spreads CRC-32C values over the table's top bits
+from shardkv.shards.probe import GOLDEN32
 MAX_LOAD = 0.5  # linear probing: ~2.5 probes to learn a key is absent (6 at 0.7), for ~2 more bytes of slots a key
 MIN_BITS = 10
 OVERFLOW = 64
@@ -69,6 +68,8 @@ class KeyIndex:
         self._klen_v = memoryview(self.key_lens)
         self._vlen_v = memoryview(self.value_lens)
         self._seq_v = memoryview(self.seqs)
+        # What a probe reads (shards/probe.py), swapped in one assignment for lock-free readers.
+        self.table = (self._shift, self._slot_v, self._hash_v, self._klen_v, self._loc_v, self._vlen_v)
         self._tables.install(arrays)
 
     def _entry_arrays(self) -> tuple:

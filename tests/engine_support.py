@@ -27,7 +27,7 @@ def crash(engine: ShardEngine) -> None:
     Everything written with durability "process" has reached the OS (page cache), so a new
     engine opened on the same directory must see it. The object is unusable afterwards.
     """
-    writer = engine._writer
+    writer = log_writer(engine)
     writer._stop.set()  # the "interval" syncer thread dies with the process
     if writer._syncer is not None:
         writer._syncer.join()
@@ -37,8 +37,38 @@ def crash(engine: ShardEngine) -> None:
             os.close(writer._fd)
             writer._fd = -1
     engine._closed = True
-    unmap_all(engine._maps)
+    engine._store.closed = True
+    unmap_all(engine._store.maps)
     os.close(engine._lock_fd)
+
+
+# The engine's parts, for white-box tests that drive, spy on or damage one of them directly
+# (forged records, fsync spies, scribbled index entries, a view caught mid-build): the one place
+# tests reach into the engine. What a test can observe through the API it checks there instead
+# (ShardEngine.log_position(), segments(), stats()).
+def log_writer(engine: ShardEngine):
+    """The engine's log writer (wal/writer.py)."""
+    return engine._store.writer
+
+
+def key_index(engine: ShardEngine):
+    """The engine's hash index (shards/keyindex.py)."""
+    return engine._store.index
+
+
+def ordered_view(engine: ShardEngine):
+    """The engine's ordered view of its keys (shards/sortedkeys.py)."""
+    return engine._store.sorted
+
+
+def index_header(engine: ShardEngine):
+    """The engine's seqlock version and published header fields (shards/indexheader.py)."""
+    return engine._store.header
+
+
+def store(engine: ShardEngine):
+    """The engine's store (shards/store.py): segments, writer, index and ordered view."""
+    return engine._store
 
 
 def segment_numbers(directory) -> list[int]:

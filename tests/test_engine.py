@@ -14,7 +14,7 @@ from shardkv.limits import MAX_KEY_LEN
 from shardkv.shards import DirectoryLocked, ShardEngine
 from shardkv.wal import fileio
 
-from engine_support import assert_matches, crash, open_engine, segment_numbers
+from engine_support import assert_matches, crash, log_writer, open_engine, segment_numbers
 
 BAD_TYPES = ["str", 5, None, [b"a"], 1.5, object()]
 
@@ -548,7 +548,7 @@ def test_fsync_durability_with_concurrent_writers(tmp_path, monkeypatch):
     n_threads, per_thread = 4, 150
     errors = []
     e = open_engine(tmp_path, durability="fsync", segment_size=16384)
-    writer = e._writer
+    writer = log_writer(e)
     durable = {"upto": writer.position}
     durable_lock = threading.Lock()
     mine = threading.local()

@@ -70,7 +70,7 @@ def test_compaction_reclaims_space_and_keeps_data(tmp_path):
         assert_matches(e, model)
         assert not _leftovers(tmp_path)
         assert len(segment_numbers(tmp_path)) == after["segments"]  # inputs are gone from disk
-        active = e._writer.position[0]
+        active = e.log_position()[0]
         for number in segment_numbers(tmp_path):
             if number == active:
                 continue
@@ -285,7 +285,7 @@ def test_crash_at_every_step_of_compaction(tmp_path, monkeypatch):
     e.compact()
     monkeypatch.undo()
     snapshots.append(("after compaction", copy_dir(source, tmp_path / "crash-after")))
-    new_active = e._writer.position[0]
+    new_active = e.log_position()[0]
     outputs = set(segment_numbers(source)) - {new_active}
     assert outputs and not outputs & inputs
     crash(e)

@@ -22,6 +22,7 @@ from engine_support import (
     crash,
     flip_byte,
     hint_path,
+    log_writer,
     open_engine,
     segment_numbers,
     segment_path,
@@ -43,7 +44,7 @@ def test_torn_tail_is_repaired_on_open(tmp_path):
     e = open_engine(tmp_path)
     e.put(b"a", b"1")
     e.put(b"b", b"2")
-    active, end = e._writer.position
+    active, end = e.log_position()
     crash(e)
     with open(segment_path(tmp_path, active), "r+b") as f:
         f.seek(end - 3)  # the last write reached the disk only partly
@@ -66,7 +67,7 @@ def _build_torn_tail_shard(directory, stale_hint: bool):
         key, value = b"seed%02d" % (i % 40), _nonzero(rng, rng.randrange(1, 60))
         e.put(key, value)
         model[key] = value
-    writer = e._writer
+    writer = log_writer(e)
     while writer._capacity - writer.position[1] < 2500:  # the tail must fit in one segment
         e.put(b"filler", b"f" * 100)
         model[b"filler"] = b"f" * 100
@@ -75,7 +76,7 @@ def _build_torn_tail_shard(directory, stale_hint: bool):
         model[b"before-close"] = b"x"
         e.close()
         e = open_engine(directory, segment_size=4096)
-        writer = e._writer
+        writer = log_writer(e)
     active, tail_start = writer.position
     history = [(tail_start, dict(model))]
 
@@ -161,7 +162,7 @@ def test_unfinished_batch_is_dropped_whole(tmp_path):
     """A batch whose last record is missing is dropped even though its first records are intact."""
     e = open_engine(tmp_path, segment_size=1 << 16)
     e.put(b"a", b"1")
-    active, start = e._writer.position
+    active, start = e.log_position()
     e.apply([("put", b"x", b"1"), ("put", b"y", b"2"), ("put", b"z", b"3")])
     crash(e)
     records = list(iter_records(segment_path(tmp_path, active), active=True))
@@ -357,9 +358,9 @@ def _crashed_active(directory, synced: bool = True):
         key, value = b"act%02d" % i, _nonzero(rng, 30)
         e.put(key, value)
         model[key] = value
-    active = e._writer.position[0]
+    active = e.log_position()[0]
     if synced:
-        e._writer.sync_and_publish()
+        log_writer(e).sync_and_publish()
     crash(e)
     assert not os.path.exists(hint_path(directory, active))
     return model, active, list(iter_records(segment_path(directory, active), active=True))
@@ -423,10 +424,9 @@ def test_damage_in_the_last_record_of_the_active_segment_is_a_torn_tail(tmp_path
 def test_batch_record_with_a_malformed_id_fails_open(tmp_path):
     e = open_engine(tmp_path, segment_size=1 << 16)
     e.put(b"a", b"1")
-    with e._lock:
-        e._writer.append(encode_record(PREPARE, b"tx1", b"payload", e._seq + 1))
+    log_writer(e).append(encode_record(PREPARE, b"tx1", b"payload", e.stats()["seq"] + 1))
     e.put(b"b", b"2")
-    active = e._writer.position[0]
+    active = e.log_position()[0]
     crash(e)
     with pytest.raises(CorruptionError, match="3-byte id") as info:
         open_engine(tmp_path, segment_size=1 << 16)
@@ -435,9 +435,8 @@ def test_batch_record_with_a_malformed_id_fails_open(tmp_path):
 
 def test_prepare_record_with_a_malformed_value_fails_open(tmp_path):
     e = open_engine(tmp_path, segment_size=1 << 16)
-    with e._lock:
-        e._writer.append(encode_record(PREPARE, b"12345678", b"\x05\x00\x00\x00garbage", e._seq + 1))
-    active = e._writer.position[0]
+    log_writer(e).append(encode_record(PREPARE, b"12345678", b"\x05\x00\x00\x00garbage", e.stats()["seq"] + 1))
+    active = e.log_position()[0]
     crash(e)
     with pytest.raises(CorruptionError, match="PREPARE") as info:
         open_engine(tmp_path, segment_size=1 << 16)

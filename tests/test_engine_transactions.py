@@ -24,6 +24,7 @@ from engine_support import (
     assert_matches,
     copy_dir,
     crash,
+    log_writer,
     open_engine,
     remove_hints,
     segment_numbers,
@@ -140,11 +141,11 @@ def test_double_prepare_is_a_no_op(tmp_path):
     with open_engine(tmp_path) as e:
         _seed(e)
         e.prepare(7, OPS, EXPECTS)
-        seq, position = e.stats()["seq"], e._writer.position
+        seq, position = e.stats()["seq"], e.log_position()
         # the same batch again, or even another batch under the same id: nothing changes
         assert e.prepare(7, OPS, EXPECTS) is None
         assert e.prepare(7, [("put", b"other", b"x")], [(b"a", b"wrong")]) is None
-        assert e.stats()["seq"] == seq and e._writer.position == position
+        assert e.stats()["seq"] == seq and e.log_position() == position
         assert e.prepared() == [7]
         assert not e.locked(b"other")
         assert e.commit(7) is True
@@ -197,9 +198,9 @@ def test_commit_is_one_log_batch(tmp_path):
     """The COMMIT record heads one batch with the writes (one seq, batch_left counting down)."""
     e = open_engine(tmp_path, segment_size=1 << 16)
     _seed(e)
-    active, start = e._writer.position
+    active, start = e.log_position()
     e.prepare(7, OPS, EXPECTS)
-    _, prepare_end = e._writer.position
+    _, prepare_end = e.log_position()
     assert e.commit(7) is True
     crash(e)
     records = [r for r in iter_records(segment_path(tmp_path, active), active=True) if r.offset >= start]
@@ -545,9 +546,9 @@ def test_torn_prepare_is_dropped(tmp_path, damage, stale_hint):
     if stale_hint:  # a clean close writes the active segment's hint; the tail goes past it
         e.close()
         e = open_engine(source, segment_size=1 << 16)
-    active, start = e._writer.position
+    active, start = e.log_position()
     e.prepare(TX, OPS, EXPECTS)
-    segment, end = e._writer.position
+    segment, end = e.log_position()
     assert segment == active
     crash(e)
     with open(segment_path(source, active), "rb") as f:
@@ -592,9 +593,9 @@ def test_torn_decision_leaves_the_batch_undecided(tmp_path, damage, decision, st
     if stale_hint:  # the PREPARE is covered by the active segment's hint, the decision is not
         e.close()
         e = open_engine(source, segment_size=1 << 16)
-    active, start = e._writer.position
+    active, start = e.log_position()
     assert getattr(e, decision)(TX) is True
-    segment, end = e._writer.position
+    segment, end = e.log_position()
     assert segment == active
     crash(e)
     with open(segment_path(source, active), "rb") as f:
@@ -650,9 +651,9 @@ def test_compaction_keeps_an_undecided_batch(tmp_path, reopen):
     e = open_engine(tmp_path)
     model = _seed(e)
     e.prepare(7, OPS, EXPECTS)
-    first = e._writer.position[0]
+    first = e.log_position()[0]
     _fill(e, model, 200)
-    assert e._writer.position[0] >= first + 3  # several segments rolled since the PREPARE
+    assert e.log_position()[0] >= first + 3  # several segments rolled since the PREPARE
     result = e.compact()
     assert result["inputs"] >= 3
     assert first not in segment_numbers(tmp_path)  # the PREPARE's own segment is gone
@@ -671,7 +672,7 @@ def test_compaction_keeps_an_undecided_batch(tmp_path, reopen):
     e = open_engine(tmp_path)
     _assert_prepared(e, [7])
     assert_matches(e, model)
-    markers = _marker_records(tmp_path, e._writer.position[0])
+    markers = _marker_records(tmp_path, e.log_position()[0])
     assert [r.type for r in markers] == [PREPARE]  # one live copy, nothing else
     assert e.commit(7) is True
     model.update({b"a": b"new-a", b"c": b"3"})
@@ -683,7 +684,7 @@ def test_compaction_keeps_an_undecided_batch(tmp_path, reopen):
     _assert_unlocked(e)
     assert_matches(e, model)
     e.compact()
-    assert _marker_records(tmp_path, e._writer.position[0]) == []
+    assert _marker_records(tmp_path, e.log_position()[0]) == []
     crash(e)
     with open_engine(tmp_path) as e:
         assert e.prepared() == []
@@ -699,9 +700,9 @@ def test_compaction_after_the_decision_drops_the_markers_and_keeps_the_data(tmp_
     assert e.commit(1) and e.abort(2)
     model[b"x"] = b"1"
     del model[b"a"]
-    assert {r.type for r in _marker_records(tmp_path, e._writer.position[0])} == {PREPARE, COMMIT, ABORT}
+    assert {r.type for r in _marker_records(tmp_path, e.log_position()[0])} == {PREPARE, COMMIT, ABORT}
     e.compact()
-    assert _marker_records(tmp_path, e._writer.position[0]) == []
+    assert _marker_records(tmp_path, e.log_position()[0]) == []
     assert e.prepared() == []
     assert_matches(e, model)
     crash(e)
@@ -724,7 +725,7 @@ def test_compaction_of_undecided_and_decided_batches_together(tmp_path):
     assert e.commit(1) and e.abort(3)
     model[b"x"] = b"1"
     e.compact()
-    markers = _marker_records(tmp_path, e._writer.position[0])
+    markers = _marker_records(tmp_path, e.log_position()[0])
     assert [(r.type, r.key) for r in markers] == [(PREPARE, (2).to_bytes(8, "little"))]
     crash(e)
     e = open_engine(tmp_path)
@@ -764,8 +765,8 @@ def _power_loss(directory, engine) -> None:
     """Crash `engine` and drop what an OS crash would: every byte of the active segment that
     was not fsynced (sealed segments, hints, compaction output and COMPACTION are fsynced
     before they count)."""
-    active, end = engine._writer.position
-    synced_segment, synced_end = engine._writer._synced
+    active, end = engine.log_position()
+    synced_segment, synced_end = log_writer(engine)._synced
     keep = synced_end if synced_segment == active else SEGMENT_HEADER_SIZE
     crash(engine)
     path = segment_path(directory, active)
@@ -813,7 +814,7 @@ def test_compaction_keeps_an_undecided_batch_durable(tmp_path, monkeypatch, dura
 
     def spy(directory, name, data):
         if name == COMPACTION_FILE:
-            at_commit.append((e._writer._synced, e._writer.position))
+            at_commit.append((log_writer(e)._synced, e.log_position()))
         return original(directory, name, data)
 
     monkeypatch.setattr(fileio, "write_file_atomically", spy)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import test_format_doc as doc
-from engine_support import crash, flip_byte, open_engine
+from engine_support import crash, flip_byte, open_engine, ordered_view
 from shardkv.shards import sortedkeys
 from shardkv.wal import format as fmt
 
@@ -54,7 +54,7 @@ def test_a_clean_close_saves_the_view_and_the_next_open_uses_it(tmp_path, small_
     with monkeypatch.context() as patch:
         refuse_sorting(patch)
         engine = open_engine(tmp_path, segment_size=1 << 14)
-    assert engine._sorted.ready
+    assert ordered_view(engine).ready
     assert not os.path.exists(tmp_path / fmt.SORTED_FILE)  # describes one close only
     assert list(engine.scan()) == sorted(model.items())
     engine.put(b"after", b"x")
@@ -115,7 +115,7 @@ def test_a_file_that_does_not_describe_the_keys_is_ignored(tmp_path, small_limit
             data[12:16] = (7).to_bytes(4, "little")  # shard 7 (the crc then fails too)
             path.write_bytes(bytes(data))
         engine = open_engine(tmp_path, segment_size=1 << 14)
-    engine._sorted.wait_built(30)
+    ordered_view(engine).wait_built(30)
     assert list(engine.scan()) == sorted(model.items())
     engine.close()
 
@@ -127,6 +127,6 @@ def test_keys_that_expire_between_close_and_open(tmp_path, small_limits):
     engine.close()
     now[0] += 10
     engine = open_engine(tmp_path, segment_size=1 << 14, clock=lambda: now[0])
-    engine._sorted.wait_built(30)
+    ordered_view(engine).wait_built(30)
     assert [k for k, _ in engine.scan()] == [b"%04d" % i for i in range(300) if i % 3]
     engine.close()

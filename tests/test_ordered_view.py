@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine_support import crash, open_engine
+from engine_support import crash, key_index, open_engine, ordered_view
 from shardkv.shards import sortedkeys
 from shardkv.shards.sortedkeys import DEAD, key_prefix, key_prefixes, sort_by_key
 
@@ -195,7 +195,7 @@ class ViewMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_key_in_one_level(self):
-        view = self.engine._sorted
+        view = ordered_view(self.engine)
         if not view.ready:
             return
         seen = []
@@ -203,7 +203,7 @@ class ViewMachine(RuleBasedStateMachine):
             eids = run.eids[: run.count]
             seen.extend(int(e) for e in eids if e != DEAD)
             assert run.dead == int((eids == DEAD).sum())
-        assert len(seen) == len(set(seen)) == self.engine._index.count
+        assert len(seen) == len(set(seen)) == key_index(self.engine).count
 
 
 TestViewMachine = ViewMachine.TestCase
@@ -228,7 +228,7 @@ def test_writes_during_a_background_build_are_kept(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(sortedkeys, "sort_by_key", slow_sort)
     engine = open_engine(tmp_path, segment_size=1 << 16)
-    assert engine._sorted.state == sortedkeys.BUILDING
+    assert ordered_view(engine).state == sortedkeys.BUILDING
     model = dict.fromkeys(keys, b"v")
     for i in range(0, 3000, 7):  # deletes free entries...
         engine.delete(keys[i])
@@ -240,7 +240,7 @@ def test_writes_during_a_background_build_are_kept(tmp_path, tiny, monkeypatch):
     model.update({b"k%05d" % i: b"w" for i in range(1, 3000, 11)})
     release.set()
     assert list(engine.scan()) == sorted(model.items())
-    assert engine._sorted.state == sortedkeys.READY
+    assert ordered_view(engine).state == sortedkeys.READY
     engine.close()
 
 
@@ -250,9 +250,9 @@ def test_close_waits_for_a_background_build(tmp_path, tiny):
     engine.close()
     os.unlink(tmp_path / "SORTED")
     engine = open_engine(tmp_path, segment_size=1 << 16)
-    assert engine._sorted.state == sortedkeys.BUILDING
+    assert ordered_view(engine).state == sortedkeys.BUILDING
     engine.close()  # must not unmap what the build thread reads
-    assert engine._sorted._builder is None
+    assert ordered_view(engine)._builder is None
 
 
 def test_keys_sharing_their_first_bytes_order_through_the_log(tmp_path, tiny):
@@ -277,13 +277,13 @@ def test_keys_sharing_their_first_bytes_order_through_the_log(tmp_path, tiny):
 
 def test_the_view_grows_with_the_index_through_doublings(tmp_path):
     engine = open_engine(tmp_path, segment_size=1 << 20)
-    bits = engine._index._bits
+    bits = key_index(engine)._bits
     keys = [random.Random(i).randbytes(16) for i in range(20000)]
     for i in range(0, len(keys), 500):
         engine.apply([("put", k, b"x") for k in keys[i : i + 500]])
     for k in keys[:3000]:
         engine.put(k[::-1], b"y")
-    assert engine._index._bits > bits + 3
+    assert key_index(engine)._bits > bits + 3
     expected = sorted({**dict.fromkeys(keys, b"x"), **{k[::-1]: b"y" for k in keys[:3000]}}.items())
     assert list(engine.scan()) == expected
     engine.close()
@@ -309,7 +309,7 @@ def test_removing_most_keys_drops_tombstones(tmp_path, tiny):
     keys = [b"%05d" % i for i in range(2000)]
     engine.apply([("put", k, b"v") for k in keys])
     engine.apply([("delete", k) for k in keys[:1900]])
-    view = engine._sorted
+    view = ordered_view(engine)
     assert sum(run.dead for run in view.runs) < 1900  # merged away, not all kept as tombstones
     assert list(engine.scan()) == [(k, b"v") for k in keys[1900:]]
     engine.close()
@@ -322,11 +322,11 @@ def test_no_ordered_read_sorts_the_whole_shard(tmp_path, tiny, monkeypatch):
     keys = [random.Random(i).randbytes(12) for i in range(3000)]
     for i in range(0, 3000, 100):
         engine.apply([("put", k, b"v") for k in keys[i : i + 100]])
-    assert engine._sorted.ready  # kept current, no scan yet
+    assert ordered_view(engine).ready  # kept current, no scan yet
     engine.close()
     os.unlink(tmp_path / "SORTED")  # the saved view: tests/test_ordered_saved.py
     engine = open_engine(tmp_path, segment_size=1 << 16)
-    engine._sorted.wait_built(30)
+    ordered_view(engine).wait_built(30)
 
     def refuse(*args, **kwargs):
         raise AssertionError("an ordered read sorted the whole shard")

@@ -37,6 +37,7 @@ from shardkv.ops.metrics import render_prometheus
 from shardkv.ops.status import collect_status
 
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
+from engine_support import key_index
 from test_shared_index import Shard
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the shared index is x86-64 only (elsewhere the index is private)")
@@ -148,8 +149,9 @@ def test_an_entry_pointed_at_an_older_record_of_its_key_is_repaired(shard):
     overwritten one. Compaction must copy the newest record, not the one the table names."""
     model = fill(shard.engine)
     key = b"key-00002"  # overwritten once: its first record is still in the log
-    e = shard.engine._index.find(key, crc32c(key))
-    newest = int(shard.engine._index.locations[e])
+    index = key_index(shard.engine)
+    e = index.find(key, crc32c(key))
+    newest = int(index.locations[e])
     older = next(loc for loc in _locations_of(shard.engine, key) if loc != newest)
     path = current_table(shard.prefix, 0, shard.header)
     layout = table_layout_of(path)
@@ -168,7 +170,7 @@ def test_an_entry_pointed_at_an_older_record_of_its_key_is_repaired(shard):
 def test_a_key_cleared_from_the_slot_table_is_repaired(shard):
     model = fill(shard.engine)
     key = b"key-01234"
-    index = shard.engine._index
+    index = key_index(shard.engine)
     e = index.find(key, crc32c(key))
     slot = next(i for i in range(len(index.slots)) if index.slots[i] == e + 1)
     path = current_table(shard.prefix, 0, shard.header)
@@ -187,8 +189,9 @@ def _locations_of(engine, key: bytes) -> list[int]:
     from shardkv.wal import iter_records
 
     found = []
-    for number in sorted(engine._paths):
-        for record in iter_records(engine._paths[number], active=number == engine._active):
+    active = engine.log_position()[0]
+    for number, path in sorted(engine.segments().items()):
+        for record in iter_records(path, active=number == active):
             if record.key == key and record.type == 1:
                 found.append((number << 32) | record.offset)
     return found

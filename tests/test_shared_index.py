@@ -31,6 +31,8 @@ from shardkv.ipc.sharedindex import (
 )
 from shardkv.shards.engine import ShardEngine
 
+from engine_support import index_header, key_index, store
+
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")
 
 
@@ -114,7 +116,7 @@ def test_reader_agrees_with_a_model_through_rolls_resizes_and_compactions(shard,
             got = shard.read(key)
             assert got is not FALLBACK and got == model.get(key)
     check_all(shard, model, keys)
-    assert len(shard.engine._maps) > 2, "the test should span several segments"
+    assert len(shard.engine.segments()) > 2, "the test should span several segments"
 
 
 def test_growing_index_publishes_new_tables_and_unlinks_old_ones(shard):
@@ -166,10 +168,11 @@ def test_damaged_record_falls_back_and_the_engine_reports_it(shard):
     shard.engine.put(b"victim", b"v" * 200)
     for i in range(100):  # roll the victim's segment into a sealed one
         shard.engine.put(b"filler-%d" % i, b"f" * 100)
-    location = shard.engine._index.locations[shard.engine._index.find(b"victim", crc32c(b"victim"))]
+    index = key_index(shard.engine)
+    location = index.locations[index.find(b"victim", crc32c(b"victim"))]
     segment, offset = int(location) >> 32, int(location) & 0xFFFFFFFF
-    assert segment != shard.engine._active
-    path = shard.engine._paths[segment]
+    assert segment != shard.engine.log_position()[0]
+    path = shard.engine.segments()[segment]
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, b"X", offset + 40 + len(b"victim") + 10)  # one byte of the value
@@ -264,14 +267,14 @@ def test_a_read_during_a_change_is_never_answered(shard):
     """While the version is odd the table may be half-changed (here: the key's slot emptied,
     as in the middle of a backward-shift deletion): the reader must not answer "absent"."""
     shard.engine.put(b"k", b"v")
-    index = shard.engine._index
+    index = key_index(shard.engine)
     slot = next(i for i in range(len(index.slots)) if index.slots[i] and index.slots[i] - 1 == index.find(b"k", crc32c(b"k")))
-    version = shard.engine._version
-    shard.engine._version = version + 1
+    header = index_header(shard.engine)
+    header.bump()  # a change begins
     saved, index.slots[slot] = index.slots[slot], 0
     assert shard.read(b"k") is FALLBACK
     index.slots[slot] = saved
-    shard.engine._version = version + 2
+    header.bump()
     assert shard.read(b"k") == b"v"
 
 
@@ -299,7 +302,8 @@ def test_an_answer_is_dropped_when_the_version_moved_during_the_read(shard, monk
     def racing_find(*args):
         calls.append(1)
         if len(calls) == 1:
-            shard.engine._version += 2  # a whole change went by while this read ran
+            index_header(shard.engine).bump()  # a whole change went by while this read ran
+            index_header(shard.engine).bump()
             return b"stale"
         return real_find(*args)
 
@@ -320,8 +324,8 @@ def test_mappings_of_compacted_segments_are_dropped(shard):
     for i in range(200):
         assert shard.read(b"key-%d" % i) == b"round-2-" + b"x" * 50
     mapped = set(shard.reader._segments[1])
-    assert mapped <= set(shard.engine._maps), "a mapping of a deleted segment was kept"
-    assert not (mapped & before - set(shard.engine._maps))
+    assert mapped <= set(shard.engine.segments()), "a mapping of a deleted segment was kept"
+    assert not (mapped & before - set(shard.engine.segments()))
 
 
 def test_a_batch_answered_before_it_is_indexed_is_never_read_half_done(shard):
@@ -402,9 +406,9 @@ def test_an_index_that_fails_to_take_a_logged_batch_stops_the_engine_until_reope
             raise MemoryError("test")
 
         if failing == "index":
-            engine._index.upsert_many = fail
+            key_index(engine).upsert_many = fail
         else:
-            engine._active_records.add_batch = fail
+            store(engine).active_records.add_batch = fail
         if deferred:
             finish = engine.apply_deferred(batch)
             assert finish is not None
@@ -413,7 +417,7 @@ def test_an_index_that_fails_to_take_a_logged_batch_stops_the_engine_until_reope
         else:
             with pytest.raises(MemoryError):
                 engine.apply(batch)
-        assert not engine._lock.locked() and engine._version % 2 == 0
+        assert not engine._lock.locked() and index_header(engine).version % 2 == 0
         assert "index failed" in engine.write_failure()
         with pytest.raises(StorageError):
             engine.put(b"later", b"x")

@@ -55,15 +55,15 @@ def test_watermark_for_the_active_segment(tmp_path):
 def test_the_engine_publishes_on_open_on_fsync_and_on_close(tmp_path):
     e = open_engine(tmp_path, durability="fsync")
     opened = read_watermark(str(tmp_path))
-    assert opened == e._writer.position
+    assert opened == e.log_position()
     e.put(b"a", b"1")
-    assert read_watermark(str(tmp_path)) in (opened, e._writer.position)  # at most once a second
+    assert read_watermark(str(tmp_path)) in (opened, e.log_position())  # at most once a second
     e.close()
     with open_engine(tmp_path, durability="process") as e:
-        assert read_watermark(str(tmp_path)) == e._writer.position
+        assert read_watermark(str(tmp_path)) == e.log_position()
         for i in range(200):  # roll a few segments at durability "process" (no fsync per write)
             e.put(b"k%03d" % i, b"v" * 50)
         segment, _ = read_watermark(str(tmp_path))
-        assert segment < e._writer.position[0] or read_watermark(str(tmp_path)) <= e._writer.position
+        assert segment < e.log_position()[0] or read_watermark(str(tmp_path)) <= e.log_position()
         crash(e)
     assert read_watermark(str(tmp_path)) is not None

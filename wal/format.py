@@ -21,7 +21,13 @@ SEGMENT_KINDS = (KIND_LOG, KIND_COMPACTED, KIND_DECISIONS)
 RECORD_CRCS = struct.Struct("<II")
 RECORD_FIELDS = struct.Struct("<BBHIIIQQ")  # type, flags, reserved, key_len, value_len, batch_left, seq, expires_at
 RECORD_HEADER = struct.Struct("<IIBBHIIIQQ")
+RECORD_HEADER_NAMES = ("crc", "header_crc", "type", "flags", "reserved", "key_len", "value_len", "batch_left", "seq", "expires_at")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
+# A record's crc covers its bytes from here (header_crc on) to its end.
+RECORD_CRC_FROM = RECORD_CRCS.size // 2
+# What a reader checks before trusting a record, in one unpack from its start: crc, type and
+# expires_at (fields 0, 2 and 9 of RECORD_HEADER; tests/test_probe.py checks they agree).
+RECORD_CHECKED = struct.Struct("<I4xB23xQ")
 
 PUT = 1
 DELETE = 2

@@ -14,8 +14,11 @@ from shardkv.wal.format import (
     MAX_KEY_LEN,
     MAX_VALUE_LEN_FORMAT,
     PUT,
+    RECORD_CRC_FROM,
+    RECORD_CRCS,
     RECORD_FIELDS,
     RECORD_HEADER,
+    RECORD_HEADER_NAMES,
     RECORD_HEADER_SIZE,
     RECORD_TYPES,
 )
@@ -100,22 +103,10 @@ def _encode_each(ops: Sequence[tuple[int, bytes, bytes, int]], seq: int) -> tupl
 # then continues from the latter over key + value: one crc32c call per record, the one
 # per-record cost the format requires.
 COLUMNS_MIN = 64  # below this many records numpy's fixed cost outweighs the per-record loop it saves
-_HEADER_DTYPE = np.dtype(
-    [
-        ("crc", "<u4"),
-        ("header_crc", "<u4"),
-        ("type", "u1"),
-        ("flags", "u1"),
-        ("reserved", "<u2"),
-        ("key_len", "<u4"),
-        ("value_len", "<u4"),
-        ("batch_left", "<u4"),
-        ("seq", "<u8"),
-        ("expires_at", "<u8"),
-    ]
-)
+# RECORD_HEADER as a numpy record type (the same fields, names and sizes, packed).
+_HEADER_DTYPE = np.dtype([(name, "<" + code) for name, code in zip(RECORD_HEADER_NAMES, RECORD_HEADER.format.lstrip("<"))])
 assert _HEADER_DTYPE.itemsize == RECORD_HEADER_SIZE
-_FIELDS_AT = 8  # header_crc covers header bytes 8..40; crc begins with bytes 4..40
+_FIELDS_AT = RECORD_CRCS.size  # header_crc covers header bytes 8..40; crc begins with bytes 4..40 (RECORD_CRC_FROM)
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
 
@@ -138,10 +129,10 @@ def _crc_tables(length: int) -> np.ndarray:
 
 
 _T_FIELDS = _crc_tables(RECORD_HEADER_SIZE - _FIELDS_AT)
-_T_HEADER = _crc_tables(RECORD_HEADER_SIZE - 4)
+_T_HEADER = _crc_tables(RECORD_HEADER_SIZE - RECORD_CRC_FROM)
 # One gather serves both CRCs for a field byte: header_crc's change in the low 32 bits, the
 # change to the CRC of bytes 4..40 in the high 32.
-_T_BOTH = _T_FIELDS.astype(np.uint64) | (_T_HEADER[_FIELDS_AT - 4 :].astype(np.uint64) << np.uint64(32))
+_T_BOTH = _T_FIELDS.astype(np.uint64) | (_T_HEADER[_FIELDS_AT - RECORD_CRC_FROM :].astype(np.uint64) << np.uint64(32))
 
 
 def crc32c_rows(rows: np.ndarray) -> np.ndarray:
@@ -150,7 +141,7 @@ def crc32c_rows(rows: np.ndarray) -> np.ndarray:
     out = np.empty(n, dtype=np.uint32)
     if n == 0:
         return out
-    table = _crc_tables(length) if length != RECORD_HEADER_SIZE - 4 else _T_HEADER
+    table = _crc_tables(length) if length != RECORD_HEADER_SIZE - RECORD_CRC_FROM else _T_HEADER
     first = rows[0]
     out.fill(crc32c(first.tobytes()))
     for i in np.flatnonzero((rows != first).any(axis=0)).tolist():
@@ -169,7 +160,7 @@ def _header_crcs(raw: np.ndarray, varying: list[int]) -> tuple[np.ndarray, list[
     n = len(raw)
     first = raw[0]
     fields_crc = crc32c(first[_FIELDS_AT:].tobytes())
-    head_crc = crc32c(first[4:].tobytes())  # with header_crc 0
+    head_crc = crc32c(first[RECORD_CRC_FROM:].tobytes())  # with header_crc 0
     both = np.full(n, fields_crc | (head_crc << 32), dtype=np.uint64)
     for i in varying:
         j = i - _FIELDS_AT
@@ -258,7 +249,7 @@ def decode_header(buf, offset: int) -> RecordHeader | None:
     if len(buf) - offset < RECORD_HEADER_SIZE:
         return None
     crc, header_crc, rtype, flags, reserved, key_len, value_len, batch_left, seq, expires_at = _unpack_header(buf, offset)
-    if crc32c(buf[offset + 8 : offset + RECORD_HEADER_SIZE]) != header_crc:
+    if crc32c(buf[offset + _FIELDS_AT : offset + RECORD_HEADER_SIZE]) != header_crc:
         return None
     if rtype not in RECORD_TYPES or flags or reserved:
         return None
@@ -271,7 +262,7 @@ def decode_header(buf, offset: int) -> RecordHeader | None:
 
 def record_crc_ok(buf, offset: int, header: RecordHeader) -> bool:
     """Check the whole-record crc of the record at `offset` whose header is already decoded."""
-    return crc32c(buf[offset + 4 : offset + header.size]) == header.crc
+    return crc32c(buf[offset + RECORD_CRC_FROM : offset + header.size]) == header.crc
 
 
 __all__ = ["PUT", "DELETE", "RecordHeader", "encode_record", "encode_batch", "encode_columns", "crc32c_rows", "decode_header", "record_crc_ok"]
