@@ -22,7 +22,6 @@ from crc32c import crc32c
 
 from shardkv import faults
 from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
-from shardkv.ipc.messages import PutColumns
 from shardkv.ipc import sortedview  # (imports shardkv.shards: used at run time only)
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
@@ -33,7 +32,7 @@ from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare,
 from shardkv.shards.recovery import latest_state, recover, sealed_records, unmap_all
 from shardkv.shards import sortedkeys
 from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView, prefix_successor
-from shardkv.shards.uniform import UniformPuts
+from shardkv.shards.uniform import PutColumns, UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import ABORT, COMMIT, DELETE, MAX_VALUE_LEN_FORMAT, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file

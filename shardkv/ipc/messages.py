@@ -14,6 +14,7 @@ from operator import add
 import numpy as np
 
 from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
+from shardkv.shards.uniform import PutColumns
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
 TXN, PREPARE, COMMIT, ABORT, PENDING = range(16, 21)
@@ -300,21 +301,6 @@ def _decode_same_size_puts(data: bytes, pos: int, count: int) -> list | None:
     keys = rows[:, 5 : 5 + key_len].copy().view(f"V{key_len}").ravel().tolist()
     values = rows[:, 9 + key_len :].copy().view(f"V{value_len}").ravel().tolist() if value_len else [b""] * count
     return PutColumns.of(keys, values, key_len, value_len)
-
-
-class PutColumns(list):
-    """decode_ops' writes when they are all plain puts of one key length and one value length:
-    a list of ("put", key, value) like any other, which also keeps its keys and values as
-    columns, so that a shard engine can log and index the batch without a loop over tuples."""
-
-    __slots__ = ("keys", "values", "key_len", "value_len")
-
-    @classmethod
-    def of(cls, keys: list, values: list, key_len: int, value_len: int) -> "PutColumns":
-        """The puts (keys[i], values[i]); every key is `key_len` bytes, every value `value_len`."""
-        self = cls(zip(repeat("put"), keys, values))
-        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
-        return self
 
 
 def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
