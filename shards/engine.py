@@ -295,6 +295,11 @@ class ShardEngine:
 
     def ttl(self, key):
         """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
+        left = self.ttl_ms(key)
+        return left / 1000 if left is not None and left != math.inf else left
+
+    def ttl_ms(self, key):
+        """ttl() in whole milliseconds, the protocol's unit (a worker answers TTL with it)."""
         key = check_key(key)
         with self._lock:
             self._check_open()
@@ -304,7 +309,7 @@ class ShardEngine:
             if at is None:
                 return math.inf
             left = at - self._now_ms()
-            return left / 1000 if left > 0 else None
+            return left if left > 0 else None
 
     def expire(self, key, seconds) -> bool:
         """Make `key` expire `seconds` from now (None: never); False if the key is absent."""
