@@ -11,11 +11,9 @@ lock of another batch of its round runs again alone right after it.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import struct
 import sys
 import time
 
@@ -24,10 +22,10 @@ import posix_ipc
 import setproctitle
 
 from shardkv import faults
-from shardkv.batches import decode_txn_parts
 from shardkv.coordinator.decisions import DecisionLog, decisions_directory
 from shardkv.errors import Busy, Conflict, CorruptionError, StorageError, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc import protocol
 from shardkv.ipc.layout import (
     COORDINATOR_SLOTS,
     PROC_QUARANTINED,
@@ -51,7 +49,6 @@ WORKER_TIMEOUT = 60.0  # the longest wait for one worker's answer (a 256 MiB PRE
 READER_WAIT = 5.0  # how long a commit phase waits for multi-key reads in progress
 SWEEP_INTERVAL = 0.25  # seconds between checks for undelivered commits and restarted workers
 PENDING_CHECK_INTERVAL = 5.0  # seconds between asking every worker for its undecided batches
-_U64 = struct.Struct("<Q")
 
 
 class WorkerUnavailable(Unavailable):
@@ -96,6 +93,7 @@ class Coordinator:
         self.served = 0
         self.exit_code = 0
         self.commits = (0, 0)  # what this coordinator last wrote as (commits_started, commits_finished)
+        self.table = self._dispatch_table()
 
     # -- life cycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -163,17 +161,26 @@ class Coordinator:
         self.server.answer(slot, request_id, reply)
 
     def _execute(self, message: bytes) -> bytes:
-        """The answer to a request that is not a TXN."""
-        op = message[0]
-        if op == m.PING and len(message) == 2:
-            return m.ok()
-        if op == m.STATS and len(message) == 2:
-            return m.ok(json.dumps({**self.stats, "undelivered": len(self.undelivered)}).encode())
-        raise m.MessageError(f"op {op} is not served by the coordinator")
+        """The answer to a request that is not a TXN (TXNs run in rounds: _serve)."""
+        serve = self.table.get(message[0])
+        if serve is None:
+            raise m.MessageError(f"op {message[0]} is not served by the coordinator")
+        return serve(message)
+
+    def _dispatch_table(self) -> dict:
+        """{op code: serve(request) -> response} of the coordinator's operations but TXN."""
+        return protocol.dispatch_table(
+            protocol.COORDINATOR,
+            {
+                m.PING: lambda: None,
+                m.STATS: lambda: {**self.stats, "undelivered": len(self.undelivered)},
+            },
+            elsewhere=frozenset((m.TXN,)),
+        )
 
     def _parse_txn(self, slot: int, request_id: int, message: bytes) -> "_Batch":
         """A TXN request as a batch to run (MessageError if malformed)."""
-        parts = decode_txn_parts(message)
+        (parts,) = protocol.TXN.decode(message)
         shards = [shard for shard, _ in parts]
         if not parts or len(set(shards)) != len(shards) or max(shards) >= self.shards:
             raise m.MessageError(f"TXN parts must name distinct shards below {self.shards}, not {shards}")
@@ -206,7 +213,7 @@ class Coordinator:
         self.stats["rounds"] += 1
         self.stats["largest_round"] = max(self.stats["largest_round"], len(batches))
         votes = self._call_workers(
-            {(shard, k): bytes((m.PREPARE, batch.flags)) + _U64.pack(batch.txid) + part for k, batch in enumerate(batches) for shard, part in batch.parts},
+            {(shard, k): protocol.PREPARE.encode(batch.flags, batch.txid, part) for k, batch in enumerate(batches) for shard, part in batch.parts},
             fault="coordinator.prepare_sent",
         )  # fmt: skip
         again, failed, prepared = [], [], []
@@ -281,7 +288,7 @@ class Coordinator:
         not hear it settles the batch when the sweep asks for its prepared batches).
         `batches`: (coordinator slot, batch) pairs."""
         self.stats["aborted"] += len(batches)
-        self._call_workers({(shard, k): bytes((m.ABORT, 0)) + _U64.pack(batch.txid) for k, batch in batches for shard in batch.shards})
+        self._call_workers({(shard, k): protocol.ABORT.encode(0, batch.txid) for k, batch in batches for shard in batch.shards})
 
     def _deliver(self, flags: int = m.FLAG_FSYNC) -> None:
         """Send COMMIT for every decided batch to each participant that has not applied it, up
@@ -290,7 +297,7 @@ class Coordinator:
         txids = list(self.undelivered)
         for start in range(0, len(txids), COORDINATOR_SLOTS):
             group = txids[start : start + COORDINATOR_SLOTS]
-            messages = {(shard, k): bytes((m.COMMIT, flags)) + _U64.pack(txid) for k, txid in enumerate(group) for shard in sorted(self.undelivered[txid])}
+            messages = {(shard, k): protocol.COMMIT.encode(flags, txid) for k, txid in enumerate(group) for shard in sorted(self.undelivered[txid])}
             answers = self._call_workers(messages, fault="coordinator.commit_sent")
             for (shard, k), answer in answers.items():
                 if not isinstance(answer, BaseException):
@@ -361,17 +368,15 @@ class Coordinator:
             generation = int(entry["generation"])
             if (generation == self.seen_generation[shard] and not recheck) or entry["state"] != PROC_UP:
                 continue
-            answer = self._call_worker(shard, bytes((m.PENDING, 0)))
+            answer = self._call_worker(shard, protocol.PENDING.encode(0))
             if isinstance(answer, BaseException):
                 continue
-            body = answer[1]
-            for i in range(0, len(body), 8):
-                txid = _U64.unpack_from(body, i)[0]
+            for txid in protocol.PENDING.result(*answer):
                 if txid in self.undelivered:
                     self.undelivered[txid].add(shard)
                 else:
                     self.log.info("aborting a prepared batch with no decision", shard=shard, txid=txid)
-                    self._call_worker(shard, bytes((m.ABORT, 0)) + _U64.pack(txid))
+                    self._call_worker(shard, protocol.ABORT.encode(0, txid))
             self.seen_generation[shard] = generation
         if self.undelivered:
             self._deliver()

@@ -29,6 +29,7 @@ from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
 from shardkv.client import DEFAULT_LOCK_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, PROBE_TIMEOUT, Client, _Snapshot
 from shardkv.errors import Busy, Closed, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc.protocol import GET
 from shardkv.ipc import sortedview
 from shardkv.ipc.sharedindex import FALLBACK
 from shardkv.ipc.transport import Unresponsive, exchange
@@ -270,8 +271,8 @@ class AsyncClient:
             value = self._clients[0]._get_direct(key)  # no waiting: answered from shared memory
             if value is not FALLBACK:
                 return default if value is None else self._requests.value_or_none(value)
-        status, body = await self._call(self._shard_of(key), m.request(m.GET, 0, m.blob(key)), read=True)
-        return default if status == m.NOT_FOUND else self._requests.value_or_none(bytes(body))
+        value = GET.result(*await self._call(self._shard_of(key), GET.encode(0, key), read=True))
+        return default if value is None else self._requests.value_or_none(value)
 
     async def put(self, key: Any, value: Any, ttl: float | timedelta | None = None) -> None:
         """Set `key` to `value` (with `ttl`: expiring that many seconds, or that timedelta, from now)."""
@@ -299,24 +300,19 @@ class AsyncClient:
 
     async def get_many(self, keys: Iterable[Any]) -> list[Any]:
         """The values of `keys` (None for a missing one), in order; shards are asked at once."""
-        keys = self._requests.keys_in(keys)
-        by_shard: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            by_shard.setdefault(self._shard_of(key), []).append(i)
+        requests = self._requests
+        keys = requests.keys_in(keys)
+        if self._closed:
+            raise Closed("the shardkv client is closed")
+        by_shard = requests.get_many_plan(keys)[1]
         shards = list(by_shard)
         async with _AsyncSnapshot(self._clients[0]) as snapshot:
             while True:
-                answers = await asyncio.gather(
-                    *(self._call(s, m.request(m.GET_MANY, 0, m.blob_list([keys[i] for i in by_shard[s]])), read=True) for s in shards)
-                )
+                answers = await asyncio.gather(*(self._call(s, requests.get_many_message([keys[i] for i in by_shard[s]]), read=True) for s in shards))
                 if snapshot.still_valid():
                     break
                 await snapshot.arestart()
-        values = [None] * len(keys)
-        for shard, (_, body) in zip(shards, answers):
-            for i, value in zip(by_shard[shard], m.decode_optionals(body)):
-                values[i] = value
-        return self._requests.values_out(values)
+        return requests.get_many_values(len(keys), by_shard, {s: requests.get_many_result(*answer) for s, answer in zip(shards, answers)})
 
     async def write(self, ops: Iterable[tuple]) -> None:
         """Apply operations atomically (see Client.write); Conflict if a precondition fails."""

@@ -39,6 +39,7 @@ from shardkv.batches import MAX_BATCH_BYTES, MAX_BATCH_OPS, Batch
 from shardkv.coordinator.manifest import read_manifest
 from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc.protocol import GET
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
     READING_GRACE,
@@ -73,6 +74,7 @@ def _mark_forked() -> None:
 
 
 os.register_at_fork(after_in_child=_mark_forked)
+_encode_get = GET.encode
 DEFAULT_REQUEST_TIMEOUT = 20.0
 PROBE_TIMEOUT = 1.0  # health(): a process that does not answer a probe this fast is "unresponsive"
 RETRY_TIMEOUT = 30.0
@@ -412,8 +414,8 @@ class Client(MutableMapping):
                 if value is None:
                     return default
                 return value if self._value_out is None else self._value_out(value)
-        # Written out rather than built by self._requests: this is the hottest request.
-        status, body = self._call(self._map[h >> 20], m.request(m.GET, 0, m.blob(key)), True)
+        # Sent from here rather than built by self._requests: this is the hottest request.
+        status, body = self._call(self._map[h >> 20], _encode_get(0, key), True)
         if status == m.NOT_FOUND:
             return default
         return bytes(body) if self._value_out is None else self._value_out(bytes(body))
@@ -454,11 +456,8 @@ class Client(MutableMapping):
         self._check()
         if not keys:
             return []
-        hashes = [crc32c(key) for key in keys]
-        shard_map = self._map
-        by_shard: dict[int, list[int]] = {}
-        for i, h in enumerate(hashes):
-            by_shard.setdefault(shard_map[h >> 20], []).append(i)
+        requests = self._requests
+        hashes, by_shard = requests.get_many_plan(keys)
         readers = self._index_readers
         with self._snapshot() as snapshot:
             while True:
@@ -471,18 +470,14 @@ class Client(MutableMapping):
                         if values is not FALLBACK:
                             found[shard] = values
                             continue
-                    messages[shard] = m.request(m.GET_MANY, 0, m.blob_list(shard_keys))
+                    messages[shard] = requests.get_many_message(shard_keys)
                 if messages:
-                    for shard, (_, body) in self._call_many(messages).items():
-                        found[shard] = m.decode_optionals(body)
+                    for shard, (status, body) in self._call_many(messages).items():
+                        found[shard] = requests.get_many_result(status, body)
                 if snapshot.still_valid():
                     break
                 snapshot.restart()
-        values = [None] * len(keys)
-        for shard, idx in by_shard.items():
-            for i, value in zip(idx, found[shard]):
-                values[i] = value
-        return self._requests.values_out(values)
+        return requests.get_many_values(len(keys), by_shard, found)
 
     def scan(self, start: Any = None, stop: Any = None, reverse: bool = False, prefix: Any = None, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
         """(key, value) pairs with start <= key < stop, in key order across all shards (the

@@ -32,10 +32,22 @@ def check_value(value, max_size: int = DEFAULT_MAX_VALUE_SIZE, option: str = "")
     return value
 
 
+class Milliseconds(int):
+    """A ttl already in whole milliseconds, the unit of the wire and the log: a worker hands
+    the engine a request's ttl as one, and ttl_milliseconds takes it as it is (no trip through
+    float seconds, which can come back a millisecond longer)."""
+
+    __slots__ = ()
+
+
 def ttl_milliseconds(ttl) -> int:
-    """A ttl in seconds (or a timedelta) as whole milliseconds (at least 1); TypeError or
-    ValueError if it is not a positive, finite duration small enough for the record's 64-bit
-    expiry field."""
+    """A ttl in seconds (or a timedelta, or Milliseconds) as whole milliseconds (at least 1);
+    TypeError or ValueError if it is not a positive, finite duration small enough for the
+    record's 64-bit expiry field."""
+    if type(ttl) is Milliseconds:
+        if not 0 < ttl < 2**53:
+            raise ValueError(f"ttl must be between 1 and 2**53 - 1 ms, not {int(ttl)}")
+        return int(ttl)
     if isinstance(ttl, timedelta):
         ttl = ttl.total_seconds()
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):

@@ -2,8 +2,8 @@
 
 `Client` (blocking) and `AsyncClient` (asyncio) are two thin shells around the same `Requests`
 object: it checks the arguments (through the store's codecs, `shardkv/codecs.py`), picks the
-shard, encodes the message (`shardkv/ipc/messages.py`) and knows how to turn the answer into the
-result. A shell only sends: `Client._run(request)` blocks on the ring, `AsyncClient._run`
+shard, encodes the message and knows how to turn the answer into the result (both as
+`shardkv/ipc/protocol.py` declares each operation). A shell only sends: `Client._run(request)` blocks on the ring, `AsyncClient._run`
 awaits it. So each operation's checking, routing and decoding is written once.
 
 A `Request` goes to one server (a shard, or the coordinator for a batch across shards); a
@@ -12,7 +12,6 @@ A `Request` goes to one server (a shard, or the coordinator for a batch across s
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from itertools import islice
@@ -20,9 +19,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from crc32c import crc32c
 
-from shardkv.batches import Batch, check_limits, check_ops, encode_txn, put_many_ops, route_ops
+from shardkv.batches import Batch, check_limits, check_ops, put_many_ops, route_ops
 from shardkv.codecs import Codec
-from shardkv.ipc import messages as m
+from shardkv.ipc import protocol as p
 from shardkv.limits import MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 
 NEVER = math.inf  # ttl() of a key that never expires
@@ -46,18 +45,17 @@ class Fanout(NamedTuple):
 
 
 _new = tuple.__new__  # builds a Request without the Python-level NamedTuple.__new__ (hot path)
-
-
-def _none(status: int, body) -> None:
-    return None
-
-
-def _flag(status: int, body) -> bool:
-    return body[0] == 1
+_encode_put, _put_result = p.PUT.encode, p.PUT.result  # (a put is the hottest write)
 
 
 def _sum_u64(answers: dict) -> int:
-    return sum(int.from_bytes(body, "little") for _, body in answers.values())
+    return sum(p.LEN.result(status, body) for status, body in answers.values())
+
+
+def _seconds_left(status: int, body) -> float | None:
+    """A TTL answer (milliseconds) in the API's unit, seconds."""
+    left = p.TTL.result(status, body)
+    return left if left is None or left == NEVER else left / 1000
 
 
 class Requests:
@@ -126,15 +124,14 @@ class Requests:
         """Set `key` to `value`, expiring `ttl` seconds (or a timedelta) from now if given."""
         key, value = self.key_in(key), self.value_in(value)
         if ttl is None:
-            message = m.request(m.PUT, self.flags, m.blob(key), m.blob(value))
-        else:
-            message = m.request(m.PUT_TTL, self.flags, m.blob(key), m.blob(value), m.u64(ttl_milliseconds(ttl)))
-        return _new(Request, (self.shard_of(key), message, False, _none))
+            return _new(Request, (self.shard_of(key), _encode_put(self.flags, key, value), False, _put_result))
+        message = p.PUT_TTL.encode(self.flags, key, value, ttl_milliseconds(ttl))
+        return _new(Request, (self.shard_of(key), message, False, p.PUT_TTL.result))
 
     def delete(self, key: Any) -> Request:
         """Remove `key`; the result says whether it was there."""
         key = self.key_in(key)
-        return _new(Request, (self.shard_of(key), m.request(m.DELETE, self.flags, m.blob(key)), False, _flag))
+        return _new(Request, (self.shard_of(key), p.DELETE.encode(self.flags, key), False, p.DELETE.result))
 
     def cas(self, key: Any, expected: Any, new: Any) -> Request:
         """Set `key` to `new` if it holds `expected` (None: absent); `new` None deletes."""
@@ -142,26 +139,44 @@ class Requests:
         if expected is not None:
             expected = check_value(expected if self.value_codec is None else self.value_codec.encode(expected), 2**31 - 1)
         new = None if new is None else self.value_in(new)
-        message = m.request(m.CAS, self.flags, m.blob(key), m.optional(expected), m.optional(new))
-        return _new(Request, (self.shard_of(key), message, False, _flag))
+        return _new(Request, (self.shard_of(key), p.CAS.encode(self.flags, key, expected, new), False, p.CAS.result))
 
     def ttl(self, key: Any) -> Request:
         """Seconds before `key` expires: None if it is absent, NEVER (math.inf) if it never expires."""
         key = self.key_in(key)
-
-        def finish(status: int, body) -> float | None:
-            if status == m.NOT_FOUND:
-                return None
-            left = int.from_bytes(body, "little")
-            return NEVER if left == m.TTL_NEVER else left / 1000
-
-        return _new(Request, (self.shard_of(key), m.request(m.TTL, 0, m.blob(key)), True, finish))
+        return _new(Request, (self.shard_of(key), p.TTL.encode(0, key), True, _seconds_left))
 
     def expire(self, key: Any, seconds: Any) -> Request:
         """Make `key` expire `seconds` (or a timedelta) from now, never if None."""
         key = self.key_in(key)
-        ttl_ms = 0 if seconds is None else ttl_milliseconds(seconds)
-        return _new(Request, (self.shard_of(key), m.request(m.EXPIRE, self.flags, m.blob(key), m.u64(ttl_ms)), False, _flag))
+        ttl_ms = None if seconds is None else ttl_milliseconds(seconds)
+        return _new(Request, (self.shard_of(key), p.EXPIRE.encode(self.flags, key, ttl_ms), False, p.EXPIRE.result))
+
+    # -- reads of several keys -----------------------------------------------------------------
+    def get_many_plan(self, keys: list[bytes]) -> tuple[list[int], dict[int, list[int]]]:
+        """(the crc32c of each key, {shard: the indexes of its keys}) for a get_many."""
+        hashes = [crc32c(key) for key in keys]
+        shard_map = self.shard_map
+        by_shard: dict[int, list[int]] = {}
+        for i, h in enumerate(hashes):
+            by_shard.setdefault(shard_map[h >> 20], []).append(i)
+        return hashes, by_shard
+
+    @staticmethod
+    def get_many_message(shard_keys: list[bytes]) -> bytes:
+        """The GET_MANY request of one shard's keys."""
+        return p.GET_MANY.encode(0, shard_keys)
+
+    get_many_result = staticmethod(p.GET_MANY.result)  # a GET_MANY answer: the values of its keys
+
+    def get_many_values(self, count: int, by_shard: dict[int, list[int]], found: dict[int, list]) -> list:
+        """The values of a get_many of `count` keys, in order, as the caller sees them, from
+        `found` ({shard: the values of its keys}, in the order of `by_shard`)."""
+        values: list = [None] * count
+        for shard, idx in by_shard.items():
+            for i, value in zip(idx, found[shard]):
+                values[i] = value
+        return self.values_out(values)
 
     # -- batches -------------------------------------------------------------------------------
     def encode_op(self, op: Any) -> Any:
@@ -219,28 +234,28 @@ class Requests:
             return None
         if len(by_shard) == 1:
             shard, items = next(iter(by_shard.items()))
-            return _new(Request, (shard, m.encode_apply(items, self.flags), False, _none))
-        return _new(Request, (self.shards, encode_txn(by_shard, self.flags), False, _none))
+            return _new(Request, (shard, p.APPLY.encode(self.flags, items), False, p.APPLY.result))
+        return _new(Request, (self.shards, p.TXN.encode(self.flags, by_shard), False, p.TXN.result))
 
     # -- every shard ---------------------------------------------------------------------------
     def len(self) -> Fanout:
         """The number of keys."""
-        return Fanout({s: m.request(m.LEN) for s in range(self.shards)}, _sum_u64)
+        return Fanout({s: p.LEN.encode(0) for s in range(self.shards)}, _sum_u64)
 
     def stats(self) -> Fanout:
         """Per-shard engine statistics and their totals."""
 
         def finish(answers: dict) -> dict:
-            shards = [json.loads(bytes(answers[s][1])) for s in range(self.shards)]
+            shards = [p.STATS.result(*answers[s]) for s in range(self.shards)]
             totals = {k: sum(s[k] for s in shards) for k in ("keys", "live_bytes", "total_bytes", "segments")}
             totals["garbage_ratio"] = 1 - totals["live_bytes"] / totals["total_bytes"] if totals["total_bytes"] else 0.0
             return {"shards": shards, **totals}
 
-        return Fanout({s: m.request(m.STATS) for s in range(self.shards)}, finish)
+        return Fanout({s: p.STATS.encode(0) for s in range(self.shards)}, finish)
 
     def sync(self) -> Fanout:
         """fsync every shard's log."""
-        return Fanout({s: m.request(m.SYNC) for s in range(self.shards)}, lambda answers: None)
+        return Fanout({s: p.SYNC.encode(0) for s in range(self.shards)}, lambda answers: None)
 
     def compact_targets(self, shard: Any) -> list[int]:
         """The shards a compact() call names (all of them for None)."""
@@ -252,8 +267,8 @@ class Requests:
 
     def compact_start(self, shard: int) -> Request:
         """Start an online compaction of `shard`."""
-        return _new(Request, (shard, m.request(m.COMPACT), False, _none))
+        return _new(Request, (shard, p.COMPACT.encode(0), False, p.COMPACT.result))
 
     def compaction_state(self, targets: list[int]) -> Fanout:
         """{shard: its compaction state} (running, done, total, last) of the target shards."""
-        return Fanout({s: m.request(m.STATS) for s in targets}, lambda answers: {s: json.loads(bytes(answers[s][1]))["compaction"] for s in targets})
+        return Fanout({s: p.STATS.encode(0) for s in targets}, lambda answers: {s: p.STATS.result(*answers[s])["compaction"] for s in targets})

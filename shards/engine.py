@@ -14,12 +14,12 @@ through the store's `read` and write through its `log_put` directly.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
 from typing import Callable, Iterable, Iterator
 
 from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
-from shardkv.ipc.messages import PutColumns
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value
 from shardkv.shards.compaction import Compactor
@@ -29,7 +29,7 @@ from shardkv.shards.prepared import batch_keys
 from shardkv.shards.recovery import recover
 from shardkv.shards.sortedkeys import BUILDING, prefix_successor
 from shardkv.shards.store import Store
-from shardkv.shards.uniform import UniformPuts
+from shardkv.shards.uniform import PutColumns, UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, check_durability
@@ -194,12 +194,17 @@ class ShardEngine:
 
     def ttl(self, key):
         """Seconds left before `key` expires: None if it is absent, math.inf if it never expires."""
+        left = self.ttl_ms(key)
+        return left / 1000 if left is not None and left != math.inf else left
+
+    def ttl_ms(self, key):
+        """ttl() in whole milliseconds, the protocol's unit (a worker answers TTL with it)."""
         key = check_key(key)
         with self._lock:
             self._check_open()
             if self._read(key) is None:
                 return None
-            return self._expiry.seconds_left(key)
+            return self._expiry.ms_left(key)
 
     def __contains__(self, key) -> bool:
         return self.get(key) is not None

@@ -47,13 +47,13 @@ class ExpiryTable:
         """The expires_at (ms) of a write with `ttl` seconds to live (None: 0, never)."""
         return 0 if ttl is None else self.now_ms() + ttl_milliseconds(ttl)  # ttl() never reports more than asked
 
-    def seconds_left(self, key: bytes):
-        """Seconds before `key` expires (math.inf: never; None: it has expired)."""
+    def ms_left(self, key: bytes):
+        """Whole milliseconds before `key` expires (math.inf: never; None: it has expired)."""
         at = self.expires.get(key)
         if at is None:
             return math.inf
         left = at - self.now_ms()
-        return left / 1000 if left > 0 else None
+        return left if left > 0 else None
 
     def note(self, key: bytes, expires_at: int) -> None:
         """The newest write of `key` expires at `expires_at` (0: never)."""

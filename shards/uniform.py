@@ -1,8 +1,10 @@
 """A batch of plain puts that all have one key length and one value length, kept as columns.
 
-A worker decodes such a batch with numpy (`messages.PutColumns`); the engine checks it once for
-the whole batch and keeps it in this form through the log encoding, the index update and, for
-a cross-shard batch, the PREPARE record and the commit: no tuple per operation on the way.
+A worker decodes such a batch with numpy into `PutColumns` (shardkv/ipc/messages.py,
+decode_ops); the engine checks it once for the whole batch as `UniformPuts` and keeps it in
+this form through the log encoding, the index update and, for a cross-shard batch, the PREPARE
+record and the commit: no tuple per operation on the way. Both types live here, apart from the
+wire code, so that the engine takes the decoded batch without importing the protocol.
 """
 
 from __future__ import annotations
@@ -45,3 +47,18 @@ class UniformPuts:
             expires.append(0)
             key_lens, value_lens = [len(key), *key_lens], [0, *value_lens]
         return types, keys, values, expires, key_lens, value_lens
+
+
+class PutColumns(list):
+    """A decoded batch of plain puts of one key length and one value length: a list of
+    ("put", key, value) like any other batch, which also keeps its keys and values as columns,
+    so that a shard engine can log and index the batch without a loop over tuples."""
+
+    __slots__ = ("keys", "values", "key_len", "value_len")
+
+    @classmethod
+    def of(cls, keys: list, values: list, key_len: int, value_len: int) -> "PutColumns":
+        """The puts (keys[i], values[i]); every key is `key_len` bytes, every value `value_len`."""
+        self = cls(zip(repeat("put"), keys, values))
+        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
+        return self

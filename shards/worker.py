@@ -7,8 +7,6 @@ answers every slot holding a request (docs/IPC.md); write requests that asked fo
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import struct
@@ -26,6 +24,7 @@ from shardkv.coordinator.membership import EXIT_CORRUPT, EXIT_STORAGE, leave_clu
 from shardkv.coordinator.runfiles import read_config
 from shardkv.errors import Busy, Closed, Conflict, CorruptionError, Unavailable
 from shardkv.ipc import messages as m
+from shardkv.ipc import protocol
 from shardkv.ipc.transport import RingServer
 from shardkv.ipc.sharedindex import SERVING, IndexPublisher
 from shardkv.ipc.layout import (
@@ -45,8 +44,6 @@ from shardkv.shards.engine import ShardEngine
 _U32 = struct.Struct("<I")
 _COUNTER = struct.Struct("<Q")
 SCAN_PAGE_BYTES = 1 << 20
-COORDINATOR_OPS = frozenset((m.PREPARE, m.COMMIT, m.ABORT, m.PENDING))
-WRITE_OPS = frozenset((m.PUT, m.DELETE, m.CAS, m.APPLY, m.PUT_TTL, m.EXPIRE, m.PREPARE, m.COMMIT, m.ABORT))
 
 
 class Worker:
@@ -76,6 +73,7 @@ class Worker:
         self.finish_indexing = None  # indexes a batch answered before it was indexed (engine.apply_deferred)
         self.exit_code = 0
         self.engine = None
+        self.table: dict = {}  # op code -> serve(request), once the engine is open (_dispatch_table)
         # The index lives in shared memory, where clients answer gets themselves (docs/IPC.md).
         self.shared_index = IndexPublisher(names["prefix"], self.shard, self.log)
         self.compact_threshold = config.get("compact_threshold", 0.5)
@@ -102,6 +100,7 @@ class Worker:
         except BaseException:
             self.shared_index.close()
             raise
+        self.table = self._dispatch_table()
         self.log.info("started", pid=os.getpid(), recovery=self.engine.recovery, seconds=round(time.monotonic() - started, 3))
         self._abandon_stale_requests()
         self._publish_locks()
@@ -238,9 +237,9 @@ class Worker:
         request_id, message, reply = self.server.receive(lease)
         if message is None:
             return (request_id, reply), False
-        if message[0] in COORDINATOR_OPS and lease < self.coordinator_slots[0]:
+        if message[0] in protocol.COORDINATOR_ONLY and lease < self.coordinator_slots[0]:
             return (request_id, m.error_response(ValueError(f"op {message[0]} is only accepted from the coordinator"))), False
-        wants_sync = len(message) > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in WRITE_OPS
+        wants_sync = len(message) > 1 and bool(message[1] & m.FLAG_FSYNC) and message[0] in protocol.WRITES
         return (request_id, self._dispatch(message)), wants_sync
 
     # -- requests --------------------------------------------------------------------------
@@ -257,8 +256,9 @@ class Worker:
 
     def _execute(self, message: bytes) -> bytes:
         op = message[0]
+        # GET and PUT, the hottest requests, are decoded inline (protocol.GET and protocol.PUT
+        # declare the same layout; anything unusual goes on to the table).
         if op == m.GET and len(message) >= 6:
-            # The hottest request, decoded inline: op, flags, u32 length, key.
             key_len = _U32.unpack_from(message, 2)[0]
             if 6 + key_len == len(message):
                 key = message[6:]
@@ -272,108 +272,76 @@ class Worker:
             if value_at + 4 <= len(message) and value_at + 4 + _U32.unpack_from(message, value_at)[0] == len(message):
                 self.engine.put(message[6:value_at], message[value_at + 4 :])
                 return m.OK_RESPONSE
-        reader = m.Reader(message)
-        op = reader.u8()
-        reader.u8()  # flags: handled by the caller
+        serve = self.table.get(op)
+        if serve is None:
+            raise m.MessageError(f"unknown op {op}")
+        return serve(message)
+
+    def _dispatch_table(self) -> dict:
+        """{op code: serve(request) -> response} of every operation a worker serves: each
+        handler takes the arguments protocol.py decodes and returns what it encodes."""
         engine = self.engine
-        if op == m.GET:
-            key = reader.blob()
-            reader.end()
-            if engine.locked(key):
-                raise Busy("the key is locked by a cross-shard batch awaiting its decision")
-            value = engine.get(key)
-            return m.not_found() if value is None else m.ok(value)
-        if op == m.PUT:
-            key, value = reader.blob(), reader.blob()
-            reader.end()
-            engine.put(key, value)
-            return m.ok()
-        if op == m.PUT_TTL:
-            key, value, ttl_ms = reader.blob(), reader.blob(), reader.u64()
-            reader.end()
-            engine.put(key, value, ttl=_ttl_seconds(ttl_ms))
-            return m.ok()
-        if op == m.TTL:
-            key = reader.blob()
-            reader.end()
-            left = engine.ttl(key)
-            if left is None:
-                return m.not_found()
-            return m.ok(m.u64(m.TTL_NEVER if left == math.inf else max(1, round(left * 1000))))
-        if op == m.EXPIRE:
-            key, ttl_ms = reader.blob(), reader.u64()
-            reader.end()
-            return m.ok(b"\x01" if engine.expire(key, _ttl_seconds(ttl_ms) if ttl_ms else None) else b"\x00")
-        if op == m.DELETE:
-            key = reader.blob()
-            reader.end()
-            return m.ok(b"\x01" if engine.delete(key) else b"\x00")
-        if op == m.CAS:
-            key, expected, new = reader.blob(), reader.optional(), reader.optional()
-            reader.end()
-            return m.ok(b"\x01" if engine.cas(key, expected, new) else b"\x00")
-        if op == m.APPLY:
-            writes, expects = m.decode_ops(reader)
-            reader.end()
-            self.finish_indexing = engine.apply_deferred(writes, expects)
-            return m.ok()
-        if op == m.PREPARE:
-            txid = reader.u64()
-            writes, expects = m.decode_ops(reader)
-            reader.end()
-            engine.prepare(txid, writes, expects)
-            self._publish_locks()  # before the vote: from now on clients ask us about this shard
-            faults.point("worker.prepare_logged")
-            self.voted = True
-            return m.ok()
-        if op in (m.COMMIT, m.ABORT):
-            txid = reader.u64()
-            reader.end()
-            if op == m.COMMIT:
-                settled, self.finish_indexing = engine.commit_deferred(txid)
-            else:
-                settled = engine.abort(txid)
-            self._publish_locks()
-            return m.ok(b"\x01" if settled else b"\x00")
-        if op == m.PENDING:
-            reader.end()
-            return m.ok(b"".join(m.u64(txid) for txid in engine.prepared()))
-        if op == m.GET_MANY:
-            return m.ok(m.encode_optionals(engine.get_many(m.decode_blob_list(message, 2))))
-        if op == m.SCAN:
-            start, stop, reverse, prefix, limit = reader.optional(), reader.optional(), reader.u8(), reader.optional(), reader.u32()
-            reader.end()
-            items, size, more = [], 0, False
-            for key, value in engine.scan(start=start, stop=stop, reverse=bool(reverse), prefix=prefix):
-                if len(items) >= limit or (items and size + len(key) + len(value) > SCAN_PAGE_BYTES):
-                    more = True
-                    break
-                items.append((key, value))
-                size += len(key) + len(value) + 8
-            return m.ok(m.encode_items(items, more) + m.encode_history(engine.batch_history()))
-        if op == m.LEN:
-            reader.end()
-            return m.ok(len(engine).to_bytes(8, "little"))
-        if op in (m.STATS, m.COMPACT):
-            reader.end()
-            if op == m.STATS:
-                return m.ok(json.dumps(engine.stats()).encode())
-            started = self._start_compaction()  # in the background: requests go on being served
-            return m.ok(json.dumps({"started": started}).encode())
-        if op == m.SYNC:
-            reader.end()
-            engine.sync()
-            return m.ok()
-        if op == m.PING:
-            reader.end()
-            return m.ok()
-        raise m.MessageError(f"unknown op {op}")
+        return protocol.dispatch_table(
+            protocol.WORKER,
+            {
+                m.PING: lambda: None,
+                m.GET: self._get,
+                m.PUT: engine.put,
+                m.PUT_TTL: engine.put,  # the ttl comes as limits.Milliseconds
+                m.TTL: engine.ttl_ms,
+                m.EXPIRE: engine.expire,
+                m.DELETE: engine.delete,
+                m.CAS: engine.cas,
+                m.APPLY: self._apply,
+                m.PREPARE: self._prepare,
+                m.COMMIT: self._commit,
+                m.ABORT: self._abort,
+                m.PENDING: engine.prepared,
+                m.GET_MANY: engine.get_many,
+                m.SCAN: self._scan_page,
+                m.LEN: engine.__len__,
+                m.STATS: engine.stats,
+                m.COMPACT: lambda: {"started": self._start_compaction()},  # in the background: requests go on
+                m.SYNC: engine.sync,
+            },
+        )
 
+    # -- handlers (see _dispatch_table) ----------------------------------------------------
+    def _get(self, key: bytes) -> bytes | None:
+        if self.engine.locked(key):
+            raise Busy("the key is locked by a cross-shard batch awaiting its decision")
+        return self.engine.get(key)
 
-def _ttl_seconds(ttl_ms: int) -> float:
-    if not 0 < ttl_ms < 2**53:
-        raise ValueError(f"ttl of {ttl_ms} ms is out of range")
-    return ttl_ms / 1000
+    def _apply(self, writes: list, expects: list) -> None:
+        self.finish_indexing = self.engine.apply_deferred(writes, expects)
+
+    def _prepare(self, txid: int, writes: list, expects: list) -> None:
+        self.engine.prepare(txid, writes, expects)
+        self._publish_locks()  # before the vote: from now on clients ask us about this shard
+        faults.point("worker.prepare_logged")
+        self.voted = True
+
+    def _commit(self, txid: int) -> bool:
+        settled, self.finish_indexing = self.engine.commit_deferred(txid)
+        self._publish_locks()
+        return settled
+
+    def _abort(self, txid: int) -> bool:
+        settled = self.engine.abort(txid)
+        self._publish_locks()
+        return settled
+
+    def _scan_page(self, start, stop, reverse: bool, prefix, limit: int) -> tuple:
+        """(items, more, batch history) of one SCAN page: up to `limit` items and about
+        SCAN_PAGE_BYTES."""
+        items, size, more = [], 0, False
+        for key, value in self.engine.scan(start=start, stop=stop, reverse=reverse, prefix=prefix):
+            if len(items) >= limit or (items and size + len(key) + len(value) > SCAN_PAGE_BYTES):
+                more = True
+                break
+            items.append((key, value))
+            size += len(key) + len(value) + 8
+        return items, more, self.engine.batch_history()
 
 
 def main(argv: list[str] | None = None) -> int:

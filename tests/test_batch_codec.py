@@ -21,6 +21,7 @@ from shardkv import batches
 from shardkv.errors import Busy
 from shardkv.ipc import messages as m
 from shardkv.shards.engine import ShardEngine
+from shardkv.shards.uniform import PutColumns
 from shardkv.wal import records
 from shardkv.wal.format import COMMIT, DELETE, MAX_KEY_LEN, PUT, RECORD_HEADER_SIZE
 
@@ -410,10 +411,10 @@ def test_put_many_of_an_endless_iterator_is_a_value_error_not_a_hang():
         batches.check_ops(batches.put_many_ops(pairs, 1000), 1000, batches.MAX_BATCH_BYTES)
 
 
-def _decoded_puts(pairs) -> "m.PutColumns":
+def _decoded_puts(pairs) -> PutColumns:
     """What a worker decodes from an APPLY of these same-size puts."""
     writes, expects = _decode(m.encode_apply([(m.OP_PUT, k, v) for k, v in pairs], 0), 2)
-    assert type(writes) is m.PutColumns and expects == []
+    assert type(writes) is PutColumns and expects == []
     return writes
 
 

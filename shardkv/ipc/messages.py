@@ -14,6 +14,8 @@ from operator import add
 import numpy as np
 
 from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
+from shardkv.limits import Milliseconds
+from shardkv.shards.uniform import PutColumns
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
 TXN, PREPARE, COMMIT, ABORT, PENDING = range(16, 21)
@@ -229,8 +231,8 @@ def ops_parts(columns: tuple) -> tuple[list, int]:
 def decode_ops(reader: "Reader") -> tuple[list, list]:
     """(writes, expects) of the operation list at the reader's position, which ends the
     message: writes as the engine takes them (("put", key, value), ("put", key, value,
-    ttl_seconds), ("delete", key)), expects as (key, value or None). A tight loop: batches
-    carry up to a million operations."""
+    ttl as limits.Milliseconds), ("delete", key)), expects as (key, value or None). A tight
+    loop: batches carry up to a million operations."""
     data, pos = bytes(reader.buf), reader.pos
     size = len(data)
     if pos + 4 > size:
@@ -267,7 +269,7 @@ def decode_ops(reader: "Reader") -> tuple[list, list]:
             ttl_ms = _U64.unpack_from(data, key_end + 4)[0]
             if not 0 < ttl_ms < 2**53:
                 raise MessageError(f"ttl of {ttl_ms} ms is out of range")
-            put(("put", key, data[key_end + 12 : value_end], ttl_ms / 1000))
+            put(("put", key, data[key_end + 12 : value_end], Milliseconds(ttl_ms)))
         elif kind == OP_EXPECT:
             expects.append((key, data[key_end + 4 : value_end]))
         elif kind == OP_EXPECT_ABSENT and value_end == key_end + 4:
@@ -300,21 +302,6 @@ def _decode_same_size_puts(data: bytes, pos: int, count: int) -> list | None:
     keys = rows[:, 5 : 5 + key_len].copy().view(f"V{key_len}").ravel().tolist()
     values = rows[:, 9 + key_len :].copy().view(f"V{value_len}").ravel().tolist() if value_len else [b""] * count
     return PutColumns.of(keys, values, key_len, value_len)
-
-
-class PutColumns(list):
-    """decode_ops' writes when they are all plain puts of one key length and one value length:
-    a list of ("put", key, value) like any other, which also keeps its keys and values as
-    columns, so that a shard engine can log and index the batch without a loop over tuples."""
-
-    __slots__ = ("keys", "values", "key_len", "value_len")
-
-    @classmethod
-    def of(cls, keys: list, values: list, key_len: int, value_len: int) -> "PutColumns":
-        """The puts (keys[i], values[i]); every key is `key_len` bytes, every value `value_len`."""
-        self = cls(zip(repeat("put"), keys, values))
-        self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
-        return self
 
 
 def encode_scan(start, stop, reverse: bool, prefix, limit: int) -> bytes:
