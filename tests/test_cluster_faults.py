@@ -289,7 +289,6 @@ def test_reopen_after_supervisor_killed(cluster):
         assert all(new["cluster"] in e for e in shm_entries(cluster.directory))
         assert db.health()["status"] == "healthy"
         assert dict(db.scan()) == model
-    time.sleep(1.0)  # see test_short_lived_client_stops_the_cluster (test_cluster.py)
     db.close()
     wait_until(lambda: nothing_left(cluster.directory), 10, message="stop of the new cluster after its last client closed")
 

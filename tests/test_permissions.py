@@ -142,7 +142,6 @@ def test_a_store_and_its_shared_memory_are_owner_only_whatever_the_umask(cluster
 
     # A restart recovers from the files and creates new ones (segments, logs, run/ files).
     info = cluster.info()
-    time.sleep(1.0)  # a client of less than ~0.5 s is not noticed (test_cluster.py::test_short_lived_client_stops_the_cluster)
     db.close()
     wait_until(lambda: not alive(info["pid"], info["start_time"]) and nothing_left(cluster.directory), 20, message="stop of the idle embedded cluster")
     db = cluster.open()
