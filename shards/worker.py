@@ -73,8 +73,10 @@ def stop_confirmed(control: ControlBlock, asked_to_stop, supervisor_pid: int, lo
 class Worker:
     """Serves one shard; see the module docstring."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, clock=time.time):
+        """`clock`: wall-clock seconds for the engine's expiry (ShardEngine.open's `clock`)."""
         self.config = config
+        self.clock = clock
         self.shard = config["shard"]
         self.max_message = config["max_message"]
         self.log = get_logger("shardkv.worker", shard=self.shard)
@@ -115,6 +117,7 @@ class Worker:
                 shard_id=self.shard,
                 durability=self.config["durability"],
                 shared_index=self.shared_index,
+                clock=self.clock,
             )
         except CorruptionError as exc:
             self.shared_index.close()
