@@ -352,7 +352,7 @@ def test_second_open_attaches_to_the_same_cluster(cluster):
     c = cluster.open(shards=None)  # None: whatever the store has
     assert a.shards == b.shards == c.shards == SHARDS
     assert a.health()["supervisor"]["pid"] == b.health()["supervisor"]["pid"] == cluster.info()["pid"]
-    assert a._lease != b._lease != c._lease != a._lease  # each client has a lease of its own
+    assert a.lease != b.lease != c.lease != a.lease  # each client has a lease of its own
     a.put(b"from-a", b"1")
     b.put(b"from-b", b"2")
     assert b.get(b"from-a") == b"1" and a.get(b"from-b") == b"2" and c.get_many([b"from-a", b"from-b"]) == [b"1", b"2"]
@@ -410,14 +410,14 @@ def test_all_leases_in_use_is_unavailable(cluster):
     first = cluster.open()
     leases = cluster.info()["leases"]
     more = [cluster.open() for _ in range(leases - 1)]
-    assert sorted(c._lease for c in [first, *more]) == list(range(leases))
+    assert sorted(c.lease for c in [first, *more]) == list(range(leases))
     with pytest.raises(shardkv.Unavailable):
         shardkv.open(cluster.directory, shards=SHARDS, start_timeout=5)
     victim = more.pop(10)
-    freed = victim._lease
+    freed = victim.lease
     victim.close()
     again = cluster.open()
-    assert again._lease == freed
+    assert again.lease == freed
     again.put(b"k", b"v")
     assert first.get(b"k") == b"v" and more[-1].get(b"k") == b"v"
 
