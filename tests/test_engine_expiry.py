@@ -8,6 +8,8 @@ from shardkv.shards import ShardEngine
 
 from clock_support import FakeClock
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture
 def clock():

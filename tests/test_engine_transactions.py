@@ -30,6 +30,8 @@ from engine_support import (
     segment_path,
 )
 
+pytestmark = pytest.mark.engine
+
 MARKERS = (PREPARE, COMMIT, ABORT)
 
 

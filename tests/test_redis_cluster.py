@@ -55,6 +55,7 @@ def slot(key: bytes) -> int:
 
 
 # -- the registry ------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_unknown_scheme_is_a_value_error_naming_the_known_ones():
     with pytest.raises(ValueError, match="redis"):
         shardkv.open("nosuch://somewhere")
@@ -62,6 +63,7 @@ def test_unknown_scheme_is_a_value_error_naming_the_known_ones():
         shardkv.aopen("nosuch://somewhere")
 
 
+@pytest.mark.unit
 def test_a_path_is_never_taken_for_a_url():
     assert backends.scheme_of("data/") is None
     assert backends.scheme_of("/tmp/x") is None
@@ -72,6 +74,7 @@ def test_a_path_is_never_taken_for_a_url():
     assert backends.scheme_of(pathlib.Path("redis://h:1")) is None  # a PathLike is always a path
 
 
+@pytest.mark.unit
 def test_missing_optional_dependency_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)  # import redis -> ImportError
     monkeypatch.delitem(sys.modules, "shardkv.backends.redis_cluster", raising=False)
@@ -80,6 +83,7 @@ def test_missing_optional_dependency_says_what_to_install(monkeypatch):
         shardkv.open("redis://127.0.0.1:1")
 
 
+@pytest.mark.engine
 def test_third_party_backend_through_an_entry_point(tmp_path, monkeypatch):
     (tmp_path / "memkv_backend.py").write_text(
         "FEATURES = None\n"
@@ -97,6 +101,7 @@ def test_third_party_backend_through_an_entry_point(tmp_path, monkeypatch):
     assert "memkv" in backends.schemes()
 
 
+@pytest.mark.unit
 def test_url_parsing():
     from shardkv.backends.redis_cluster import parse_url  # noqa: PLC0415
 
@@ -343,6 +348,7 @@ def _keys_on(db, master, count: int, fmt: bytes) -> list[bytes]:
     return found
 
 
+@pytest.mark.cluster
 def test_failover_under_a_writing_client(own_cluster):
     cluster = own_cluster
     db = shardkv.open(cluster.url, namespace="fo", retry_timeout=30, socket_timeout=0.3)
@@ -444,6 +450,7 @@ def _slots_of(db, node) -> set[int]:
     return set()
 
 
+@pytest.mark.engine
 def test_reimport_of_the_backend_module_is_lazy():
     # Importing shardkv does not import redis-py: the backend loads on first use of its scheme.
     code = "import sys, shardkv; print('redis' in sys.modules, 'shardkv.backends.redis_cluster' in sys.modules)"

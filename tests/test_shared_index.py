@@ -33,7 +33,7 @@ from shardkv.shards.engine import ShardEngine
 
 from clock_support import FakeClock
 
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")]
 
 
 class Shard:
