@@ -440,18 +440,22 @@ class Supervisor:
         next_lease_check = 0.0
         lease_check_interval = min(0.5, IDLE_TIMEOUT / 4)
         seen_client = False
+        attaches = 0  # the control block's attach counter at the last check
         while not self.stopping:
             self._reap()
             self._check_control()
             now = time.monotonic()
             if self.embedded and now >= next_lease_check:
                 next_lease_check = now + lease_check_interval
-                if self.live_leases():
+                # A client that attached and closed between two checks holds no lease now, but
+                # it bumped the counter: it counts as seen at this check, the first client or
+                # any later one (a shell loop of short commands keeps the cluster up). Read
+                # before the leases, so that a client between the two reads shows in one.
+                counted = self.control.attaches
+                attached, attaches = counted != attaches, counted
+                if attached or self.live_leases():
                     idle_since = now
                     seen_client = True
-                elif not seen_client and self.control.attaches:
-                    seen_client = True  # a client came and went between two checks
-                    idle_since = now
                 elif now - idle_since > (IDLE_TIMEOUT if seen_client else FIRST_CLIENT_TIMEOUT):
                     if self._stop_if_idle():
                         self.log.info("no clients left; stopping")

@@ -383,6 +383,20 @@ class Client(MutableMapping):
         """A request for health(): raises Unresponsive unless answered within PROBE_TIMEOUT."""
         return self._call(shard, message, read=True, timeout=min(PROBE_TIMEOUT, self.request_timeout))
 
+    @property
+    def lease(self) -> int:
+        """The client lease this client holds (0 to the cluster's lease count - 1; docs/IPC.md,
+        "Leases"): its slot in every ring. Two open clients never hold the same one; a closed
+        client's lease goes to the next client that attaches. Closed once closed."""
+        self._check()
+        return self._lease
+
+    @property
+    def cluster_id(self) -> str:
+        """The id of the cluster this client attached to (run/cluster.json's "cluster"): each
+        start of a cluster on the directory picks a new one."""
+        return self._info["cluster"]
+
     def shard_of(self, key) -> int:
         """The shard that owns `key` (through the coordinator's shard map)."""
         if self._closed:

@@ -49,8 +49,10 @@ SCAN_PAGE_BYTES = 1 << 20
 class Worker:
     """Serves one shard; see the module docstring."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, clock=time.time):
+        """`clock`: wall-clock seconds for the engine's expiry (ShardEngine.open's `clock`)."""
         self.config = config
+        self.clock = clock
         self.shard = config["shard"]
         self.max_message = config["max_message"]
         self.log = get_logger("shardkv.worker", shard=self.shard)
@@ -92,6 +94,7 @@ class Worker:
                 shard_id=self.shard,
                 durability=self.config["durability"],
                 shared_index=self.shared_index,
+                clock=self.clock,
             )
         except CorruptionError as exc:
             self.shared_index.close()

@@ -1,4 +1,5 @@
-"""Fixtures shared by several test modules.
+"""Fixtures shared by several test modules, and the test tiers (tests/tiers.py: every test has
+exactly one of the markers unit, engine, cluster, soak; collection fails otherwise).
 
 `redis_cluster`: one real Redis Cluster (3 masters, 3 replicas, see redis_cluster_support.py)
 per test session (per xdist worker), started on first use and stopped by pid at the end. Where
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from redis_cluster_support import LocalRedisCluster, require_redis
+from tiers import pytest_collection_modifyitems  # noqa: F401 (the tier check, as this directory's hook)
 
 
 @pytest.fixture(scope="session")

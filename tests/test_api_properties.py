@@ -46,6 +46,8 @@ from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN
 
 from cluster_support import SHARDS, cluster_fixture
 
+pytestmark = pytest.mark.soak
+
 
 @pytest.fixture
 def cluster(tmp_path):

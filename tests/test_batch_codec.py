@@ -130,6 +130,7 @@ def mixed_batches(draw):
 
 
 # -- wal/records.py -------------------------------------------------------------------------------
+@pytest.mark.unit
 @SETTINGS
 @given(st.integers(1, 48), st.integers(0, 40), st.randoms(use_true_random=False))
 def test_crc32c_rows_matches_crc32c(length, n, rnd):
@@ -151,6 +152,7 @@ record_ops = st.lists(
 )
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(record_ops, st.integers(0, 2**64 - 1), st.booleans())
 def test_encode_batch_columns_match_one_at_a_time(ops, seq, uniform_lengths):
@@ -169,6 +171,7 @@ def test_encode_batch_columns_match_one_at_a_time(ops, seq, uniform_lengths):
         records.COLUMNS_MIN = saved
 
 
+@pytest.mark.unit
 def test_encode_batch_records_read_back():
     ops = [(PUT, b"key-%d" % i, b"v" * (i % 7), 0 if i % 3 else 10**12 + i) for i in range(100)] + [(DELETE, b"gone", b"", 0)]
     data, offsets = records.encode_batch(ops, 77)
@@ -185,6 +188,7 @@ def test_encode_batch_records_read_back():
     assert offsets[-1] + RECORD_HEADER_SIZE + len(b"gone") == len(data)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "bad",
     [
@@ -215,6 +219,7 @@ op_triples = st.lists(
 )
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(op_triples, st.integers(0, 1))
 def test_encode_ops_and_apply_match_one_at_a_time(ops, flags):
@@ -224,6 +229,7 @@ def test_encode_ops_and_apply_match_one_at_a_time(ops, flags):
     assert length == len(b"".join(parts))
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(put_batches(max_size=80), st.integers(0, 1))
 def test_decode_ops_numpy_path_matches_loop(ops, flags):
@@ -231,6 +237,7 @@ def test_decode_ops_numpy_path_matches_loop(ops, flags):
     assert _decode(message, 2) == reference_decode(message, 2) == (ops, [])
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(put_batches(min_size=16, max_size=40), st.data())
 def test_decode_ops_damaged_messages_fail_alike(ops, data):
@@ -246,6 +253,7 @@ def test_decode_ops_damaged_messages_fail_alike(ops, data):
     assert _outcome(_decode, message, 2) == _outcome(reference_decode, message, 2)
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(put_batches(min_size=16, max_size=40), st.data())
 def test_decode_ops_damaged_operation_heads_fail_alike(ops, data):
@@ -262,6 +270,7 @@ def test_decode_ops_damaged_operation_heads_fail_alike(ops, data):
     assert _outcome(_decode, message, 2) == _outcome(reference_decode, message, 2)
 
 
+@pytest.mark.unit
 def test_decode_ops_same_size_prepare():
     """PREPARE: the list starts after the txid, and may carry empty values."""
     ops = [(m.OP_PUT, b"k%03d" % i, b"") for i in range(20)]
@@ -289,6 +298,7 @@ def route(checked, shard_map):
     return columns
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(put_batches(max_size=80))
 def test_client_path_matches_reference_for_puts(ops):
@@ -313,6 +323,7 @@ def test_client_path_matches_reference_for_puts(ops):
                 assert m.encode_apply(items, 0) == bytes((m.APPLY, 0)) + m._encode_ops_each(reference[shard])
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(mixed_batches(), st.integers(1, 50), st.integers(1, 4000))
 def test_check_ops_errors_match_reference(ops, max_ops, max_bytes):
@@ -328,6 +339,7 @@ def test_check_ops_errors_match_reference(ops, max_ops, max_bytes):
         assert batches.encode_txn(by_shard, 0) == reference_txn(reference, 0)
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(st.lists(st.one_of(st.tuples(keys, values), st.tuples(st.text(max_size=2), values), st.tuples(keys), st.just([b"k", b"v"])), max_size=30))
 def test_put_many_errors_match_reference(pairs):
@@ -346,6 +358,7 @@ def test_put_many_errors_match_reference(pairs):
 
 
 # -- shards/engine.py -----------------------------------------------------------------------------
+@pytest.mark.engine
 def test_engine_check_ops_big_batches(tmp_path):
     with ShardEngine.open(str(tmp_path / "a"), max_value_size=50) as engine:
         ops = [("put", b"k%d" % i, b"v" * (i % 40)) for i in range(40)]
@@ -367,6 +380,7 @@ def test_engine_check_ops_big_batches(tmp_path):
             assert str(info.value) == str(expected.value)
 
 
+@pytest.mark.engine
 def test_engine_big_batches_index_and_recover(tmp_path):
     """Big batches through the column-wise write: plain puts, puts over keys that expire,
     deletes, a cross-shard commit; all visible at once, and the same after a reopen."""
@@ -403,6 +417,7 @@ def test_engine_big_batches_index_and_recover(tmp_path):
         assert engine.get_many(list(model)) == list(model.values())
 
 
+@pytest.mark.unit
 def test_put_many_of_an_endless_iterator_is_a_value_error_not_a_hang():
     import itertools
 
@@ -418,6 +433,7 @@ def _decoded_puts(pairs) -> PutColumns:
     return writes
 
 
+@pytest.mark.engine
 def test_engine_applies_decoded_same_size_puts_like_tuples(tmp_path):
     """A batch decoded as columns (PutColumns -> UniformPuts) leaves the engine exactly as the
     same operations given as tuples: values, index, a reopen; over existing keys, repeated keys,
@@ -445,6 +461,7 @@ def test_engine_applies_decoded_same_size_puts_like_tuples(tmp_path):
         assert dict(columns.scan()) == dict(tuples.scan())
 
 
+@pytest.mark.engine
 def test_engine_checks_decoded_same_size_puts(tmp_path):
     """The sizes of a decoded batch are checked once for all: too long a key or value is a
     ValueError and nothing is written."""
@@ -456,6 +473,7 @@ def test_engine_checks_decoded_same_size_puts(tmp_path):
         assert len(engine) == 20 and engine.get(b"x00000") is None
 
 
+@pytest.mark.unit
 def test_prepare_value_of_same_size_puts_matches_tuples():
     """encode_prepare of columns (one join) gives the bytes of the same puts as tuples."""
     from shardkv.shards.prepared import decode_prepare, encode_prepare
@@ -469,6 +487,7 @@ def test_prepare_value_of_same_size_puts_matches_tuples():
     assert uniform.headed(COMMIT, b"12345678").tuples() == [(COMMIT, b"12345678", b"", 0)] + uniform.tuples()
 
 
+@pytest.mark.engine
 def test_prepared_same_size_puts_survive_a_reopen_and_abort_releases_them(tmp_path):
     """A cross-shard batch prepared from decoded columns: undecided across a reopen (then
     committed from its PREPARE record), and another one aborted: locks gone, nothing written."""

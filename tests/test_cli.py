@@ -23,6 +23,8 @@ from shardkv.coordinator.manifest import write_manifest
 from shardkv.ipc.layout import name_prefix, process_start_time
 from shardkv.ops.cluster import is_running, process_running, read_health, stop_cluster
 
+from clock_support import still_before, wait_past
+
 START = 60  # seconds a subprocess may take
 
 
@@ -62,6 +64,7 @@ def cluster(tmp_path):
 
 
 # -- hex literals and output (no cluster) ---------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -80,12 +83,14 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["x'abc'", "x'zz'", "x'00", "X'0 0'", "x'00'x", "x'0x00'", "x'"])
 def test_parse_bytes_rejects_bad_hex(text):
     with pytest.raises(UsageError, match="invalid hex literal"):
         parse_bytes(text, "key")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("data", "shown"),
     [
@@ -103,12 +108,14 @@ def test_format_bytes(data, shown):
     assert format_bytes(data) == shown
 
 
+@pytest.mark.unit
 def test_format_then_parse_round_trips():
     samples = [b"plain", b"\x00", bytes(range(256)), b"x'", b"X'ab'", "ünï".encode(), b"tab\there", b"\x7f", b"a b"]
     for data in samples:
         assert parse_bytes(format_bytes(data)) == data
 
 
+@pytest.mark.engine
 def test_bad_hex_exits_4_without_starting_a_cluster(tmp_path, capsys):
     directory = tmp_path / "db"
     for args in (["get", directory, "x'zz'"], ["put", directory, "k", "x'123'"], ["scan", directory, "--prefix", "x'g0'"], ["above", directory, "x'0"]):
@@ -119,6 +126,7 @@ def test_bad_hex_exits_4_without_starting_a_cluster(tmp_path, capsys):
     assert shm_entries(directory) == []
 
 
+@pytest.mark.engine
 def test_not_running(tmp_path, capsys):
     directory = tmp_path / "db"
     directory.mkdir()
@@ -132,6 +140,7 @@ def test_not_running(tmp_path, capsys):
     assert not is_running(directory)
 
 
+@pytest.mark.engine
 def test_usage_errors(tmp_path, capsys):
     directory = tmp_path / "db"
     for args in (["scan", directory, "--limit", "-1"], ["start", directory, "--durability", "sometimes"], ["start", directory, "--shards", "0"], ["get", directory]):
@@ -189,9 +198,13 @@ def test_data_commands_round_trip(cluster, capsys):
         assert code == 4 and err.startswith("shardkv: ") and "Traceback" not in err, args
 
     # put --ttl: the key expires.
+    started = time.monotonic()
     assert call(capsys, "put", d, "session", "s", "--ttl", "0.3")[0] == 0
-    assert call(capsys, "get", d, "session") == (0, "s\n", "")
-    time.sleep(0.5)
+    written = time.monotonic()
+    got = call(capsys, "get", d, "session")
+    if still_before(started, 0.3):
+        assert got == (0, "s\n", "")
+    wait_past(written, 0.3)
     assert call(capsys, "get", d, "session")[0] == 1
 
 
@@ -206,6 +219,7 @@ def test_data_commands_attach_to_the_running_cluster_and_leave_it_running(cluste
 
 
 # -- the service ---------------------------------------------------------------------------------
+@pytest.mark.cluster
 def test_start_status_stop(tmp_path):
     directory = tmp_path / "db"
     try:
@@ -247,6 +261,7 @@ def test_start_status_stop(tmp_path):
         stop_and_check(directory)
 
 
+@pytest.mark.cluster
 def test_start_with_bad_config(tmp_path, capsys):
     directory = tmp_path / "db"
     try:
@@ -259,6 +274,7 @@ def test_start_with_bad_config(tmp_path, capsys):
         stop_and_check(directory)
 
 
+@pytest.mark.cluster
 def test_start_foreground_stops_on_sigterm(tmp_path):
     directory = tmp_path / "db"
     proc = subprocess.Popen([sys.executable, "-m", "shardkv.cli", "start", str(directory), "--shards", "2", "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -279,6 +295,7 @@ def test_start_foreground_stops_on_sigterm(tmp_path):
         stop_and_check(directory)
 
 
+@pytest.mark.cluster
 def test_cluster_bench_runs(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
@@ -292,6 +309,7 @@ def test_cluster_bench_runs(capsys, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary store is gone
 
 
+@pytest.mark.engine
 def test_verify_and_salvage_commands(tmp_path, capsys):
     from shardkv.shards import ShardEngine
 

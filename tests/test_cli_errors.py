@@ -19,6 +19,8 @@ from shardkv.ops import exitcodes
 
 from cli_support import ROOT, assert_one_line_error, shardkv
 
+pytestmark = pytest.mark.engine
+
 @pytest.fixture
 def places(tmp_path):
     """A file, a missing path, and an existing directory that holds no store."""

@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import shardkv
@@ -51,6 +52,7 @@ def assert_help_and_type_for_every_metric(text: str) -> None:
             assert re.search(rf"^# TYPE {name} (gauge|counter)$", text, re.M), f"no TYPE line for {name}"
 
 
+@pytest.mark.cluster
 def test_status_does_not_count_its_own_probe_and_every_metric_is_described(tmp_path):
     """An idle cluster used to show 4.0 ops/s per shard: the status probe itself; and
     shardkv_healthy had neither HELP nor TYPE."""
@@ -111,6 +113,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.cluster
 def test_serve_metrics_on_loopback(tmp_path):
     directory = tmp_path / "db"
     server = None
@@ -147,6 +150,7 @@ def test_serve_metrics_on_loopback(tmp_path):
         stop_and_check(directory)
 
 
+@pytest.mark.engine
 def test_serve_refuses_a_taken_port_and_a_missing_store(tmp_path):
     assert_one_line_error(run("status", tmp_path / "typo", "--serve", "0"), exitcodes.NO_STORE)
     directory = tmp_path / "db"
@@ -160,6 +164,7 @@ def test_serve_refuses_a_taken_port_and_a_missing_store(tmp_path):
         assert_one_line_error(run("status", directory, "--serve", taken.getsockname()[1]), exitcodes.FAILED, "cannot serve")
 
 
+@pytest.mark.cluster
 def test_data_commands_on_a_stopped_store_say_start_it(tmp_path):
     """#22 item 10: a data command on a stopped store started a cluster (about 1 s) that lingered
     5 s after it; now it says how to start one, and starts nothing."""
@@ -181,6 +186,7 @@ def test_data_commands_on_a_stopped_store_say_start_it(tmp_path):
         stop_and_check(other)
 
 
+@pytest.mark.cluster
 def test_copy_streams_every_key_with_its_ttl(tmp_path):
     source, destination = tmp_path / "src", tmp_path / "dst"
     try:
@@ -201,6 +207,7 @@ def test_copy_streams_every_key_with_its_ttl(tmp_path):
         stop_and_check(destination)
 
 
+@pytest.mark.cluster
 def test_watch_redraws_until_interrupted(tmp_path):
     directory = tmp_path / "db"
     watch = None
@@ -222,6 +229,7 @@ def test_watch_redraws_until_interrupted(tmp_path):
         stop_and_check(directory)
 
 
+@pytest.mark.cluster
 def test_status_exit_code_of_a_degraded_cluster(tmp_path):
     """`status` keeps its exit codes: a stopped (SIGSTOP) worker makes the cluster degraded (1)."""
     directory = tmp_path / "db"

@@ -42,7 +42,7 @@ import sys, shardkv
 directory, n = sys.argv[1], int(sys.argv[2])
 keys = [bytes.fromhex(h) for h in sys.argv[3:]]
 db = shardkv.open(directory)
-print("ready", db._lease, flush=True)
+print("ready", db.lease, flush=True)
 sys.stdin.readline()
 conflicts = 0
 for i in range(n):
@@ -64,7 +64,7 @@ def test_cas_counters_from_four_processes_lose_no_increment(cluster):
     n, workers = 300, 4
     procs = [cluster.spawn(COUNTER_SCRIPT, cluster.directory, n, *(k.hex() for k in keys)) for _ in range(workers)]
     leases = {int(p.expect("ready", 60)) for p in procs}
-    assert len(leases) == workers and db._lease not in leases
+    assert len(leases) == workers and db.lease not in leases
     for p in procs:
         p.send("go")
     conflicts = [int(p.expect("done", 120)) for p in procs]
@@ -162,7 +162,7 @@ def test_killed_coordinator_is_restarted(cluster):
 LOOP_SCRIPT = """
 import sys, shardkv
 db = shardkv.open(sys.argv[1])
-print("lease", db._lease, flush=True)
+print("lease", db.lease, flush=True)
 i = 0
 while True:
     value = b"%d|" % i * (1 if i % 10 else 40000)  # every tenth put spans several frames
@@ -203,7 +203,7 @@ def test_killed_client_does_not_disturb_others_and_its_lease_is_reclaimed(cluste
     try:
         p = cluster.spawn(LOOP_SCRIPT, cluster.directory)
         lease = int(p.expect("lease", 60))
-        assert lease != a._lease and lock_is_held(lease_path(cluster.directory, lease))
+        assert lease != a.lease and lock_is_held(lease_path(cluster.directory, lease))
         p.expect("ack 400", 60)
         time.sleep(random.Random(0).uniform(0, 0.05))
         p.kill()  # SIGKILL, in the middle of a request
@@ -219,13 +219,13 @@ def test_killed_client_does_not_disturb_others_and_its_lease_is_reclaimed(cluste
 
     # its lease is the first free one again: a new client takes it, and gets its own answers
     b = cluster.open()
-    assert b._lease == lease
+    assert b.lease == lease
     c = cluster.open()
     for client in (b, c):
-        client.put(b"new-%d" % client._lease, b"fresh")
-        assert client.get(b"new-%d" % client._lease) == b"fresh"
-        assert client.get_many([b"new-%d" % client._lease, b"loop-0000000"]) == [b"fresh", loop_value(0)]
-    assert b.get(b"new-%d" % c._lease) == b"fresh"
+        client.put(b"new-%d" % client.lease, b"fresh")
+        assert client.get(b"new-%d" % client.lease) == b"fresh"
+        assert client.get_many([b"new-%d" % client.lease, b"loop-0000000"]) == [b"fresh", loop_value(0)]
+    assert b.get(b"new-%d" % c.lease) == b"fresh"
     # everything the dead client had acknowledged is there
     last = max(acknowledged + [400])
     keys = [b"loop-%07d" % i for i in range(last + 1)]
@@ -289,7 +289,6 @@ def test_reopen_after_supervisor_killed(cluster):
         assert all(new["cluster"] in e for e in shm_entries(cluster.directory))
         assert db.health()["status"] == "healthy"
         assert dict(db.scan()) == model
-    time.sleep(1.0)  # see test_short_lived_client_stops_the_cluster (test_cluster.py)
     db.close()
     wait_until(lambda: nothing_left(cluster.directory), 10, message="stop of the new cluster after its last client closed")
 

@@ -13,6 +13,8 @@ from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.unit
+
 reference = crcmod.predefined.mkCrcFun("crc-32c")
 
 SETTINGS = settings(max_examples=200, deadline=None)

@@ -462,7 +462,7 @@ def test_locked_keys_are_read_through_the_ring_until_the_batch_is_settled(cluste
 STALE_GET_SCRIPT = r"""
 import sys, time, shardkv
 db = shardkv.open(sys.argv[1], shards=int(sys.argv[2]))  # as many as the fixture's (not one per CPU)
-print("ready", db._info["cluster"], flush=True)
+print("ready", db.cluster_id, flush=True)
 for line in sys.stdin:
     started = time.monotonic()
     try:
@@ -495,7 +495,7 @@ def start_over_a_killed_cluster(cluster, key: bytes):
     assert direct(stale, key) == b"old"
     kill_cluster_processes(cluster)
     fresh = cluster.open()
-    assert cluster.info()["cluster"] != stale._info["cluster"]
+    assert cluster.info()["cluster"] != stale.cluster_id
     fresh.put(key, b"new")
     assert fresh.get(key) == b"new"
     return stale, fresh

@@ -53,6 +53,7 @@ def inject():
 
 
 # -- a full disk ---------------------------------------------------------------------------------------
+@pytest.mark.engine
 @pytest.mark.parametrize("durability", ["process", "fsync"])
 def test_full_disk_on_append_fails_the_write_and_nothing_else(tmp_path, inject, durability):
     e = open_engine(tmp_path, durability=durability)
@@ -73,6 +74,7 @@ def test_full_disk_on_append_fails_the_write_and_nothing_else(tmp_path, inject, 
 
 
 # -- a failed fsync ---------------------------------------------------------------------------------------
+@pytest.mark.engine
 def test_a_failed_fsync_is_never_reported_as_success(tmp_path, inject):
     e = open_engine(tmp_path, durability="fsync")
     for i in range(20):
@@ -170,6 +172,7 @@ def count_operations(tmp_path) -> int:
     return counter.count
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("persistent, keep_going", [(False, False), (False, True), (True, False)], ids=["once", "once-then-go-on", "persistent"])
 def test_a_fault_at_every_file_operation_of_a_workload(tmp_path, persistent, keep_going):
     total = count_operations(tmp_path)
@@ -186,6 +189,7 @@ def test_a_fault_at_every_file_operation_of_a_workload(tmp_path, persistent, kee
         check_recovered(directory, acknowledged, failed)
 
 
+@pytest.mark.engine
 def test_a_fault_during_recovery_leaves_a_shard_that_opens_later(tmp_path):
     source = tmp_path / "source"
     acknowledged, failed = run_with_fault(source, Injector())
@@ -284,6 +288,7 @@ def test_a_coordinator_whose_decision_fsync_failed_restarts_and_batches_stay_who
 
 
 # -- a sector of zeros inside a sealed segment ---------------------------------------------------------------
+@pytest.mark.engine
 def test_a_zeroed_sector_in_a_sealed_segment_is_found_by_open_and_verify(tmp_path):
     from shardkv.errors import CorruptionError
     from shardkv.ops.verify import verify_store

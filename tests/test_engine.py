@@ -16,6 +16,8 @@ from shardkv.wal import fileio
 
 from engine_support import assert_matches, crash, log_writer, open_engine, segment_numbers
 
+pytestmark = pytest.mark.engine
+
 BAD_TYPES = ["str", 5, None, [b"a"], 1.5, object()]
 
 

@@ -24,6 +24,8 @@ from engine_support import (
     segment_path,
 )
 
+pytestmark = pytest.mark.engine
+
 
 def _leftovers(directory) -> list[str]:
     return [n for n in os.listdir(directory) if n.endswith(".tmp") or n == COMPACTION_FILE]

@@ -6,21 +6,14 @@ import pytest
 
 from shardkv.shards import ShardEngine
 
+from clock_support import FakeClock
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return FakeClock()
 
 
 def open_engine(path, clock, **options):

@@ -7,11 +7,14 @@ import math
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from engine_support import crash, open_engine
+
+pytestmark = pytest.mark.soak
 
 keys = st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"k" * 100])
 values = st.binary(max_size=60)

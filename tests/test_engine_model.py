@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -18,6 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from shardkv.wal.format import RECORD_HEADER_SIZE
 
 from engine_support import crash, open_engine
+
+pytestmark = pytest.mark.soak
 
 FIXED_KEYS = [b"a", b"ab", b"abc", b"b", b"ba", b"c", b"\x00", b"\xff", b"\xff\xff", b"a\xff", b"b\x00", b"k" * 200]
 keys = st.one_of(

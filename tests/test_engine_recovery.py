@@ -28,6 +28,8 @@ from engine_support import (
     segment_path,
 )
 
+pytestmark = pytest.mark.engine
+
 
 def _nonzero(rng: random.Random, n: int) -> bytes:
     """Bytes without a zero, so that zeroing any byte of a record changes it."""

@@ -31,6 +31,8 @@ from engine_support import (
     segment_path,
 )
 
+pytestmark = pytest.mark.engine
+
 MARKERS = (PREPARE, COMMIT, ABORT)
 
 

@@ -6,8 +6,12 @@ every acknowledged operation is checked against the oracle. `python -m tests.fau
 
 from __future__ import annotations
 
+import pytest
+
 from cluster_support import nothing_left, shm_entries, wait_until
 from faults.harness import Harness
+
+pytestmark = pytest.mark.soak
 
 
 def test_a_round_of_kills_loses_nothing_acknowledged(tmp_path):

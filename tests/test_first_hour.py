@@ -45,6 +45,7 @@ def test_open_expands_the_home_directory_and_takes_path_objects(cluster, tmp_pat
     assert not (tmp_path / "~").exists()
 
 
+@pytest.mark.engine
 def test_create_false_refuses_a_directory_without_a_store_and_creates_nothing(tmp_path):
     missing = tmp_path / "typo-dir"
     with pytest.raises(shardkv.StoreNotFound) as raised:
@@ -65,6 +66,7 @@ def test_create_false_opens_an_existing_store(cluster):
     assert db.get(b"k") == b"v"
 
 
+@pytest.mark.engine
 def test_a_file_is_not_a_store(tmp_path):
     path = tmp_path / "file"
     path.write_bytes(b"x")
@@ -147,6 +149,7 @@ def test_pickle_values_and_a_codec_of_ones_own(cluster):
     assert cluster.open().get(pickle.dumps(b"raw", protocol=5)) == b"1" and cluster.open().get(b"raw") is None
 
 
+@pytest.mark.engine
 def test_bad_codecs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="key_codec"):
         shardkv.open(tmp_path / "a", key_codec="utf-16")
@@ -174,6 +177,7 @@ def test_ttl_tells_absent_from_never_expiring_and_takes_timedelta(cluster):
         db.put(b"k", b"v", ttl=timedelta(seconds=-1))
 
 
+@pytest.mark.unit
 def test_error_messages_name_only_options_that_exist():
     with pytest.raises(ValueError) as raised:
         check_value(b"x" * 11, 10)
@@ -188,6 +192,7 @@ def public_methods(cls) -> set[str]:
     return {name for name, value in inspect.getmembers(cls) if not name.startswith("_") and callable(value) and name not in MAPPING_PROTOCOL}
 
 
+@pytest.mark.unit
 def test_the_asyncio_client_has_every_method_of_the_blocking_one():
     blocking, nonblocking = public_methods(shardkv.Client), public_methods(shardkv.AsyncClient)
     assert blocking - nonblocking == set(), f"AsyncClient lacks {sorted(blocking - nonblocking)}"
@@ -240,6 +245,7 @@ def _package_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.engine
 def test_the_public_api_is_typed(tmp_path):
     """py.typed ships, and a program using the API passes mypy --strict."""
     pytest.importorskip("mypy")

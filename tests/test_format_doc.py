@@ -17,6 +17,8 @@ import pytest
 
 from shardkv.wal import format as fmt
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "FORMAT.md"
 FORMAT_SOURCE = ROOT / "wal" / "format.py"

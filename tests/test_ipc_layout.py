@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from shardkv.ipc import layout
 from shardkv.ipc import messages as m
 
@@ -35,6 +37,7 @@ def contiguous_total(rows) -> int:
     return position
 
 
+@pytest.mark.unit
 def test_control_header_matches_doc():
     rows = table_after("## Control block")
     assert contiguous_total(rows) == layout.CTL_HEADER.size == 64
@@ -43,6 +46,7 @@ def test_control_header_matches_doc():
     assert layout.CTL_MAP_VERSION_OFFSET == next(int(r[0]) for r in rows if r[2] == "map_version")
 
 
+@pytest.mark.unit
 def test_process_entry_matches_doc():
     rows = table_after("**Process table**")
     assert contiguous_total(rows) == layout.PROC_DTYPE.itemsize == 32
@@ -51,12 +55,14 @@ def test_process_entry_matches_doc():
         assert (field_offset, field_dtype.itemsize) == (offset, size), name
 
 
+@pytest.mark.unit
 def test_process_states_match_doc():
     row = next(r for r in table_after("**Process table**") if r[2] == "state")
     for code, name in layout.PROC_STATE_NAMES.items():
         assert f"{code} {name}" in row[3]
 
 
+@pytest.mark.unit
 def test_slot_header_matches_doc():
     rows = table_after("## Ring")
     assert contiguous_total(rows) == layout.SLOT_HEADER_SIZE == 64
@@ -65,17 +71,20 @@ def test_slot_header_matches_doc():
     assert offsets["flags"] == 4 and offsets["request_id"] == 8 and offsets["frame_len"] == 16 and offsets["total_len"] == 24
 
 
+@pytest.mark.unit
 def test_lease_entry_size_matches_doc():
     assert "16 bytes" in DOC[DOC.index("**Lease table**") :].splitlines()[0]
     assert layout.LEASE_DTYPE.itemsize == 16
 
 
+@pytest.mark.unit
 def test_op_codes_match_doc():
     rows = table_after("## Messages")
     documented = {r[0]: int(r[1]) for r in rows}
     assert documented == {name: code for code, name in m.OP_NAMES.items()}
 
 
+@pytest.mark.unit
 def test_key_slot_is_top_bits_of_crc32c():
     from crc32c import crc32c
 
@@ -84,6 +93,7 @@ def test_key_slot_is_top_bits_of_crc32c():
         assert layout.key_slot(key) == crc32c(key) >> 20 < layout.HASH_SLOTS
 
 
+@pytest.mark.engine
 def test_names_are_prefixed_and_distinct(tmp_path):
     a = layout.names(str(tmp_path), "0000abcd", 3, 4)
     b = layout.names(str(tmp_path / "x"), "0000abcd", 3, 4)
@@ -94,6 +104,7 @@ def test_names_are_prefixed_and_distinct(tmp_path):
     assert a["control"] != b["control"]
 
 
+@pytest.mark.unit
 def test_list_decoders_reject_malformed_input_and_roundtrip():
     import pytest
 
@@ -111,6 +122,7 @@ def test_list_decoders_reject_malformed_input_and_roundtrip():
             m.decode_blob_list(bad, 0)
 
 
+@pytest.mark.engine
 def test_counting_held_leases_never_takes_a_free_one(tmp_path):
     """The supervisor counts live leases often; a client taking a free lease meanwhile must
     never find it locked by the counting (it would skip to another lease)."""

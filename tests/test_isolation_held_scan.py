@@ -64,7 +64,7 @@ def test_a_held_async_scan_does_not_stall_cross_shard_batches(cluster):
 
     async def main():
         async with shardkv.aopen(cluster.directory, pool=2) as reader, shardkv.aopen(cluster.directory, pool=1) as writer:
-            a, b = cross_shard_pair(writer._clients[0])
+            a, b = cross_shard_pair(writer)
             await writer.put_many({b"item-%04d" % i: b"x" for i in range(3000)})
             held = reader.scan()
             assert (await held.__anext__())[0] == b"item-0000"

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from shardkv.shards import keyindex
 from shardkv.shards.keyindex import KeyIndex
 
+pytestmark = pytest.mark.unit
+
 
 class Log:
     """Locations handed out in order; key_at reads the key back."""

@@ -11,6 +11,8 @@ from shardkv.shards import ShardEngine
 from shardkv.coordinator.manifest import shard_directory
 from shardkv.coordinator.manifest import read_manifest, write_manifest
 
+pytestmark = pytest.mark.engine
+
 
 def fill(path, n=200, shard_id=0):
     with ShardEngine.open(path, shard_id=shard_id, segment_size=4096, durability="process") as engine:

@@ -310,6 +310,7 @@ def test_without_direct_reads_every_window_is_a_page(cluster, monkeypatch):
     assert counter.pages > 0
 
 
+@pytest.mark.unit
 def test_doc_tables_match_the_layout():
     rows = ipc_doc.table_after("**View object**")
     assert ipc_doc.contiguous_total(rows) == sortedview.HEADER_BYTES

@@ -12,6 +12,8 @@ from engine_support import crash, flip_byte, open_engine, ordered_view
 from shardkv.shards import sortedkeys
 from shardkv.wal import format as fmt
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture
 def small_limits(monkeypatch):

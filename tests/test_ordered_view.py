@@ -19,6 +19,8 @@ from engine_support import crash, key_index, open_engine, ordered_view
 from shardkv.shards import sortedkeys
 from shardkv.shards.sortedkeys import DEAD, key_prefix, key_prefixes, sort_by_key
 
+pytestmark = pytest.mark.engine
+
 TINY = {"SMALL_CAPACITY": 8, "GROWTH": 2, "DEAD_MIN": 4, "SYNC_BUILD_MAX": 16}
 
 

@@ -12,6 +12,8 @@ import sys
 import tomllib
 import zipfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,12 +34,14 @@ def _package_folders(table: dict) -> dict[str, str]:
     return found
 
 
+@pytest.mark.unit
 def test_every_package_folder_is_listed():
     table = _setuptools_table()
     missing = set(_package_folders(table)) - set(table["packages"])
     assert not missing, f"sub-packages missing from [tool.setuptools] packages: {sorted(missing)}"
 
 
+@pytest.mark.unit
 def test_every_listed_package_has_a_folder():
     table = _setuptools_table()
     unknown = set(table["packages"]) - set(_package_folders(table))
@@ -49,6 +53,7 @@ def _project() -> dict:
         return tomllib.load(f)["project"]
 
 
+@pytest.mark.unit
 def test_the_main_job_installs_no_peer_store():
     """#22 item 9: `pip install ".[bench]"` installed matplotlib and five peer stores that
     `shardkv bench` does not use; they are the `peers` extra of benchmarks/ now."""
@@ -60,6 +65,7 @@ def test_the_main_job_installs_no_peer_store():
     assert {"rich", "prometheus_client"} <= names(_project()["dependencies"])
 
 
+@pytest.mark.engine
 def test_license_is_spdx_and_ships_in_the_wheel(tmp_path):
     """An SPDX license string, and LICENSE in the wheel (a built one: what `pip install` gets),
     with the CLI package and every dependency the console script needs."""

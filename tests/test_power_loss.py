@@ -12,6 +12,8 @@ import pytest
 from engine_support import crash, open_engine
 from powerloss import PowerLoss
 
+pytestmark = pytest.mark.soak
+
 
 def workload(e, rng, steps: int, states: list) -> None:
     """Random puts, deletes, batches, cross-shard batch phases and a compaction; `states` gets

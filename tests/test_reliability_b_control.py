@@ -148,7 +148,7 @@ def test_a_stray_reading_deadline_does_not_hold_batches_back(cluster):
     shm.close_fd()
     try:
         leases_offset = PROCS_OFFSET + (SHARDS + 1) * PROC_DTYPE.itemsize
-        reading = leases_offset + reader._lease * 16 + 4
+        reading = leases_offset + reader.lease * 16 + 4
         now_ms = time.monotonic_ns() // 1_000_000
         buf[reading : reading + 4] = _U32.pack((now_ms + 3_600_000) & 0xFFFFFFFF)  # an hour ahead
         started = time.monotonic()

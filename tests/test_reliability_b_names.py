@@ -56,6 +56,7 @@ def _squat(prefix: str, uid: int | None = None) -> list[str]:
 
 
 # -- the leftovers' cleanup -----------------------------------------------------------------------
+@pytest.mark.engine
 def test_an_object_that_cannot_be_unlinked_does_not_stop_the_cleanup(tmp_path, monkeypatch):
     """What another user's object does to a non-root supervisor: the unlink fails (EPERM in the
     sticky /dev/shm). The cleanup leaves it, says so, and removes the rest."""
@@ -108,6 +109,7 @@ def test_another_users_object_is_left_alone_and_the_store_starts(cluster):
 
 
 # -- creating under a taken name --------------------------------------------------------------------
+@pytest.mark.cluster
 def test_a_taken_name_is_retried_under_another(tmp_path, monkeypatch):
     directory = str(tmp_path / "db")
     supervisor = Supervisor(directory, SHARDS, "interval", embedded=False)
@@ -205,6 +207,7 @@ def _python_for(uid: int, workdir: str):
     return None
 
 
+@pytest.mark.cluster
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can switch users; the tests above simulate the other user")
 def test_another_user_cannot_keep_a_store_from_starting():
     """User `nobody` creates objects under the store's (predictable) prefix; the store's owner,

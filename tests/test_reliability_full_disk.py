@@ -133,6 +133,7 @@ def disk():
     fileio.set_injector(None)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("durability", ["process", "fsync"])
 def test_an_abort_that_cannot_be_logged_still_releases_the_locks(tmp_path, disk, durability):
     e = open_engine(tmp_path, durability=durability)
@@ -155,6 +156,7 @@ def test_an_abort_that_cannot_be_logged_still_releases_the_locks(tmp_path, disk,
         assert e.get(b"k") == b"after" and e.get(b"other") is None
 
 
+@pytest.mark.engine
 def test_a_commit_the_disk_refuses_keeps_its_locks_and_writes_to_them_fail_storage_error(tmp_path, disk):
     """The disk filled between PREPARE and COMMIT: the batch is decided, so it keeps its keys
     until the COMMIT is logged; meanwhile a write to one of them fails StorageError at once
@@ -178,6 +180,7 @@ def test_a_commit_the_disk_refuses_keeps_its_locks_and_writes_to_them_fail_stora
         assert e.get(b"held") == b"later" and e.prepared() == []
 
 
+@pytest.mark.unit
 def test_what_a_client_is_told_when_a_batch_could_not_prepare():
     """The coordinator's mapping of PREPARE failures: an error that retrying cannot cure goes
     to the client as it is; only locks and unreachable workers become Busy (retried)."""

@@ -128,6 +128,7 @@ def assert_holds(engine, model: dict) -> None:
 
 
 # -- in one process ---------------------------------------------------------------------------------
+@pytest.mark.engine
 @pytest.mark.parametrize("mode", ["random", "zeros", "half"])
 def test_garbage_in_the_table_never_makes_compaction_drop_live_data(shard, mode):
     model = fill(shard.engine)
@@ -144,6 +145,7 @@ def test_garbage_in_the_table_never_makes_compaction_drop_live_data(shard, mode)
     assert shard.engine.stats()["index_repairs"] == 0
 
 
+@pytest.mark.engine
 def test_an_entry_pointed_at_an_older_record_of_its_key_is_repaired(shard):
     """The subtle case: the table still names a valid, intact record of the key, but an
     overwritten one. Compaction must copy the newest record, not the one the table names."""
@@ -167,6 +169,7 @@ def test_an_entry_pointed_at_an_older_record_of_its_key_is_repaired(shard):
     assert_holds(shard.engine, model)
 
 
+@pytest.mark.engine
 def test_a_key_cleared_from_the_slot_table_is_repaired(shard):
     model = fill(shard.engine)
     key = b"key-01234"
@@ -197,6 +200,7 @@ def _locations_of(engine, key: bytes) -> list[int]:
     return found
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("seed", range(3))
 def test_an_intact_index_is_never_repaired(tmp_path, seed):
     """Overwrites, deletes, batches, keys that expire (some during the run), cross-shard
@@ -246,6 +250,7 @@ def test_an_intact_index_is_never_repaired(tmp_path, seed):
         s.close()
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("mode", ["random", "zeros"])
 def test_the_quick_look_finds_gross_damage(shard, mode):
     fill(shard.engine)
@@ -256,6 +261,7 @@ def test_the_quick_look_finds_gross_damage(shard, mode):
     assert shard.engine.index_problem() is None
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("mode", ["random", "zeros", "half"])
 def test_a_client_reading_a_garbage_table_never_returns_a_wrong_value(shard, mode):
     """Every answer of a client's direct read over a garbage table is the key's value, absent

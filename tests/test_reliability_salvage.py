@@ -28,6 +28,7 @@ from shardkv.shards import ShardEngine
 from shardkv.wal import iter_records
 from shardkv.wal.format import PUT
 
+from clock_support import FakeClock
 from cluster_support import cluster_fixture
 
 CLI_TIMEOUT = 60
@@ -84,6 +85,7 @@ def test_salvage_after_stop_drops_expired_keys_and_keeps_ttls(cluster, tmp_path)
     assert 3600 - (time.time() - put_at) - 1 <= left <= 3600
 
 
+@pytest.mark.engine
 def test_salvage_copies_each_expiry_instant_exactly(tmp_path):
     source, destination = tmp_path / "src", tmp_path / "dst"
     with ShardEngine.open(source, segment_size=4096, durability="process") as engine:
@@ -104,15 +106,18 @@ def test_salvage_copies_each_expiry_instant_exactly(tmp_path):
         assert 76 < engine.ttl(b"batch-ttl") <= 77 and engine.ttl(b"batch-plain") == math.inf
 
 
+@pytest.mark.engine
 def test_a_key_whose_newest_record_expired_stays_gone(tmp_path):
     """Its older, permanent record is still in the log: salvage must not fall back to it."""
     source, destination = tmp_path / "src", tmp_path / "dst"
-    with ShardEngine.open(source, segment_size=4096, durability="process") as engine:
+    # Written a minute ago by the engine's clock: expired by the real one that salvage reads.
+    clock = FakeClock(time.time() - 60)
+    with ShardEngine.open(source, segment_size=4096, durability="process", clock=clock) as engine:
         engine.put(b"was-permanent", b"old")
         engine.put(b"was-permanent", b"new", ttl=0.3)
         engine.put(b"stays", b"s", ttl=0.3)
         engine.put(b"stays", b"s2")  # the newest record never expires
-        time.sleep(0.4)
+        clock.advance(0.3)
         assert engine.get(b"was-permanent") is None
     salvage_store(str(source), str(destination))
     with ShardEngine.open(destination) as engine:
@@ -121,6 +126,7 @@ def test_a_key_whose_newest_record_expired_stays_gone(tmp_path):
         assert len(engine) == 1
 
 
+@pytest.mark.engine
 def test_put_records_keeps_instants_skips_the_expired_and_checks_its_arguments(tmp_path):
     with ShardEngine.open(tmp_path, durability="process") as engine:
         now = int(time.time() * 1000)

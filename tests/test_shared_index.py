@@ -31,26 +31,28 @@ from shardkv.ipc.sharedindex import (
 )
 from shardkv.shards.engine import ShardEngine
 
+from clock_support import FakeClock
 from engine_support import index_header, key_index, store
 
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")]
 
 
 class Shard:
     """An engine with a shared index under unique names, and a reader of it."""
 
-    def __init__(self, directory, segment_size=4096):
+    def __init__(self, directory, segment_size=4096, clock=time.time):
         self.prefix = f"/shardkv-test-{uuid.uuid4().hex[:12]}"
         self.header = create_header(header_name(self.prefix, 0))
         self.directory = str(directory)
         self.segment_size = segment_size
+        self.clock = clock  # the engine's and the reader's
         self.open()
 
     def open(self):
         self.publisher = IndexPublisher(self.prefix, 0)
-        self.engine = ShardEngine.open(self.directory, durability="process", segment_size=self.segment_size, shared_index=self.publisher)
+        self.engine = ShardEngine.open(self.directory, durability="process", segment_size=self.segment_size, shared_index=self.publisher, clock=self.clock)
         self.publisher.set_state(SERVING)
-        self.reader = IndexReader(self.prefix, 0, self.directory)
+        self.reader = IndexReader(self.prefix, 0, self.directory, clock=self.clock)
 
     def reopen(self):
         self.publisher.close()
@@ -155,13 +157,24 @@ def test_prepared_batch_locks_reads_through_the_worker_in_a_cluster_like_sequenc
     assert shard.read(b"a") == b"new"
 
 
-def test_expired_keys_read_as_absent(shard):
-    shard.engine.put(b"short", b"x", ttl=0.05)
-    shard.engine.put(b"long", b"y", ttl=1000)
-    assert shard.read(b"short") == b"x"
-    time.sleep(0.08)
-    assert shard.read(b"short") is None
-    assert shard.read(b"long") == b"y"
+def test_expired_keys_read_as_absent(tmp_path):
+    """The reader judges expiry by its clock, the engine's: a key reads as absent from the
+    instant its ttl ran out (a fake clock years behind the real one: a reader that looked at
+    the real clock would see every key expired at once)."""
+    clock = FakeClock()
+    shard = Shard(tmp_path / "shard", clock=clock)
+    try:
+        shard.engine.put(b"short", b"x", ttl=5)
+        shard.engine.put(b"long", b"y", ttl=1000)
+        assert shard.read(b"short") == b"x"
+        clock.advance(4)
+        assert shard.read(b"short") == b"x"
+        clock.advance(1)
+        assert shard.read(b"short") is None, "still read one ttl after the write"
+        assert shard.read(b"long") == b"y"
+    finally:
+        shard.close()
+    assert shard.shm_entries() == [], "shared memory left behind"
 
 
 def test_damaged_record_falls_back_and_the_engine_reports_it(shard):

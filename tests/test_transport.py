@@ -153,8 +153,8 @@ def test_async_close_ends_pending_calls(cluster):
         """
         async def main():
             db = await shardkv.aopen(directory, pool=2)
-            key = keys_on(db._clients[0], 0, 1)[0]
-            with stopped(worker_pid(db._clients[0], 0)):
+            key = keys_on(db, 0, 1)[0]
+            with stopped((await db.health())["shards"][0]["pid"]):
                 pending = [asyncio.ensure_future(db.put(key, b"v")) for _ in range(3)]
                 await asyncio.sleep(0.3)
                 started = time.monotonic()
@@ -405,9 +405,9 @@ def test_async_client_times_out_on_a_stopped_worker_and_recovers(cluster):
         """
         async def main():
             db = await shardkv.aopen(directory, pool=1, direct_reads=False, request_timeout=1.5)
-            key, other = keys_on(db._clients[0], 0, 2)
+            key, other = keys_on(db, 0, 2)
             await db.put(key, b"v0")
-            with stopped(worker_pid(db._clients[0], 0)):
+            with stopped((await db.health())["shards"][0]["pid"]):
                 started = time.monotonic()
                 try:
                     await db.put(key, b"v1")

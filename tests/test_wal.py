@@ -45,6 +45,8 @@ from shardkv.wal.records import decode_header, encode_batch, encode_record, reco
 from shardkv.wal.segment import create_segment, decode_segment_header, encode_segment_header, list_segments
 from shardkv.wal.writer import DURABILITY_LEVELS, LogWriter, check_durability, cut_tail
 
+pytestmark = pytest.mark.engine
+
 crc = crcmod.predefined.mkCrcFun("crc-32c")  # an implementation independent of the code under test
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

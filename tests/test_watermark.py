@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from shardkv.shards.recovery import synced_end
 from shardkv.wal.format import SEGMENT_HEADER_SIZE, SYNCED_FILE, SYNCED_SLOT_STRIDE
 from shardkv.wal.watermark import Watermark, read_watermark
 
 from engine_support import crash, open_engine
+
+pytestmark = pytest.mark.engine
 
 
 def test_missing_file_means_no_watermark(tmp_path):

@@ -249,8 +249,11 @@ class IndexReader:
     """A client's view of one shard's shared index; `get` answers without a round trip.
     Safe to share between threads: every piece of cached state is swapped in one assignment."""
 
-    def __init__(self, prefix: str, shard: int, shard_directory: str):
+    def __init__(self, prefix: str, shard: int, shard_directory: str, clock=time.time):
+        """`clock`: wall-clock seconds, which expired keys are judged by (as the engine's
+        `clock`: tests pass a controllable one)."""
         self.prefix, self.shard, self.directory = prefix, shard, shard_directory
+        self._clock = clock
         self._header = _map(header_name(prefix, shard), read_only=True)
         if self._header[:8] != HEADER_MAGIC:
             raise ValueError(f"{header_name(prefix, shard)} is not a shardkv index header")
@@ -334,10 +337,14 @@ class IndexReader:
                     # Also for another key of the same hash and length: it may be this one, damaged.
                     raise DamagedRecord(segment, offset)
                 if record.startswith(key, KEY_IN_CHECKED):
-                    if expires_at and expires_at <= time.time() * 1000:
+                    if expires_at and expires_at <= self._now_ms():
                         return None
                     return record[KEY_IN_CHECKED + key_len :]
             i += 1
+
+    def _now_ms(self) -> float:
+        """Now by the reader's clock, in milliseconds since the epoch (records' expires_at)."""
+        return self._clock() * 1000
 
     def _map_active(self, segment: int) -> tuple:
         """(segment, mapping, size) of the active segment. Reads of it stay below the published
