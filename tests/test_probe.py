@@ -23,6 +23,8 @@ from shardkv.wal.records import encode_record
 SEGMENT = 3
 BITS = 4  # 16 home slots: probes run into each other often
 
+pytestmark = pytest.mark.unit  # in-memory tables and buffers: no files, no processes
+
 
 def _table(entries: list[tuple[int, int, int, int]]) -> tuple:
     """A probe table (shards/probe.py) of (hash, key_len, location, value_len) entries placed by
@@ -61,6 +63,7 @@ def _reader_pair(table, buf: bytes):
     shift, slots, hashes, key_lens, locations, value_lens = table
     reader = IndexReader.__new__(IndexReader)  # the mappings only: no shared memory here
     reader._active = (SEGMENT, buf, len(buf))
+    reader._clock = time.time
     reader_table = (1, shift, slots, locations, hashes, key_lens, value_lens, table)
 
     def buffer_of(segment, end, context):

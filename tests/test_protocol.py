@@ -123,6 +123,7 @@ def _comparable(args: tuple) -> tuple:
 
 
 # -- one declaration per op code --------------------------------------------------------------
+@pytest.mark.unit
 def test_every_op_code_has_exactly_one_declaration():
     codes = [op.code for op in p.OPERATIONS]
     assert sorted(codes) == sorted(m.OP_NAMES) and len(set(codes)) == len(codes)
@@ -134,6 +135,7 @@ def test_every_op_code_has_exactly_one_declaration():
     assert set(REQUESTS) == set(ANSWERS) == set(p.BY_CODE)  # every operation is tested below
 
 
+@pytest.mark.unit
 def test_write_and_coordinator_only_sets():
     """What the worker fsyncs for and what it takes only from the coordinator (the sets that
     shards/worker.py spelled out before the declarations)."""
@@ -143,6 +145,7 @@ def test_write_and_coordinator_only_sets():
 
 
 # -- round trips ------------------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("code", sorted(p.BY_CODE), ids=lambda c: m.OP_NAMES[c])
 @SETTINGS
 @given(data=st.data())
@@ -161,6 +164,7 @@ def test_request_round_trips(code, data):
         assert all(type(w[3]) is Milliseconds for w in decoded[-2] if len(w) == 4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", sorted(p.BY_CODE), ids=lambda c: m.OP_NAMES[c])
 @SETTINGS
 @given(data=st.data())
@@ -175,6 +179,7 @@ def test_answer_round_trips(code, data):
         assert got == result
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", sorted(p.BY_CODE), ids=lambda c: m.OP_NAMES[c])
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
@@ -189,6 +194,7 @@ def test_malformed_requests_are_refused(code, data):
         op.decode(message + b"\x00")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ttl_ms", [0, 2**53])
 def test_out_of_range_ttls_are_refused(ttl_ms):
     with pytest.raises(m.MessageError, match="out of range"):
@@ -199,6 +205,7 @@ def test_out_of_range_ttls_are_refused(ttl_ms):
 
 
 # -- the servers' tables ----------------------------------------------------------------------
+@pytest.mark.unit
 def test_dispatch_table_must_match_the_declarations():
     with pytest.raises(ValueError, match="missing"):
         p.dispatch_table(p.WORKER, {m.PING: lambda: None})
@@ -240,6 +247,7 @@ def _call(worker, op, *args, flags=0, table=False):
     return result
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("table", [False, True], ids=["fast paths", "table"])
 def test_worker_serves_every_operation(worker, clock, table):
     call = lambda op, *args, flags=0: _call(worker, op, *args, flags=flags, table=table)  # noqa: E731
@@ -269,6 +277,7 @@ def test_worker_serves_every_operation(worker, clock, table):
         worker._execute(bytes((99, 0)))
 
 
+@pytest.mark.unit
 def test_coordinator_table():
     coordinator = Coordinator.__new__(Coordinator)
     coordinator.stats, coordinator.undelivered = {"committed": 3}, {}
@@ -280,6 +289,7 @@ def test_coordinator_table():
 
 
 # -- a ttl keeps its milliseconds -------------------------------------------------------------
+@pytest.mark.engine
 @pytest.mark.parametrize("ttl_ms", [2007, 2011, 1, 2**40 + 3])
 def test_a_batch_ttl_reaches_the_engine_exactly(tmp_path, ttl_ms):
     """A put with a ttl in an APPLY expires exactly ttl_ms after the worker's clock: the
