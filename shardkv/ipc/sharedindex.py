@@ -144,7 +144,7 @@ class PrivateTables:
 class IndexPublisher(PrivateTables):
     """The worker's side: allocates tables in shared memory and publishes the header fields.
 
-    The engine calls `set_version` around every change (through its `_version`); tables are
+    The engine calls `set_version` around every change (shards/indexheader.py); tables are
     installed inside such a window. If shared memory runs out, the index goes on in private
     memory and this shard stays "not serving" (clients use the ring).
     """
