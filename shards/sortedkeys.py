@@ -194,8 +194,9 @@ class PrivateRuns:
     def install(self, level: int, token, count: int, dead: int) -> None:
         """Run `level` now uses the arrays of `token` and holds `count` entries (`dead` tombstones)."""
 
-    def set_count(self, level: int, count: int, dead: int) -> None:
-        """Run `level` now holds `count` entries, `dead` of them tombstones."""
+    def set_count(self, level: int, count: int, dead: int, rewritten: bool = True) -> None:
+        """Run `level` now holds `count` entries, `dead` of them tombstones; `rewritten`: its
+        entries changed other than by a new tombstone (readers that checked them check again)."""
 
     def set_ready(self, ready: bool) -> None:
         """Whether the view is complete (readers may use it)."""
@@ -423,7 +424,7 @@ class SortedView:
             raise AssertionError(f"entry {e} is not where the view says")
         run.eids_v[position] = DEAD
         run.dead += 1
-        self.storage.set_count(level, run.count, run.dead)
+        self.storage.set_count(level, run.count, run.dead, rewritten=False)
         if run.dead > DEAD_MIN and 2 * run.dead > run.count:
             self._set_run(level, *self._live(level))  # drop the tombstones
 

@@ -84,9 +84,13 @@ def restart_worker(db, shard):
     wait_until(lambda: worker_pid(db, shard)[0] not in (0, old) and worker_pid(db, shard)[1] == PROC_UP, 30, message="worker restart")
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_direct_scans_agree_with_a_model(cluster, monkeypatch, seed):
+@pytest.mark.parametrize("seed, eager", [(1, False), (2, False), (3, True)])
+def test_direct_scans_agree_with_a_model(cluster, monkeypatch, seed, eager):
+    """`eager`: min/max/above/below check each run whole after 4 searches of it (instead of
+    n / 64 + 4), and from then on trust it until its `rewrites` changes."""
     counter = PageCounter(monkeypatch)
+    if eager:
+        monkeypatch.setattr(sortedview, "CHECK_AFTER", 1 << 40)
     db = cluster.open(durability="process")
     rng = random.Random(seed)
     model = {}
@@ -126,6 +130,8 @@ def test_direct_scans_agree_with_a_model(cluster, monkeypatch, seed):
     check_against(db, model, rng)
     assert counter.pages == direct_before, "a quiet cluster answered scans through the ring"
     assert len(model) > 3000, "the test should double the shards' indexes a few times"
+    if eager:
+        assert all(reader._checked for reader in sortedview.view_readers(db)), "no run was checked whole"
 
 
 def test_a_view_built_after_a_restart(cluster, monkeypatch):
@@ -253,8 +259,11 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
         "view number": (header, sortedview.VIEW_FIELD, (12345).to_bytes(4, "little")),
     }
     cases = list(shared) + ["entry ids", "entry ids shuffled", "prefixes", "prefixes zero"]
+    # A run searched 4 times is checked whole (ViewReader.check_run): garbage must fail that too.
+    monkeypatch.setattr(sortedview, "CHECK_AFTER", 1 << 40)
     for name in cases:
-        reader._runs, reader._view, reader._state = {}, (None, 0, None), None  # as a client that maps them now
+        # As a client that maps them now (and has checked nothing yet).
+        reader._runs, reader._view, reader._state, reader._checked, reader._searches = {}, (None, 0, None), None, set(), {}
         if name in shared:
             buf, offset, garbage = shared[name]
             saved = buf[offset : offset + len(garbage)]
@@ -267,13 +276,16 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
             assert list(db.scan(reverse=True, start=b"g01", stop=b"g04")) == expected_scan(model, b"g01", b"g04", True), name
             assert db.min() == min(model.items()) and db.above(b"g02000") == min(kv for kv in model.items() if kv[0] > b"g02000"), name
             assert db.below(b"g03000") == max(kv for kv in model.items() if kv[0] < b"g03000"), name
+            for probe in (b"g00500", b"g02000", b"g04500") * 3:
+                assert db.above(probe) == min(kv for kv in model.items() if kv[0] > probe), name
+                assert db.below(probe) == max(kv for kv in model.items() if kv[0] < probe), name
             assert counter.pages > pages, f"{name}: the garbage went unnoticed"
         finally:
             if name in shared:
                 buf[offset : offset + len(garbage)] = saved
             else:
                 monkeypatch.setattr(sortedview.ViewReader, "_run", original_run)
-    reader._runs, reader._view, reader._state = {}, (None, 0, None), None
+    reader._runs, reader._view, reader._state, reader._checked, reader._searches = {}, (None, 0, None), None, set(), {}
     pages = counter.pages
     assert list(db.scan()) == sorted(model.items())
     assert counter.pages == pages, "restored: read directly again"
