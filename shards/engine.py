@@ -831,6 +831,11 @@ class ShardEngine:
         through a worker's ring (SortedView.history)."""
         return self._sorted.history()
 
+    def view_sorting(self) -> bool:
+        """Whether the ordered view is still being sorted in the background (after a crash): an
+        ordered read now would wait for it (a worker answers Busy instead of waiting)."""
+        return self._sorted.state == BUILDING and not self._sorted.wait_built(0)
+
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
 

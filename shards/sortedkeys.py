@@ -41,6 +41,7 @@ import numpy as np
 
 from crc32c import crc32c
 
+from shardkv import faults
 from shardkv.ipc.messages import BATCH_RING  # the last batches whose key ranges readers can look up
 from shardkv.wal.format import FORMAT_VERSION, HINT_CRC, RECORD_HEADER_SIZE, SORTED_FILE, SORTED_HEADER, SORTED_MAGIC, TMP_SUFFIX
 
@@ -278,6 +279,7 @@ class SortedView:
 
         def run() -> None:
             try:
+                faults.hold("sortedkeys.background_sort")
                 self._result = sort_by_key(eids, source.chunks(eids, 0), source)
             except BaseException as exc:  # an ordered read then builds it itself
                 self._build_error = exc

@@ -364,6 +364,8 @@ class Worker:
         if op == m.SCAN:
             start, stop, reverse, prefix, limit = reader.optional(), reader.optional(), reader.u8(), reader.optional(), reader.u32()
             reader.end()
+            if engine.view_sorting():  # the client retries: meanwhile this loop serves the others
+                raise Busy("the shard's ordered view is being sorted after a restart")
             items, size, more = [], 0, False
             for key, value in engine.scan(start=start, stop=stop, reverse=bool(reverse), prefix=prefix):
                 if len(items) >= limit or (items and size + len(key) + len(value) > SCAN_PAGE_BYTES):

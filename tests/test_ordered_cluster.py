@@ -18,7 +18,7 @@ import pytest
 import shardkv
 import test_ipc_layout as ipc_doc
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
-from shardkv.ipc import sortedview
+from shardkv.ipc import messages, sortedview
 from shardkv.ipc.layout import PROC_UP
 from shardkv.ipc.sharedindex import SUPPORTED, U32
 
@@ -151,6 +151,51 @@ def test_a_view_built_after_a_restart(cluster, monkeypatch):
     counter = PageCounter(monkeypatch)
     assert list(db.scan(reverse=True)) == sorted(model.items(), reverse=True)
     assert counter.pages == 0
+
+
+def test_a_worker_sorting_its_view_goes_on_serving(cluster, monkeypatch, tmp_path):
+    """After a crash a big shard sorts its view in the background (held here by a hold point
+    until the test lets it go). A scan that reaches the worker through its ring meanwhile is
+    answered Busy and sent again by the client, so the worker goes on answering gets and puts
+    through its ring at once; the scan completes once the view is sorted. (Before, the SCAN
+    held the worker's request loop until the sort was done.)"""
+    hold = tmp_path / "hold-sort"
+    monkeypatch.setenv("SHARDKV_HOLDS", f"sortedkeys.background_sort:{hold}")
+    db = cluster.open(durability="process")
+    scanner = cluster.open(direct_reads=False, lock_timeout=60.0)  # its scans wait for the sort
+    other = cluster.open(direct_reads=False, request_timeout=5.0)
+    model = {os.urandom(8): b"v" for _ in range(150000)}
+    items = list(model.items())
+    for i in range(0, len(items), 10000):
+        db.put_many(items[i : i + 10000])
+    key = keys_by_shard(db, 1, b"probe-%d")[0][0]
+    hold.touch()
+    restart_worker(db, 0)
+    sent = threading.Event()
+    original_call = scanner._call
+
+    def call(shard, message, read, timeout=None):
+        if shard == 0 and message[0] == messages.SCAN:
+            sent.set()
+        return original_call(shard, message, read, timeout)
+
+    monkeypatch.setattr(scanner, "_call", call)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("items", list(scanner.scan())))
+    thread.start()
+    try:
+        assert sent.wait(30)
+        time.sleep(0.3)  # the SCAN reaches the worker first (without this the test could pass wrongly, never fail)
+        started = time.monotonic()
+        other.put(key, b"during the sort")
+        assert other.get(key) == b"during the sort"
+        assert time.monotonic() - started < 2.0, "the worker's request loop waited for the sort"
+        assert thread.is_alive(), "the scan should wait for the view"
+    finally:
+        hold.unlink()
+        thread.join(60)
+    model[key] = b"during the sort"
+    assert result["items"] == sorted(model.items())
 
 
 def test_no_scan_shows_part_of_a_batch(cluster):
