@@ -250,19 +250,21 @@ def _record_crc(length: int) -> tuple[np.ndarray, int]:
 
 def _check_crcs(rows: np.ndarray, length: int) -> bool:
     """Whether every row of `rows` (records of `length` bytes, C-contiguous) is intact."""
+    n = len(rows)
+    if not n:
+        return True
     tables, constant = _record_crc(length)
-    expected = _apply_bytes(tables, rows[:, :4]) ^ np.uint32(constant)
-    n, start = len(rows), 0
-    while start < n:
-        size = 1 << ((n - start).bit_length() - 1)  # runs of 2**k records: a regular tree
-        crcs, level = expected[start : start + size], 0
-        while len(crcs) > 1:
-            crcs = _apply(_shift(length << level), crcs[0::2]) ^ crcs[1::2]
-            level += 1
-        if crc32c(rows[start : start + size]) != int(crcs[0]):
-            return False
-        start += size
-    return True
+    crcs = _apply_bytes(tables, rows[:, :4]) ^ np.uint32(constant)
+    size = 1 << (n - 1).bit_length()
+    if size != n:
+        # A regular tree of 2**k: zeros in front stand for empty prefixes (A(0) = 0, so the CRC
+        # of the concatenation is unchanged).
+        crcs = np.concatenate((np.zeros(size - n, dtype=np.uint32), crcs))
+    level = 0
+    while len(crcs) > 1:
+        crcs = _apply(_shift(length << level), crcs[0::2]) ^ crcs[1::2]
+        level += 1
+    return crc32c(rows) == int(crcs[0])
 
 
 def _row_reader(buf, length: int):
@@ -1080,14 +1082,17 @@ def seek(client, start, stop, reverse: bool):
 
 def scan(client, start, stop, reverse: bool, prefix, limit):
     """Client._scan: (key, value) in key order across all shards (docs/TRANSACTIONS.md)."""
-    readers = view_readers(client) if limit == 1 else None
-    if readers is not None:
-        found = first(readers, client._control, *_bounds(start, stop, prefix), reverse)
-        if found is not FALLBACK:
-            if found is not None:
-                yield found
-            return
-    yield from _scan(client, start, stop, reverse, prefix, limit)
+    if limit == 1 and view_readers(client) is not None:
+        return _first_or_scan(client, start, stop, reverse, prefix)
+    return _scan(client, start, stop, reverse, prefix, limit)  # (no generator in between)
+
+
+def _first_or_scan(client, start, stop, reverse: bool, prefix):
+    found = first(view_readers(client), client._control, *_bounds(start, stop, prefix), reverse)
+    if found is FALLBACK:
+        yield from _scan(client, start, stop, reverse, prefix, 1)
+    elif found is not None:
+        yield found
 
 
 def _scan(client, start, stop, reverse: bool, prefix, limit):
