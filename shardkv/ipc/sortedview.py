@@ -268,11 +268,13 @@ def _check_crcs(rows: np.ndarray, length: int) -> bool:
 
 
 def _row_reader(buf, length: int):
-    """Rows of `length` bytes starting at any offset of `buf`, as a strided numpy view."""
+    """Records of `length` bytes starting at any offset of `buf`: a read-only numpy view whose
+    item i is bytes i .. i + length (one `length`-byte item each: a gather copies each with one
+    memcpy, twice as fast as rows of bytes)."""
     data = np.frombuffer(buf, dtype=np.uint8)
     if len(data) < length:
         return None
-    return np.lib.stride_tricks.as_strided(data, shape=(len(data) - length + 1, length), strides=(1, 1), writeable=False)
+    return np.ndarray(shape=(len(data) - length + 1,), dtype=f"V{length}", buffer=data, strides=(1,))
 
 
 def _column(rows: np.ndarray, start: int, width: int):
@@ -378,14 +380,14 @@ def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segme
     where = offsets if group is None else offsets[group]
     if one_segment:
         (buf,) = buffers.values()
-        return _row_reader(buf, length)[where]
-    rows = np.empty((len(where), length), dtype=np.uint8)
+        return _row_reader(buf, length)[where].view(np.uint8).reshape(len(where), length)
+    rows = np.empty(len(where), dtype=f"V{length}")
     of_group = segments if group is None else segments[group]
     for segment, buf in buffers.items():
         picked = np.flatnonzero(of_group == segment)
         if len(picked):
             rows[picked] = _row_reader(buf, length)[where[picked]]
-    return rows
+    return rows.view(np.uint8).reshape(len(where), length)
 
 
 def _unexpired(items: Items, expires: np.ndarray, now_ms: int) -> Items:
