@@ -57,6 +57,7 @@ MAX_WINDOW = 8192
 PAGE = 1000  # items per SCAN page through the ring
 MAX_RESTARTS = 50  # a scan that has returned nothing starts again at most this often
 CHECK_AFTER = 64  # a run of n entries is checked whole once searched n / 64 + 4 times unchanged
+CHECK_CHUNK = 1 << 18  # ... in pieces of this many entries (temporary arrays of ~100 bytes each)
 CRC_TABLE_MAX = 4096  # records up to this long are checked with the tables below
 _getitem = operator.getitem
 _RECORD = RECORD_HEADER  # crc, header_crc, type, flags, reserved, key_len, value_len, batch_left, seq, expires_at
@@ -658,7 +659,9 @@ class ViewReader:
             else:
                 position = bisect_left(prefixes, cursor_prefix, 0, count)
                 if position < count and prefixes[position] == cursor_prefix:
-                    position = find_position(eids, prefixes, count, cursor, cursor_prefix, key_of, inclusive if reverse else not inclusive)
+                    # Equal prefixes: keys decide. (A checked run's order among equal prefixes
+                    # was not checked: the keys on both sides of the position are, here.)
+                    position = find_position(eids, prefixes, count, cursor, cursor_prefix, key_of, inclusive if reverse else not inclusive, checked)
                 if reverse:
                     position -= 1
             if checked:
@@ -694,22 +697,10 @@ class ViewReader:
             eids = np.frombuffer(eids_view, dtype=np.uint32, count=count)
             prefixes = np.frombuffer(prefixes_view, dtype=np.uint64, count=count)
             ok = not (prefixes[1:] < prefixes[:-1]).any()
-            live = eids[eids != DEAD].astype(np.int64)
-            ok = ok and (not len(live) or int(live.max()) < len(state.locations))
-            if ok and len(live):
-                locations = state.locations[live]
-                key_lens = state.key_lens[live].astype(np.int64)
-                segments = (locations >> np.uint64(32)).astype(np.int64)
-                ends = (locations & np.uint64(0xFFFFFFFF)).astype(np.int64) + RECORD_HEADER_SIZE + key_lens
-                buffers = {}
-                ok = bool(locations.all() and key_lens.all())
-                for segment in np.flatnonzero(np.bincount(segments)).tolist() if ok else ():
-                    buf, limit = self._segment(state, segment)
-                    if int(ends[segments == segment].max()) > limit:
-                        ok = False
-                        break
-                    buffers[segment] = buf
-                ok = ok and (gather_chunks(buffers, locations, key_lens, 0) == prefixes[eids != DEAD]).all()
+            for start in range(0, count, CHECK_CHUNK) if ok else ():  # bounded temporary arrays
+                ok = self._keys_have_prefixes(state, eids[start : start + CHECK_CHUNK], prefixes[start : start + CHECK_CHUNK])
+                if not ok:
+                    break
         except (ValueError, IndexError, KeyError, TypeError, OSError, struct.error, mmap.error):
             ok = False
         if not self.same_version(state):
@@ -724,6 +715,29 @@ class ViewReader:
         if len(self._searches) > 256:
             self._searches.clear()
         return True
+
+    def _keys_have_prefixes(self, state: _State, eids: np.ndarray, prefixes: np.ndarray) -> bool:
+        """Whether each live entry of `eids` holds a key, within its segment's readable part,
+        whose first 8 bytes are its entry of `prefixes`."""
+        live = eids != DEAD
+        entries = eids[live].astype(np.int64)
+        if not len(entries):
+            return True
+        if int(entries.max()) >= len(state.locations):
+            return False
+        locations = state.locations[entries]
+        key_lens = state.key_lens[entries].astype(np.int64)
+        if not (locations.all() and key_lens.all()):
+            return False
+        segments = (locations >> np.uint64(32)).astype(np.int64)
+        ends = (locations & np.uint64(0xFFFFFFFF)).astype(np.int64) + RECORD_HEADER_SIZE + key_lens
+        buffers = {}
+        for segment in np.flatnonzero(np.bincount(segments)).tolist():
+            buf, limit = self._segment(state, segment)
+            if int(ends[segments == segment].max()) > limit:
+                return False
+            buffers[segment] = buf
+        return bool((gather_chunks(buffers, locations, key_lens, 0) == prefixes[live]).all())
 
     def item(self, state: _State, e: int, key, prefix: int, cursor, inclusive: bool, reverse: bool, now_ms: int):
         """(key, value) of entry `e`, its record checked: its key `key` if known, else one of
