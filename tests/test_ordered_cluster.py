@@ -344,15 +344,23 @@ def test_the_asyncio_client_scans_directly(cluster, monkeypatch):
     model = {os.urandom(10): os.urandom(20) for _ in range(3000)}
     db.put_many(model)
 
+    probes = [os.urandom(10) for _ in range(50)]
+
     async def main():
         async with shardkv.aopen(cluster.directory) as adb:
             forward = [item async for item in adb.scan()]
             backward = [item async for item in adb.scan(reverse=True, limit=100)]
-            return forward, backward
+            seeks = [await adb.min(), await adb.max()] + [(await adb.above(k), await adb.below(k)) for k in probes]
+            return forward, backward, seeks
 
-    forward, backward = asyncio.run(main())
-    assert forward == sorted(model.items())
-    assert backward == sorted(model.items(), reverse=True)[:100]
+    forward, backward, seeks = asyncio.run(main())
+    ordered = sorted(model.items())
+    assert forward == ordered
+    assert backward == ordered[::-1][:100]
+    assert seeks[:2] == [ordered[0], ordered[-1]]
+    for k, (above, below) in zip(probes, seeks[2:]):
+        assert above == min((kv for kv in ordered if kv[0] > k), default=None)
+        assert below == max((kv for kv in ordered if kv[0] < k), default=None)
     assert counter.pages == 0
 
 

@@ -1088,12 +1088,17 @@ def view_readers(client) -> list | None:
 def seek(client, start, stop, reverse: bool):
     """Client.min/max/above/below: (key, value) of the first key in [start, stop) (the last,
     with `reverse`), or None; read directly when possible (`first`), else by a scan."""
-    readers = view_readers(client)
-    if readers is not None:
-        found = first(readers, client._control, start, stop, reverse)
-        if found is not FALLBACK:
-            return found
+    found = first_direct(client, start, stop, reverse)
+    if found is not FALLBACK:
+        return found
     return next(_scan(client, start, stop, reverse, None, 1), None)
+
+
+def first_direct(client, start, stop, reverse: bool):
+    """`first` through `client`'s view readers (a Client; an AsyncClient's first one), or
+    FALLBACK without direct reads."""
+    readers = view_readers(client)
+    return FALLBACK if readers is None else first(readers, client._control, start, stop, reverse)
 
 
 def scan(client, start, stop, reverse: bool, prefix, limit):
