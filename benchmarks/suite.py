@@ -777,6 +777,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS) + " (shards: only when named)")
     p.add_argument("--no-10m", action="store_true", help="full scale without the 10M-key load row")
     p.add_argument("--only-10m", action="store_true", help="full scale, of the load rows only the 10M-key one")
+    p.add_argument("--load-rows", default=None, metavar="ROWS", help="comma-separated subset of the load rows as KEYSxVALUE_BYTES, e.g. 1Mx16 (the ordered reads of one row: --workloads load --load-rows 1Mx16)")
     p.add_argument("--all-10m", action="store_true", help="run every store on the 10M-key row (diskcache is left out by default: it takes ~17 min)")
     p.add_argument("--dir", default=None, help="parent of the temporary directories (default: system temp dir)")
     p.add_argument("--seed", type=int, default=SEED, help="seed of keys, values and access orders")
@@ -807,6 +808,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.scale = dataclasses.replace(FULL, load_rows=tuple(r for r in FULL.load_rows if r[0] < 10_000_000))
     elif args.only_10m and not args.quick:
         args.scale = dataclasses.replace(FULL, load_rows=tuple(r for r in FULL.load_rows if r[0] >= 10_000_000))
+    if args.load_rows is not None:
+        names = {f"{fmt_count(n)}x{size}": (n, size) for n, size in args.scale.load_rows}
+        wanted = [x.strip() for x in args.load_rows.split(",") if x.strip()]
+        if not wanted or any(x not in names for x in wanted):
+            p.error(f"--load-rows takes a subset of {', '.join(names)} at this scale")
+        args.scale = dataclasses.replace(args.scale, load_rows=tuple(names[x] for x in wanted))
     return args
 
 

@@ -342,25 +342,29 @@ class AsyncClient:
 
     async def min(self) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key, or None."""
-        return await self._first(self.scan(limit=1))
+        return await self._seek(None, None, False)
 
     async def max(self) -> tuple[Any, Any] | None:
         """(key, value) of the largest key, or None."""
-        return await self._first(self.scan(reverse=True, limit=1))
+        return await self._seek(None, None, True)
 
     async def above(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key strictly after `key`, or None."""
-        key = self._requests.key_in(key)
-        if self._closed:
-            raise Closed("the shardkv client is closed")
-        return self._requests.item_or_none(await self._first(self._scan(key + b"\x00", None, False, None, 1)))
+        return await self._seek(self._requests.key_in(key) + b"\x00", None, False)
 
     async def below(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the largest key strictly before `key`, or None."""
-        key = self._requests.key_in(key)
+        return await self._seek(None, self._requests.key_in(key), True)
+
+    async def _seek(self, start, stop, reverse):
+        # Read directly from the ordered views when possible (no await: shared memory only),
+        # else a scan of one item (shardkv/ipc/sortedview.py).
         if self._closed:
             raise Closed("the shardkv client is closed")
-        return self._requests.item_or_none(await self._first(self._scan(None, key, True, None, 1)))
+        found = sortedview.first_direct(self._clients[0], start, stop, reverse)
+        if found is sortedview.FALLBACK:
+            found = await self._first(self._scan(start, stop, reverse, None, 1))
+        return self._requests.item_or_none(found)
 
     @staticmethod
     async def _first(items: AsyncIterator) -> Any:

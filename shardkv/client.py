@@ -540,23 +540,25 @@ class Client(MutableMapping):
     # -- ordered navigation ----------------------------------------------------------------
     def min(self) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key, or None."""
-        return next(self.scan(limit=1), None)
+        self._check()
+        return self._requests.item_or_none(sortedview.seek(self, None, None, False))
 
     def max(self) -> tuple[Any, Any] | None:
         """(key, value) of the largest key, or None."""
-        return next(self.scan(reverse=True, limit=1), None)
+        self._check()
+        return self._requests.item_or_none(sortedview.seek(self, None, None, True))
 
     def above(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the smallest key strictly after `key`, or None."""
         key = self._requests.key_in(key)
         self._check()
-        return self._requests.item_or_none(next(self._scan(key + b"\x00", None, False, None, 1), None))
+        return self._requests.item_or_none(sortedview.seek(self, key + b"\x00", None, False))
 
     def below(self, key: Any) -> tuple[Any, Any] | None:
         """(key, value) of the largest key strictly before `key`, or None."""
         key = self._requests.key_in(key)
         self._check()
-        return self._requests.item_or_none(next(self._scan(None, key, True, None, 1), None))
+        return self._requests.item_or_none(sortedview.seek(self, None, key, True))
 
     # -- the mapping protocol --------------------------------------------------------------
     def __len__(self) -> int:

@@ -6,6 +6,10 @@ the cost of a point that is not armed is one set lookup. The variable lists poin
 (N defaults to 1). With SHARDKV_FAULTS_STATE set to a directory, each point fires only once
 across restarts (a marker file remembers it), so a restarted process recovers undisturbed.
 
+Hold points keep a background step of a process waiting for as long as a test needs:
+SHARDKV_HOLDS lists `name:PATH` items, and the process waits at point `name` while the file PATH
+exists (`hold`).
+
 Disk faults work the same way through SHARDKV_DISK_FAULTS, a list of `op:ERRNO@N`: the Nth
 file operation `op` of the process (see wal/fileio.py: write, fsync, create, rename, ...) fails
 with OSError(ERRNO) (ENOSPC, EIO, ...) instead of running; `@N+` makes it fail from the Nth on.
@@ -22,6 +26,9 @@ The points (docs/TRANSACTIONS.md, "Crash cases"):
   shard.commit_logged        - a participant logged COMMIT and has not applied it to its index
   worker.answered_unindexed  - a worker answered a big batch (APPLY or COMMIT) it has logged and
                                not indexed yet
+
+The hold points:
+  sortedkeys.background_sort - a shard's background sort of its ordered view, before it sorts
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 _ARMED: dict[str, int] = {}
 _HITS: dict[str, int] = {}
@@ -38,6 +46,7 @@ _role: str | None = None  # this process's role, for disk faults of one role (se
 for _item in filter(None, os.environ.get("SHARDKV_FAULTS", "").split(",")):
     _name, _, _count = _item.strip().partition("@")
     _ARMED[_name] = int(_count or 1)
+_HOLDS = {name.strip(): path for name, _, path in (item.partition(":") for item in filter(None, os.environ.get("SHARDKV_HOLDS", "").split(",")))}
 
 
 def _disk_faults(spec: str):
@@ -96,6 +105,13 @@ def point(name: str) -> None:
         except FileExistsError:
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold(name: str) -> None:
+    """A hold point: wait here while the file SHARDKV_HOLDS names for `name` exists."""
+    path = _HOLDS.get(name) if _HOLDS else None
+    while path is not None and os.path.exists(path):
+        time.sleep(0.01)
 
 
 def set_role(role: str) -> None:

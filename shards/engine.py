@@ -504,6 +504,12 @@ class ShardEngine:
         through a worker's ring (SortedView.history)."""
         return self._store.sorted.history()
 
+    def view_sorting(self) -> bool:
+        """Whether the ordered view is still being sorted in the background (after a crash): an
+        ordered read now would wait for it (a worker answers Busy instead of waiting)."""
+        view = self._store.sorted
+        return view.state == BUILDING and not view.wait_built(0)
+
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from crc32c import crc32c
 
+from shardkv import faults
 from shardkv.ipc.messages import BATCH_RING  # the last batches whose key ranges readers can look up
 from shardkv.wal.format import FORMAT_VERSION, HINT_CRC, RECORD_HEADER_SIZE, SORTED_FILE, SORTED_HEADER, SORTED_MAGIC, TMP_SUFFIX
 
@@ -194,8 +195,9 @@ class PrivateRuns:
     def install(self, level: int, token, count: int, dead: int) -> None:
         """Run `level` now uses the arrays of `token` and holds `count` entries (`dead` tombstones)."""
 
-    def set_count(self, level: int, count: int, dead: int) -> None:
-        """Run `level` now holds `count` entries, `dead` of them tombstones."""
+    def set_count(self, level: int, count: int, dead: int, rewritten: bool = True) -> None:
+        """Run `level` now holds `count` entries, `dead` of them tombstones; `rewritten`: its
+        entries changed other than by a new tombstone (readers that checked them check again)."""
 
     def set_ready(self, ready: bool) -> None:
         """Whether the view is complete (readers may use it)."""
@@ -277,6 +279,7 @@ class SortedView:
 
         def run() -> None:
             try:
+                faults.hold("sortedkeys.background_sort")
                 self._result = sort_by_key(eids, source.chunks(eids, 0), source)
             except BaseException as exc:  # an ordered read then builds it itself
                 self._build_error = exc
@@ -423,7 +426,7 @@ class SortedView:
             raise AssertionError(f"entry {e} is not where the view says")
         run.eids_v[position] = DEAD
         run.dead += 1
-        self.storage.set_count(level, run.count, run.dead)
+        self.storage.set_count(level, run.count, run.dead, rewritten=False)
         if run.dead > DEAD_MIN and 2 * run.dead > run.count:
             self._set_run(level, *self._live(level))  # drop the tombstones
 

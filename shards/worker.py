@@ -337,6 +337,8 @@ class Worker:
     def _scan_page(self, start, stop, reverse: bool, prefix, limit: int) -> tuple:
         """(items, more, batch history) of one SCAN page: up to `limit` items and about
         SCAN_PAGE_BYTES."""
+        if self.engine.view_sorting():  # the client asks again: meanwhile this loop serves the others
+            raise Busy("the shard's ordered view is being sorted after a restart")
         items, size, more = [], 0, False
         for key, value in self.engine.scan(start=start, stop=stop, reverse=reverse, prefix=prefix):
             if len(items) >= limit or (items and size + len(key) + len(value) > SCAN_PAGE_BYTES):

@@ -17,7 +17,7 @@ from crc32c import crc32c
 
 from shardkv.ipc.sharedindex import header_name
 
-VERSION = 6  # 6: ordered views (index header `view`, SCAN pages carry the batch history); 5: a lease's `reading` is a deadline, not a flag; 4: COORDINATOR_SLOTS slots per worker ring
+VERSION = 7  # 7: a run object's `rewrites` (readers trust a run checked whole while it stays); 6: ordered views (index header `view`, SCAN pages carry the batch history); 5: a lease's `reading` is a deadline, not a flag; 4: COORDINATOR_SLOTS slots per worker ring
 HASH_SLOTS = 4096
 DEFAULT_LEASES = 128
 DEFAULT_SLOT_SIZE = 128 * 1024
