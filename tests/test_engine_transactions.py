@@ -20,6 +20,7 @@ from shardkv import Busy, Conflict
 from shardkv.wal import iter_records
 from shardkv.wal.format import ABORT, COMMIT, DELETE, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 
+from clock_support import FakeClock
 from engine_support import (
     assert_matches,
     copy_dir,
@@ -34,16 +35,6 @@ from engine_support import (
 pytestmark = pytest.mark.engine
 
 MARKERS = (PREPARE, COMMIT, ABORT)
-
-
-class Clock:
-    """A wall clock that moves only when told to."""
-
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _records(directory, active: int) -> list:
@@ -340,7 +331,7 @@ def test_matching_preconditions_succeed(tmp_path):
 
 
 def test_expired_key_counts_as_absent(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     with open_engine(tmp_path, clock=clock) as e:
         e.put(b"t", b"v", ttl=1)
         e.put(b"keep", b"k")
@@ -364,7 +355,7 @@ def test_expired_key_counts_as_absent(tmp_path):
 
 
 def test_prepared_ttl_is_counted_from_prepare_and_survives_a_crash(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     e = open_engine(tmp_path, clock=clock)
     e.prepare(1, [("put", b"t", b"v", 10)])
     clock.now += 4
@@ -385,7 +376,7 @@ def test_prepared_ttl_is_counted_from_prepare_and_survives_a_crash(tmp_path):
 def test_commit_after_the_prepared_ttl_ran_out(tmp_path):
     """A put prepared with a ttl that has run out by the commit still replaces the old value:
     the key is absent, in memory and after a crash (an older record never comes back)."""
-    clock = Clock()
+    clock = FakeClock()
     e = open_engine(tmp_path, clock=clock)
     e.put(b"t", b"old")
     e.prepare(1, [("put", b"t", b"v", 1), ("put", b"u", b"w")])
