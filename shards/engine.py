@@ -29,7 +29,7 @@ from shardkv.shards.prepared import batch_keys
 from shardkv.shards.recovery import recover
 from shardkv.shards.sortedkeys import BUILDING, prefix_successor
 from shardkv.shards.store import Store
-from shardkv.shards.uniform import PutColumns, UniformPuts
+from shardkv.shards.uniform import PutColumns, UniformPuts, Writes
 from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, check_durability
@@ -402,6 +402,8 @@ class ShardEngine:
             if n * (RECORD_HEADER_SIZE + ops.key_len + ops.value_len) > MAX_BATCH_BYTES:
                 raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
             return UniformPuts(ops.keys, ops.values, ops.key_len, ops.value_len)
+        if type(ops) is Writes:
+            return self._check_writes(ops)
         if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
             raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
         batch = []
@@ -423,6 +425,29 @@ class ShardEngine:
                 batch.append((DELETE, key, b"", 0))
             else:
                 raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value[, ttl]) or ('delete', key)")
+            size += RECORD_HEADER_SIZE + len(key) + len(value)
+        if size > MAX_BATCH_BYTES:
+            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
+        return batch
+
+    def _check_writes(self, writes: Writes) -> list:
+        """The checked batch of writes a worker decoded (`Writes`: already in the engine's
+        terms, so only sizes are checked here, and each ttl becomes an expiry instant)."""
+        batch = []
+        size = 0
+        max_value = self.max_value_size
+        now = self._expiry.now_ms()
+        append = batch.append
+        for write in writes:
+            rtype, key, value, ttl_ms = write
+            if not 0 < len(key) <= MAX_KEY_LEN or len(value) > max_value:
+                check_key(key), check_value(value, max_value, "max_value_size")
+            if ttl_ms:
+                if not 0 < ttl_ms < 2**53:
+                    raise ValueError(f"ttl must be between 1 and 2**53 - 1 ms, not {ttl_ms}")
+                append((rtype, key, value, now + ttl_ms))
+            else:
+                append(write)  # (type, key, value, 0) is already the batch's own form
             size += RECORD_HEADER_SIZE + len(key) + len(value)
         if size > MAX_BATCH_BYTES:
             raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")

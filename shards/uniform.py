@@ -49,16 +49,26 @@ class UniformPuts:
         return types, keys, values, expires, key_lens, value_lens
 
 
-class PutColumns(list):
-    """A decoded batch of plain puts of one key length and one value length: a list of
-    ("put", key, value) like any other batch, which also keeps its keys and values as columns,
-    so that a shard engine can log and index the batch without a loop over tuples."""
+class Writes(list):
+    """A batch's writes as a worker decodes them from its ring, in the engine's own terms:
+    (PUT, key, value, ttl_ms) and (DELETE, key, b"", 0) tuples, PUT and DELETE the record types
+    of wal/format.py, ttl_ms whole milliseconds (0: never expires). No operation names, no
+    seconds: the engine checks sizes and turns each ttl into an expiry instant, nothing else
+    (`ShardEngine._check_ops`). Lengths are not trusted: the engine checks them like any input."""
+
+    __slots__ = ()
+
+
+class PutColumns(Writes):
+    """A decoded batch of plain puts of one key length and one value length: (PUT, key, value,
+    0) tuples like any other `Writes`, which also keeps its keys and values as columns, so that a
+    shard engine can log and index the batch without a loop over tuples."""
 
     __slots__ = ("keys", "values", "key_len", "value_len")
 
     @classmethod
     def of(cls, keys: list, values: list, key_len: int, value_len: int) -> "PutColumns":
         """The puts (keys[i], values[i]); every key is `key_len` bytes, every value `value_len`."""
-        self = cls(zip(repeat("put"), keys, values))
+        self = cls(zip(repeat(PUT), keys, values, repeat(0)))
         self.keys, self.values, self.key_len, self.value_len = keys, values, key_len, value_len
         return self

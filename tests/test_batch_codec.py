@@ -7,6 +7,7 @@ same errors as its reference, and fall back to it for anything unusual.
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 
@@ -21,7 +22,7 @@ from shardkv import batches
 from shardkv.errors import Busy
 from shardkv.ipc import messages as m
 from shardkv.shards.engine import ShardEngine
-from shardkv.shards.uniform import PutColumns
+from shardkv.shards.uniform import PutColumns, Writes
 from shardkv.wal import records
 from shardkv.wal.format import COMMIT, DELETE, MAX_KEY_LEN, PUT, RECORD_HEADER_SIZE
 
@@ -234,7 +235,8 @@ def test_encode_ops_and_apply_match_one_at_a_time(ops, flags):
 @given(put_batches(max_size=80), st.integers(0, 1))
 def test_decode_ops_numpy_path_matches_loop(ops, flags):
     message = m.encode_apply([(m.OP_PUT, k, v) for _, k, v in ops], flags)
-    assert _decode(message, 2) == reference_decode(message, 2) == (ops, [])
+    native = [(PUT, k, v, 0) for _, k, v in ops]  # the engine's own terms: no "put" strings
+    assert _decode(message, 2) == reference_decode(message, 2) == (native, [])
 
 
 @pytest.mark.unit
@@ -275,7 +277,7 @@ def test_decode_ops_same_size_prepare():
     """PREPARE: the list starts after the txid, and may carry empty values."""
     ops = [(m.OP_PUT, b"k%03d" % i, b"") for i in range(20)]
     message = bytes((m.PREPARE, 0)) + (9).to_bytes(8, "little") + m.encode_ops(ops)
-    assert _decode(message, 10) == reference_decode(message, 10) == ([("put", k, b"") for _, k, _ in ops], [])
+    assert _decode(message, 10) == reference_decode(message, 10) == ([(PUT, k, b"", 0) for _, k, _ in ops], [])
 
 
 # -- shardkv/batches.py ---------------------------------------------------------------------------
@@ -378,6 +380,29 @@ def test_engine_check_ops_big_batches(tmp_path):
             with pytest.raises(error) as expected:
                 engine._check_ops(iter(slow))  # not a list: the loop
             assert str(info.value) == str(expected.value)
+
+
+@pytest.mark.engine
+def test_engine_checks_decoded_writes_like_any_batch(tmp_path):
+    """A worker's decoded batch (`Writes`, the engine's own terms) skips the operation names,
+    not the checks: the sizes in it came from a ring and are not trusted."""
+    now = [1_700_000_000.0]
+    with ShardEngine.open(str(tmp_path / "w"), max_value_size=50, clock=lambda: now[0]) as engine:
+        good = [(PUT, b"k%d" % i, b"v" * (i % 40), 0) for i in range(30)]
+        for bad, error in [
+            ((PUT, b"", b"v", 0), ValueError),
+            ((PUT, b"x" * (MAX_KEY_LEN + 1), b"v", 0), ValueError),
+            ((PUT, b"k", b"v" * 51, 0), ValueError),
+            ((PUT, b"k", b"v", 2**53), ValueError),
+        ]:
+            with pytest.raises(error):
+                engine.apply(Writes([*good[:10], bad, *good[10:]]))
+            assert len(engine) == 0  # all or nothing
+        engine.apply(Writes([*good, (PUT, b"ttl", b"t", 2500), (DELETE, b"k3", b"", 0)]))
+        assert engine.get(b"k1") == b"v" and engine.get(b"k3") is None
+        assert engine.ttl_ms(b"ttl") == 2500 and engine.ttl(b"k1") == math.inf
+        now[0] += 2.5
+        assert engine.get(b"ttl") is None  # expired exactly 2500 ms after the batch
 
 
 @pytest.mark.engine

@@ -14,8 +14,8 @@ from operator import add
 import numpy as np
 
 from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
-from shardkv.limits import Milliseconds
-from shardkv.shards.uniform import PutColumns
+from shardkv.shards.uniform import PutColumns, Writes
+from shardkv.wal.format import DELETE as RECORD_DELETE, PUT as RECORD_PUT  # (PUT and DELETE here are op codes)
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
 TXN, PREPARE, COMMIT, ABORT, PENDING = range(16, 21)
@@ -230,9 +230,9 @@ def ops_parts(columns: tuple) -> tuple[list, int]:
 
 def decode_ops(reader: "Reader") -> tuple[list, list]:
     """(writes, expects) of the operation list at the reader's position, which ends the
-    message: writes as the engine takes them (("put", key, value), ("put", key, value,
-    ttl as limits.Milliseconds), ("delete", key)), expects as (key, value or None). A tight
-    loop: batches carry up to a million operations."""
+    message: writes in the engine's native form (`shards.uniform.Writes`: (RECORD_PUT, key,
+    value, ttl_ms) and (RECORD_DELETE, key, b"", 0)), expects as (key, value or None). A
+    tight loop: batches carry up to a million operations."""
     data, pos = bytes(reader.buf), reader.pos
     size = len(data)
     if pos + 4 > size:
@@ -246,7 +246,7 @@ def decode_ops(reader: "Reader") -> tuple[list, list]:
         if writes is not None:
             reader.pos = size
             return writes, []
-    writes: list = []
+    writes = Writes()
     expects: list = []
     put = writes.append
     unpack = _U32.unpack_from
@@ -262,14 +262,14 @@ def decode_ops(reader: "Reader") -> tuple[list, list]:
             raise MessageError("operation value runs past the end of the message")
         key = data[pos + 5 : key_end]
         if kind == OP_PUT:
-            put(("put", key, data[key_end + 4 : value_end]))
+            put((RECORD_PUT, key, data[key_end + 4 : value_end], 0))
         elif kind == OP_DELETE and value_end == key_end + 4:
-            put(("delete", key))
+            put((RECORD_DELETE, key, b"", 0))
         elif kind == OP_PUT_TTL and value_end >= key_end + 12:
             ttl_ms = _U64.unpack_from(data, key_end + 4)[0]
             if not 0 < ttl_ms < 2**53:
                 raise MessageError(f"ttl of {ttl_ms} ms is out of range")
-            put(("put", key, data[key_end + 12 : value_end], Milliseconds(ttl_ms)))
+            put((RECORD_PUT, key, data[key_end + 12 : value_end], ttl_ms))
         elif kind == OP_EXPECT:
             expects.append((key, data[key_end + 4 : value_end]))
         elif kind == OP_EXPECT_ABSENT and value_end == key_end + 4:
