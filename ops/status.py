@@ -7,12 +7,11 @@ readers: the table in `shardkv/cli/status.py`, the Prometheus exposition in `ops
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
-from shardkv.ipc import messages as m
+from shardkv.ipc import protocol
 from shardkv.ipc.layout import PROC_STATE_NAMES, READY, SLOT_REQUEST, ControlBlock, is_own_entry, name_prefix, shm_entries_with_prefix
 from shardkv.ipc.transport import Unresponsive
 from shardkv.ops.exitcodes import DEGRADED as EXIT_DEGRADED
@@ -93,8 +92,8 @@ def status_from_shared_memory(client) -> dict:
 
 def probes(health: dict, shards: int) -> dict[int, bytes]:
     """The probe of each process marked up: target (shard; `shards` for the coordinator) -> message."""
-    targets = {shards: m.request(m.PING)} if health["coordinator"]["state"] == "up" else {}
-    targets.update({entry["shard"]: m.request(m.STATS) for entry in health["shards"] if entry["state"] == "up"})
+    targets = {shards: protocol.PING.encode(0)} if health["coordinator"]["state"] == "up" else {}
+    targets.update({entry["shard"]: protocol.STATS.encode(0) for entry in health["shards"] if entry["state"] == "up"})
     return targets
 
 
@@ -106,7 +105,7 @@ def record_probes(health: dict, answers: dict, shards: int) -> None:
         answer = answers.get(entry["shard"])
         if isinstance(answer, Unresponsive):
             entry["state"] = "unresponsive"  # alive (it is "up") but answered no probe in time
-        stats = json.loads(bytes(answer[1])) if isinstance(answer, tuple) else None  # an error: shown without figures
+        stats = protocol.STATS.result(*answer) if isinstance(answer, tuple) else None  # an error: shown without figures
         for name in SHARD_FIELDS:
             entry[name] = None if stats is None else stats[name]
         entry["compacting"] = bool(stats and stats["compaction"]["running"])
