@@ -4,7 +4,9 @@
   one lock, with the seqlock version its lock-free readers check (indexheader.py);
 - the expiry table (expiry.py): which keys expire, and when;
 - the participant (participant.py): cross-shard batches prepared here (two-phase commit);
-- the compactor (compaction.py): rewrites sealed segments, through two calls to the store.
+- the compactor (compaction.py): rewrites sealed segments, through two calls to the store;
+- the ordered reads (ordered.py): scans, min, max, above, below, in windows of the view;
+- the batch checks (batchcheck.py): every batch in the engine's own terms before it is logged.
 
 The engine checks arguments and preconditions, takes the lock and answers. `get`, `get_many`
 and `put` stay flat (no call layer more than needed: each costs ~50-100 ns there): they read
@@ -21,24 +23,22 @@ from typing import Callable, Iterable, Iterator
 
 from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageError
 from shardkv.log import get_logger
-from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value
+from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value
+from shardkv.shards.batchcheck import MAX_BATCH_BYTES, check_expects, check_ops
 from shardkv.shards.compaction import Compactor
 from shardkv.shards.expiry import ExpiryTable
+from shardkv.shards.ordered import OrderedReads
 from shardkv.shards.participant import Participant
 from shardkv.shards.prepared import batch_keys
 from shardkv.shards.recovery import recover
-from shardkv.shards.sortedkeys import BUILDING, prefix_successor
 from shardkv.shards.store import Store
-from shardkv.shards.uniform import PutColumns, UniformPuts, Writes
+from shardkv.shards.uniform import UniformPuts
 from shardkv.wal import fileio
-from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, check_durability
 
 LOCK_FILE = "LOCK"
-MAX_BATCH_BYTES = MAX_SEGMENT_SIZE - SEGMENT_HEADER_SIZE
 DEFER_MIN = 64  # apply_deferred answers before indexing from this many records of a batch
-SCAN_FIRST = 64  # a scan reads this many keys first (min(), above() need one), then 4x more each time
-SCAN_CHUNK = 4096  # up to this many
 _RETRY = object()
 
 
@@ -127,6 +127,7 @@ class ShardEngine:
         self._participant.load(state.prepared)
         store.before_compaction = self._participant.carry
         self._compactor = Compactor(store, segment_size)
+        self._ordered = OrderedReads(store, self._check_open)
         # The parts' state the hot paths and the worker use, bound once (one attribute load
         # each, no property): the same objects for the engine's life.
         self._lock = store.lock
@@ -337,7 +338,7 @@ class ShardEngine:
 
     def _apply(self, ops: Iterable, expects: Iterable, defer: bool) -> Callable[[], None] | None:
         batch = self._check_ops(ops)
-        expects = _check_expects(expects)
+        expects = check_expects(expects)
         self._check_open()
         if not batch and not expects:
             return None
@@ -392,66 +393,8 @@ class ShardEngine:
                 raise Conflict(f"precondition failed: key {key[:40]!r} is {state}, not {'absent' if expected is None else repr(expected[:40])}")
 
     def _check_ops(self, ops) -> list | UniformPuts:
-        """The checked batch of `ops`: (PUT/DELETE, key, value, expires_at) tuples, or, for puts
-        a worker decoded as columns, UniformPuts (checked as a whole: one size for all)."""
-        if type(ops) is PutColumns:
-            n = len(ops.keys)
-            if not 0 < ops.key_len <= MAX_KEY_LEN or ops.value_len > self.max_value_size:
-                check_key(ops.keys[0])
-                check_value(ops.values[0], self.max_value_size, "max_value_size")
-            if n * (RECORD_HEADER_SIZE + ops.key_len + ops.value_len) > MAX_BATCH_BYTES:
-                raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
-            return UniformPuts(ops.keys, ops.values, ops.key_len, ops.value_len)
-        if type(ops) is Writes:
-            return self._check_writes(ops)
-        if isinstance(ops, (str, bytes, bytearray, memoryview)) or not isinstance(ops, Iterable):
-            raise TypeError(f"ops must be an iterable of operation tuples, not {type(ops).__name__}")
-        batch = []
-        size = 0
-        max_value = self.max_value_size
-        for op in ops:
-            if type(op) is tuple and len(op) == 3 and op[0] == "put" and type(op[1]) is bytes and type(op[2]) is bytes:
-                key, value = op[1], op[2]  # the common case, checked inline
-                if not 0 < len(key) <= MAX_KEY_LEN or len(value) > max_value:
-                    key, value = check_key(key), check_value(value, max_value, "max_value_size")
-                batch.append((PUT, key, value, 0))
-            elif not isinstance(op, (tuple, list)) or not op:
-                raise TypeError(f"each op must be a tuple like ('put', key, value) or ('delete', key), not {op!r:.80}")
-            elif op[0] == "put" and len(op) in (3, 4):
-                key, value = check_key(op[1]), check_value(op[2], max_value, "max_value_size")
-                batch.append((PUT, key, value, self._expiry.expiry_for(op[3]) if len(op) == 4 else 0))
-            elif op[0] == "delete" and len(op) == 2:
-                key, value = check_key(op[1]), b""
-                batch.append((DELETE, key, b"", 0))
-            else:
-                raise ValueError(f"unknown op {op!r:.80}: expected ('put', key, value[, ttl]) or ('delete', key)")
-            size += RECORD_HEADER_SIZE + len(key) + len(value)
-        if size > MAX_BATCH_BYTES:
-            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
-        return batch
-
-    def _check_writes(self, writes: Writes) -> list:
-        """The checked batch of writes a worker decoded (`Writes`: already in the engine's
-        terms, so only sizes are checked here, and each ttl becomes an expiry instant)."""
-        batch = []
-        size = 0
-        max_value = self.max_value_size
-        now = self._expiry.now_ms()
-        append = batch.append
-        for write in writes:
-            rtype, key, value, ttl_ms = write
-            if not 0 < len(key) <= MAX_KEY_LEN or len(value) > max_value:
-                check_key(key), check_value(value, max_value, "max_value_size")
-            if ttl_ms:
-                if not 0 < ttl_ms < 2**53:
-                    raise ValueError(f"ttl must be between 1 and 2**53 - 1 ms, not {ttl_ms}")
-                append((rtype, key, value, now + ttl_ms))
-            else:
-                append(write)  # (type, key, value, 0) is already the batch's own form
-            size += RECORD_HEADER_SIZE + len(key) + len(value)
-        if size > MAX_BATCH_BYTES:
-            raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
-        return batch
+        """The checked batch of `ops` (shards/batchcheck.py)."""
+        return check_ops(ops, self.max_value_size, self._expiry)
 
     # -- cross-shard batches (docs/TRANSACTIONS.md; participant.py) ------------------------
     def prepare(self, txid: int, ops: Iterable, expects: Iterable = ()) -> None:
@@ -461,7 +404,7 @@ class ShardEngine:
         locks a key; then nothing is logged or locked. Preparing a batch twice is a no-op."""
         _check_int("txid", txid, 0, 2**64 - 1)
         batch = self._check_ops(ops)
-        expects = _check_expects(expects)
+        expects = check_expects(expects)
         self._check_open()
         with self._lock:
             self._check_open()
@@ -523,7 +466,7 @@ class ShardEngine:
         """Whether a prepared batch locks `key` (reads of it wait for the decision)."""
         return key in self._prepared.locks
 
-    # -- ordered reads ---------------------------------------------------------------------
+    # -- ordered reads (ordered.py) ---------------------------------------------------------
     def batch_history(self) -> tuple[int, list]:
         """The single-shard batches applied so far and the key range of the last few, for scans
         through a worker's ring (SortedView.history)."""
@@ -532,8 +475,7 @@ class ShardEngine:
     def view_sorting(self) -> bool:
         """Whether the ordered view is still being sorted in the background (after a crash): an
         ordered read now would wait for it (a worker answers Busy instead of waiting)."""
-        view = self._store.sorted
-        return view.state == BUILDING and not view.wait_built(0)
+        return self._ordered.view_sorting()
 
     def scan(self, start=None, stop=None, reverse=False, prefix=None, limit=None) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) in key order with start <= key < stop (descending if `reverse`).
@@ -543,74 +485,23 @@ class ShardEngine:
         with its value then (keys are read in chunks, each chunk again if a write came between
         two items); a key written ahead of the cursor meanwhile shows, one deleted does not.
         """
-        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
-        if prefix:
-            if start is None or start < prefix:
-                start = prefix
-            successor = prefix_successor(prefix)
-            if successor is not None and (stop is None or successor < stop):
-                stop = successor
-        self._check_open()
-        return self._scan(start, stop, bool(reverse), limit)
-
-    def _scan(self, start, stop, reverse, limit):
-        if limit == 0 or (start is not None and stop is not None and start >= stop):
-            return
-        cursor, bound = (stop, start) if reverse else (start, stop)
-        inclusive = not reverse  # a reverse scan starts below `stop`, a forward one at `start`
-        size = SCAN_FIRST if limit is None else min(SCAN_FIRST, limit)
-        produced = 0
-        header = self._header
-        while True:
-            items, more, version = self._scan_window(cursor, inclusive, bound, reverse, size)
-            for item in zip(*items):  # zip's one tuple is reused when the caller lets it go
-                if header.version != version:
-                    size = SCAN_FIRST  # a write came: read again from the cursor
-                    break
-                yield item
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
-                cursor, inclusive = item[0], False
-            else:
-                if not more and header.version == version:
-                    return  # nothing left, and nothing written since it was read
-                size = min(size * 4, SCAN_CHUNK)
-
-    def _scan_window(self, cursor, inclusive, bound, reverse, size) -> tuple[list, bool, int]:
-        """The next (key, value) items of a scan from `cursor`, read with the lock held:
-        (items, more, the version they were read at)."""
-        store = self._store
-        if store.sorted.state == BUILDING:
-            store.sorted.wait_built()  # without the lock: writes go on meanwhile
-        with self._lock:
-            self._check_open()
-            if self._expires:
-                store.purge_expired()
-            store.view_ready()
-            eids, more = store.sorted.window(cursor, inclusive, bound, reverse, size)
-            return store.entry_items(eids), more, self._header.version
+        return self._ordered.scan(start, stop, reverse, prefix, limit)
 
     def min(self):
         """(key, value) of the smallest key, or None if the shard is empty."""
-        return next(self.scan(limit=1), None)
+        return self._ordered.first()
 
     def max(self):
         """(key, value) of the largest key, or None if the shard is empty."""
-        return next(self.scan(reverse=True, limit=1), None)
+        return self._ordered.first(reverse=True)
 
     def above(self, key):
         """(key, value) of the smallest key strictly greater than `key`, or None."""
-        key = check_key(key)
-        for found in self.scan(start=key, limit=2):
-            if found[0] != key:
-                return found
-        return None
+        return self._ordered.above(key)
 
     def below(self, key):
         """(key, value) of the largest key strictly less than `key`, or None."""
-        key = check_key(key)
-        return next(self.scan(stop=key, reverse=True, limit=1), None)
+        return self._ordered.below(key)
 
     # -- maintenance -----------------------------------------------------------------------
     @property
@@ -695,18 +586,6 @@ class ShardEngine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} keys"
         return f"<ShardEngine {self.directory!r} shard {self.shard_id}, {state}>"
-
-
-def _check_expects(expects) -> list:
-    """Validated (key, value or None) preconditions."""
-    if isinstance(expects, (str, bytes, bytearray, memoryview)) or not isinstance(expects, Iterable):
-        raise TypeError(f"expects must be an iterable of (key, value) pairs, not {type(expects).__name__}")
-    checked = []
-    for item in expects:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"each expectation must be a (key, value) pair, not {item!r:.80}")
-        checked.append((check_key(item[0]), None if item[1] is None else check_value(item[1], MAX_VALUE_LEN_FORMAT)))
-    return checked
 
 
 def _check_int(name: str, value, low: int, high: int | None) -> None:
