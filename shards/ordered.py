@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from shardkv.limits import check_key, check_scan_args
-from shardkv.shards.sortedkeys import BUILDING, prefix_successor
+from shardkv.shards.sortedkeys import BUILDING, scan_bounds
 from shardkv.shards.store import Store
 
 SCAN_FIRST = 64  # a scan reads this many keys first (min(), above() need one), then 4x more each time
@@ -35,13 +35,7 @@ class OrderedReads:
     def scan(self, start, stop, reverse, prefix, limit) -> Iterator[tuple[bytes, bytes]]:
         """ShardEngine.scan: (key, value) in key order, start <= key < stop, keys starting with
         `prefix`, at most `limit` of them (descending if `reverse`)."""
-        start, stop, prefix = check_scan_args(start, stop, prefix, limit)
-        if prefix:
-            if start is None or start < prefix:
-                start = prefix
-            successor = prefix_successor(prefix)
-            if successor is not None and (stop is None or successor < stop):
-                stop = successor
+        start, stop = scan_bounds(*check_scan_args(start, stop, prefix, limit))
         self._check_open()
         return self._scan(start, stop, bool(reverse), limit)
 

@@ -96,6 +96,17 @@ def prefix_successor(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+def scan_bounds(start: bytes | None, stop: bytes | None, prefix: bytes | None) -> tuple:
+    """(start, stop) of a scan with `prefix` folded in (the engine's and clients' scans)."""
+    if prefix:
+        if start is None or start < prefix:
+            start = prefix
+        successor = prefix_successor(prefix)
+        if successor is not None and (stop is None or successor < stop):
+            stop = successor
+    return start, stop
+
+
 class KeySource:
     """Reads keys of index entries from the log: one (`key`) or 8-byte chunks of many (`chunks`).
 

@@ -34,7 +34,7 @@ from crc32c import crc32c
 from shardkv.errors import Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.sharedindex import HEADER_FIELDS, SERVING, VERSION, VERSION_OFFSET, U32, _map
-from shardkv.shards.sortedkeys import BATCH_RING, DEAD, LEVELS, PrivateRuns, find_position, gather_chunks, key_prefix, key_prefixes, prefix_successor, window
+from shardkv.shards.sortedkeys import BATCH_RING, DEAD, LEVELS, PrivateRuns, find_position, gather_chunks, key_prefix, key_prefixes, scan_bounds, window
 from shardkv.wal.format import PUT, RECORD_HEADER, RECORD_HEADER_SIZE
 
 VIEW_FIELD = 40  # offset of `view` (u32) in the shard's index header: the view object's number
@@ -867,17 +867,6 @@ class Restart(Exception):
     """The scan must start again from its beginning (it has returned nothing yet)."""
 
 
-def _bounds(start, stop, prefix) -> tuple:
-    """(start, stop) of a scan with `prefix` folded in."""
-    if prefix:
-        if start is None or start < prefix:
-            start = prefix
-        successor = prefix_successor(prefix)
-        if successor is not None and (stop is None or successor < stop):
-            stop = successor
-    return start, stop
-
-
 class OrderedScan:
     """One scan over all shards, without I/O of its own: `next_items()` returns the next items
     in order, [] when done, or raises NeedPage (the caller fetches a SCAN page through the ring
@@ -886,7 +875,7 @@ class OrderedScan:
     history (docs/TRANSACTIONS.md, "Isolation")."""
 
     def __init__(self, readers, shards: int, start, stop, reverse: bool, prefix, limit, snapshot):
-        start, stop = _bounds(start, stop, prefix)
+        start, stop = scan_bounds(start, stop, prefix)
         self.readers = readers  # ViewReader per shard, or None: every page through the ring
         self.shards, self.reverse, self.limit, self.snapshot = shards, reverse, limit, snapshot
         self.start, self.stop = start, stop
@@ -1109,7 +1098,7 @@ def scan(client, start, stop, reverse: bool, prefix, limit):
 
 
 def _first_or_scan(client, start, stop, reverse: bool, prefix):
-    found = first(view_readers(client), client._control, *_bounds(start, stop, prefix), reverse)
+    found = first(view_readers(client), client._control, *scan_bounds(start, stop, prefix), reverse)
     if found is FALLBACK:
         yield from _scan(client, start, stop, reverse, prefix, 1)
     elif found is not None:
