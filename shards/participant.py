@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Callable
 
 from shardkv.errors import StorageError
-from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare, txid_key
+from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal.format import ABORT, COMMIT, PREPARE
+from shardkv.wal.records import txid_key
 
 
 class Participant:

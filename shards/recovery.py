@@ -17,10 +17,11 @@ from crc32c import crc32c
 from shardkv.errors import CorruptionError
 from shardkv.shards.compaction import finish_interrupted_compaction
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, read_hint, write_hint
-from shardkv.shards.prepared import decode_prepare, txid_of
+from shardkv.shards.prepared import decode_prepare
 from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, KIND_LOG, PREPARE, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TMP_SUFFIX
 from shardkv.wal.reader import map_file, scan_segment
+from shardkv.wal.records import txid_of
 from shardkv.wal.segment import create_segment, decode_segment_header, list_segments
 from shardkv.wal.watermark import read_watermark
 from shardkv.wal.writer import cut_tail

@@ -26,14 +26,13 @@ from shardkv.shards.expiry import ExpiryTable
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
 from shardkv.shards.indexheader import IndexHeader
 from shardkv.shards.keyindex import KeyIndex
-from shardkv.shards.prepared import txid_key
 from shardkv.shards.probe import GOLDEN32, KEY_IN_CHECKED, checked_fields
 from shardkv.shards.recovery import Recovered, latest_state, sealed_records, unmap_all
 from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView
 from shardkv.shards.uniform import UniformPuts
 from shardkv.wal.format import DELETE, PUT, RECORD_CRC_FROM, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
-from shardkv.wal.records import COLUMNS_MIN, encode_columns, encode_record
+from shardkv.wal.records import COLUMNS_MIN, encode_columns, encode_record, txid_key
 from shardkv.wal.watermark import Watermark
 from shardkv.wal.writer import LogWriter
 

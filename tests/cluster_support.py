@@ -131,6 +131,8 @@ def shm_entries(directory) -> list[str]:
 
 
 def remove_shm(entries) -> None:
+    """Unlink `entries` whoever owns them: not layout.unlink_entry, which leaves another user's
+    objects alone, and tests chown some to another uid to play that user."""
     for entry in entries:
         try:
             if entry.startswith("sem."):

@@ -60,6 +60,19 @@ def require_redis() -> None:
     pytest.skip(f"Redis Cluster tests skipped: {reason}")
 
 
+def reference_slot(key: bytes) -> int:
+    """The Redis Cluster hash slot of `key` (hash tags honoured), computed here independently of
+    the backend: CRC16/XMODEM of the key, or of the first non-empty {...} in it, mod 16384."""
+    from binascii import crc_hqx  # noqa: PLC0415
+
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return crc_hqx(key, 0) % 16384
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports of 127.0.0.1 that were free a moment ago (held open together so
     that they differ; another process may still take one before the server binds it, which

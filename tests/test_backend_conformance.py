@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import shardkv
 from clock_support import still_before, wait_past
 from cluster_support import ClientProcess, cluster_fixture
-from redis_cluster_support import require_redis
+from redis_cluster_support import reference_slot, require_redis
 
 BACKENDS = ("local", "redis")
 
@@ -83,21 +83,9 @@ def backend(request, tmp_path):
         made.db.close()
 
 
-def slot_of(key: bytes) -> int:
-    """The Redis Cluster hash slot of `key` (hash tags honoured), computed here independently."""
-    from binascii import crc_hqx  # noqa: PLC0415
-
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return crc_hqx(key, 0) % 16384
-
-
 def keys_in_different_slots() -> tuple[bytes, bytes]:
     a, b = b"alpha", b"beta"
-    assert slot_of(a) != slot_of(b)
+    assert reference_slot(a) != reference_slot(b)
     return a, b
 
 
@@ -257,7 +245,7 @@ TAGGED = [b"{user42}:name", b"{user42}:email", b"{user42}:age"]
 
 def test_batches_within_one_slot_are_atomic(backend):
     db = backend.db
-    assert len({slot_of(k) for k in TAGGED}) == 1
+    assert len({reference_slot(k) for k in TAGGED}) == 1
     db.put_many({TAGGED[0]: b"ann", TAGGED[1]: b"ann@example.com"})
     assert db.get_many(TAGGED) == [b"ann", b"ann@example.com", None]
     db.write([("put", TAGGED[2], b"42"), ("delete", TAGGED[1]), ("expect", TAGGED[0], b"ann")])
@@ -298,7 +286,7 @@ def test_batch_across_slots(backend):
         with pytest.raises(shardkv.Unsupported) as info:
             attempt()
         assert isinstance(info.value, shardkv.Error)
-        assert str(slot_of(a)) in str(info.value) and str(slot_of(b)) in str(info.value)
+        assert str(reference_slot(a)) in str(info.value) and str(reference_slot(b)) in str(info.value)
     with pytest.raises(shardkv.Unsupported):
         with db.batch() as batch:
             batch.put(a, b"1")

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from binascii import crc_hqx
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -27,7 +26,7 @@ import shardkv
 import shardkv.backends as backends
 from clock_support import still_before, wait_past
 from cluster_support import cluster_fixture
-from redis_cluster_support import LocalRedisCluster, require_redis
+from redis_cluster_support import LocalRedisCluster, reference_slot, require_redis
 
 
 def namespace() -> str:
@@ -43,15 +42,6 @@ def url(redis_cluster):
 def db(url):
     with shardkv.open(url, namespace=namespace()) as store:
         yield store
-
-
-def slot(key: bytes) -> int:
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return crc_hqx(key, 0) % 16384
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -175,15 +165,15 @@ def test_namespaces_keep_stores_apart(url):
 # -- batches -----------------------------------------------------------------------------------
 def test_cross_slot_batch_names_the_slots_and_sends_nothing(db):
     keys = [b"alpha", b"beta", b"gamma"]
-    assert len({slot(k) for k in keys}) == 3
+    assert len({reference_slot(k) for k in keys}) == 3
     with pytest.raises(shardkv.Unsupported) as info:
         db.write([("put", k, b"v") for k in keys])
     message = str(info.value)
     for key in keys:
-        assert str(slot(key)) in message
+        assert str(reference_slot(key)) in message
     assert "{" in message and "atomic=False" in message  # says how to fix it
     assert db.get_many(keys) == [None, None, None]
-    assert db.slot_of(b"{user42}:name") == db.slot_of(b"{user42}:email") == slot(b"user42")
+    assert db.slot_of(b"{user42}:name") == db.slot_of(b"{user42}:email") == reference_slot(b"user42")
 
 
 def test_non_atomic_put_many_and_write(db):

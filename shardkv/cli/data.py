@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import shardkv
-from shardkv.cli.common import count, format_bytes, format_pair, open_store, parse_bytes
+from shardkv.cli.common import count, format_bytes, format_pair, open_store, parse_bytes, seconds
 from shardkv.ops.exitcodes import NOT_FOUND, OK
 
 TARGET_HELP = "the data directory of a running store (or a backend's URL, e.g. redis://host:port)"
@@ -110,16 +110,6 @@ def cmd_len(args: argparse.Namespace) -> int:
     return OK
 
 
-def _ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
 def register(commands) -> None:
     """Add the data commands to the `shardkv` parser's subcommands."""
 
@@ -136,7 +126,7 @@ def register(commands) -> None:
     command("get", cmd_get, "print the value of KEY (exit 1 if there is none)", key=True)
     put = command("put", cmd_put, "set KEY to VALUE", key=True, write=True)
     put.add_argument("value", metavar="VALUE", help="UTF-8 text or a hex literal (x'00ff')")
-    put.add_argument("--ttl", type=_ttl, default=None, metavar="SECONDS", help="expire the key after SECONDS")
+    put.add_argument("--ttl", type=seconds, default=None, metavar="SECONDS", help="expire the key after SECONDS")
     command("delete", cmd_delete, "remove KEY (exit 1 if it was not there)", key=True, write=True)
     scan = command("scan", cmd_scan, "print key<TAB>value lines in key order")
     scan.add_argument("--start", metavar="K", help="first key (inclusive)")
