@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -40,6 +40,7 @@ from shardkv.coordinator.manifest import read_manifest
 from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.protocol import GET
+from shardkv.orderedmapping import ScanMapping
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
     READING_GRACE,
@@ -124,7 +125,7 @@ def open(  # noqa: A001
     )  # fmt: skip
 
 
-class Client(MutableMapping):
+class Client(ScanMapping):
     """A connection to one store; see `shardkv.open`."""
 
     features = property(lambda self: LOCAL_FEATURES, doc="What this backend supports (shardkv.backends.Features): everything.")

@@ -19,6 +19,9 @@ def blocking(path: str) -> None:
         values: list[object] = db.get_many(["k", "j"])
         for key, item in db.scan(start="a", limit=10):
             print(key, item)
+        pairs: list[tuple[object, object]] = list(db.items())
+        every: list[object] = list(db.values())
+        print(pairs, every)
         first = db.min()
         if first is not None:
             print(first[0])

@@ -46,7 +46,7 @@ import inspect
 import re
 import time
 from binascii import crc_hqx
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
@@ -62,6 +62,7 @@ from shardkv.aio import AsyncBatch
 from shardkv.errors import Closed, Conflict, Error, StorageError, Unavailable, Unsupported
 from shardkv.ipc.messages import OP_DELETE, OP_EXPECT, OP_EXPECT_ABSENT, OP_PUT, OP_PUT_TTL
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
+from shardkv.orderedmapping import ScanMapping
 
 SLOTS = 16384
 DEFAULT_NAMESPACE = "skv"
@@ -980,7 +981,7 @@ def _pairs(flat) -> dict:
 
 
 # -- the blocking client -----------------------------------------------------------------------
-class RedisClusterStore(_Core, MutableMapping):
+class RedisClusterStore(_Core, ScanMapping):
     """A shardkv store on a Redis Cluster; see `open` and docs/BACKENDS.md. One object may be
     shared by threads; a forked child gets fresh connections by itself (redis-py's pools)."""
 

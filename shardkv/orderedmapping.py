@@ -1,0 +1,38 @@
+"""`items()` and `values()` of a store as one ordered scan.
+
+The `MutableMapping` defaults walk `iter(db)` and call `db[key]` for each key: one round of
+`get` per item (18x slower than `scan()` on 200k keys), and not at the scan's snapshot, so a
+cross-shard batch committed while they run showed in part (docs/TRANSACTIONS.md, "Isolation").
+A store whose `scan()` yields (key, value) in key order inherits from `ScanMapping` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any
+
+
+class ItemsInOrder(ItemsView):
+    """`db.items()`: (key, value) in key order, read by one `db.scan()`."""
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return iter(self._mapping.scan())
+
+
+class ValuesInOrder(ValuesView):
+    """`db.values()`: the values in key order, read by one `db.scan()`."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _, value in self._mapping.scan())
+
+
+class ScanMapping(MutableMapping):
+    """A MutableMapping whose `items()` and `values()` come from its ordered `scan()`."""
+
+    def items(self) -> ItemsInOrder:  # type: ignore[override]
+        """A view of (key, value) pairs; iterating it is one `scan()`, in key order."""
+        return ItemsInOrder(self)
+
+    def values(self) -> ValuesInOrder:  # type: ignore[override]
+        """A view of the values; iterating it is one `scan()`, in key order."""
+        return ValuesInOrder(self)
