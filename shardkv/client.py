@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import itertools
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ from shardkv.ipc.transport import Channel, Requester, Unresponsive, drain
 from shardkv.ipc import sortedview
 from shardkv.ipc.sharedindex import FALLBACK, SUPPORTED, IndexReader
 from shardkv.limits import MAX_KEY_LEN
-from shardkv.requests import Fanout, Request, Requests
+from shardkv.requests import BULK_OPS, Fanout, Request, Requests
 from shardkv.wal.writer import check_durability
 
 _LIVE_CLIENTS: "weakref.WeakValueDictionary[int, Client]" = weakref.WeakValueDictionary()  # a Mapping is unhashable
@@ -584,6 +585,34 @@ class Client(ScanMapping):
 
     def __iter__(self) -> Iterator[Any]:
         return (key for key, _ in self.scan())
+
+    def update(self, other: Any = (), /, **kwds: Any) -> None:
+        """Set the pairs of `other` (a mapping, an object with keys(), or (key, value) pairs)
+        and of `kwds`, as dict.update does, sent as batches of up to 1,000 pairs (not one round
+        trip per key). Each batch is atomic, the whole is not: use put_many for that."""
+        if isinstance(other, Mapping):
+            pairs: Iterable = other.items()
+        elif hasattr(other, "keys"):
+            pairs = ((key, other[key]) for key in other.keys())
+        else:
+            pairs = other
+        self._check()
+        for batch in self._requests.update_batches(itertools.chain(pairs, kwds.items())):
+            self._write_checked(batch)
+
+    def clear(self) -> None:
+        """Remove every key: the keys one ordered scan reads, deleted 1,000 at a time as it
+        goes (not one scan per key, as MutableMapping.clear does). Not atomic: a key written
+        while it runs may stay."""
+        self._check()
+        start = None
+        while True:
+            keys = [key for key, _ in self._scan(start, None, False, None, BULK_OPS)]
+            if not keys:
+                return
+            for request in self._requests.delete_each(keys):
+                self._run(request)
+            start = keys[-1] + b"\0"  # the least key after the last one deleted
 
     # -- operations ------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -19,12 +19,17 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from crc32c import crc32c
 
-from shardkv.batches import Batch, check_limits, check_ops, put_many_ops, route_ops
+from shardkv.batches import Batch, check_limits, check_op, check_ops, put_many_ops, route_ops
 from shardkv.codecs import Codec
 from shardkv.ipc import protocol as p
+from shardkv.ipc.messages import OP_DELETE
 from shardkv.limits import MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
 
 NEVER = math.inf  # ttl() of a key that never expires
+# update() and clear() are not atomic: they send batches of this size (large enough that a
+# round trip is a small share of a batch, small enough not to hold a shard's log for long).
+BULK_OPS = 1000
+BULK_BYTES = 16 << 20
 
 
 class Request(NamedTuple):
@@ -236,6 +241,33 @@ class Requests:
             shard, items = next(iter(by_shard.items()))
             return _new(Request, (shard, p.APPLY.encode(self.flags, items), False, p.APPLY.result))
         return _new(Request, (self.shards, p.TXN.encode(self.flags, by_shard), False, p.TXN.result))
+
+    def update_batches(self, pairs: Iterable) -> Iterator[list]:
+        """dict.update's (key, value) pairs through the codecs as batches of checked puts, each
+        of at most BULK_OPS pairs and about BULK_BYTES (one pair alone may be larger, up to the
+        limits); a bad pair raises TypeError or ValueError once the batches before it are sent."""
+        key_encode = (lambda k: k) if self.key_codec is None else self.key_codec.encode
+        value_encode = (lambda v: v) if self.value_codec is None else self.value_codec.encode
+        max_ops, max_bytes = min(BULK_OPS, self.max_batch_ops), min(BULK_BYTES, self.max_batch_bytes)
+        batch: list = []
+        size = 0
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"update takes a mapping or (key, value) pairs, not {pair!r:.80}")
+            op = check_op(("put", key_encode(pair[0]), value_encode(pair[1])))
+            if batch and (len(batch) >= max_ops or size + len(op[1]) + len(op[2]) > max_bytes):
+                yield batch
+                batch, size = [], 0
+            batch.append(op)
+            size += len(op[1]) + len(op[2])
+        if batch:
+            yield batch
+
+    def delete_each(self, keys: list[bytes]) -> list[Request]:
+        """Requests deleting `keys` (encoded, as a scan returns them): one APPLY per shard, not a
+        batch across shards, since clear() promises no atomicity (no two-phase commit)."""
+        by_shard = route_ops([(OP_DELETE, key, b"") for key in keys], self.shard_map)
+        return [_new(Request, (shard, p.APPLY.encode(self.flags, items), False, p.APPLY.result)) for shard, items in by_shard.items()]
 
     # -- every shard ---------------------------------------------------------------------------
     def len(self) -> Fanout:

@@ -152,6 +152,11 @@ def test_mutable_mapping_protocol(backend):
     assert len(db) == 2
     if features_of(db).ordered_scans:
         assert list(db) == [b"b", b"d"] and dict(db.items()) == {b"b": b"2", b"d": b"4"}
+    db.update([(b"e", b"5")], )
+    db.update({b"f": b"6"}.items())
+    assert db[b"e"] == b"5" and db[b"f"] == b"6" and len(db) == 4
+    db.clear()
+    assert len(db) == 0 and db.get(b"b") is None
 
 
 def test_get_many(backend):
