@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import builtins
 import fcntl
-import itertools
 import json
 import os
 import subprocess
@@ -41,7 +40,7 @@ from shardkv.coordinator.manifest import read_manifest
 from shardkv.errors import Busy, Closed, CorruptionError, StoreNotFound, Unavailable
 from shardkv.ipc import messages as m
 from shardkv.ipc.protocol import GET
-from shardkv.orderedmapping import ScanMapping
+from shardkv.orderedmapping import ScanMapping, update_pairs
 from shardkv.ipc.layout import (
     PROC_QUARANTINED,
     READING_GRACE,
@@ -590,14 +589,8 @@ class Client(ScanMapping):
         """Set the pairs of `other` (a mapping, an object with keys(), or (key, value) pairs)
         and of `kwds`, as dict.update does, sent as batches of up to 1,000 pairs (not one round
         trip per key). Each batch is atomic, the whole is not: use put_many for that."""
-        if isinstance(other, Mapping):
-            pairs: Iterable = other.items()
-        elif hasattr(other, "keys"):
-            pairs = ((key, other[key]) for key in other.keys())
-        else:
-            pairs = other
         self._check()
-        for batch in self._requests.update_batches(itertools.chain(pairs, kwds.items())):
+        for batch in self._requests.update_batches(update_pairs(other, kwds)):
             self._write_checked(batch)
 
     def clear(self) -> None:

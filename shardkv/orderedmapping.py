@@ -1,4 +1,4 @@
-"""`items()` and `values()` of a store as one ordered scan.
+"""`items()` and `values()` of a store as one ordered scan; `update()`'s arguments as pairs.
 
 The `MutableMapping` defaults walk `iter(db)` and call `db[key]` for each key: one round of
 `get` per item (18x slower than `scan()` on 200k keys), and not at the scan's snapshot, so a
@@ -8,7 +8,8 @@ A store whose `scan()` yields (key, value) in key order inherits from `ScanMappi
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+import itertools
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any
 
 
@@ -36,3 +37,15 @@ class ScanMapping(MutableMapping):
     def values(self) -> ValuesInOrder:  # type: ignore[override]
         """A view of the values; iterating it is one `scan()`, in key order."""
         return ValuesInOrder(self)
+
+
+def update_pairs(other: Any, kwds: dict) -> Iterator[Any]:
+    """The (key, value) pairs of `update(other, **kwds)` as dict.update reads them: a mapping's
+    items, an object with keys() read key by key, else `other` itself as pairs; then `kwds`."""
+    if isinstance(other, Mapping):
+        pairs: Iterable = other.items()
+    elif hasattr(other, "keys"):
+        pairs = ((key, other[key]) for key in other.keys())
+    else:
+        pairs = other
+    return itertools.chain(pairs, kwds.items())

@@ -522,3 +522,24 @@ def test_asyncio_api(backend):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_update_takes_what_dict_update_takes(backend):
+    db = backend.db
+
+    class KeysOnly:  # dict.update's "has keys()" rule
+        def keys(self):
+            return [b"ko"]
+
+        def __getitem__(self, key):
+            return b"from keys()"
+
+    db.update({b"u-%04d" % i: b"%d" % i for i in range(2500)})  # more than one batch
+    db.update([(b"p", b"1")])
+    db.update(KeysOnly())
+    db.update()
+    assert db[b"u-2499"] == b"2499" and db[b"p"] == b"1" and db[b"ko"] == b"from keys()"
+    with pytest.raises(TypeError):
+        db.update([(b"only-one",)])
+    with pytest.raises(TypeError):
+        db.update(k="a str key where bytes are wanted")

@@ -43,6 +43,7 @@ import asyncio
 import functools
 import heapq
 import inspect
+import itertools
 import re
 import time
 from binascii import crc_hqx
@@ -62,7 +63,7 @@ from shardkv.aio import AsyncBatch
 from shardkv.errors import Closed, Conflict, Error, StorageError, Unavailable, Unsupported
 from shardkv.ipc.messages import OP_DELETE, OP_EXPECT, OP_EXPECT_ABSENT, OP_PUT, OP_PUT_TTL
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_scan_args, check_value, ttl_milliseconds
-from shardkv.orderedmapping import ScanMapping
+from shardkv.orderedmapping import ScanMapping, update_pairs
 
 SLOTS = 16384
 DEFAULT_NAMESPACE = "skv"
@@ -1342,6 +1343,18 @@ class RedisClusterStore(_Core, ScanMapping):
                 for key in keys[i : i + 1000]:
                     pipe.unlink(key)
                 pipe.execute()
+
+    def update(self, other=(), /, **kwds) -> None:
+        """Set the pairs of `other` (a mapping, an object with keys(), or (key, value) pairs)
+        and of `kwds`, as dict.update does, as put_many(atomic=False) of 1,000 pairs at a time
+        (not a round trip per key). Not atomic as a whole."""
+        self._check_open()
+        pairs = update_pairs(other, kwds)
+        while True:
+            batch = list(itertools.islice(pairs, 1000))
+            if not batch:
+                return
+            self.put_many(batch, atomic=False)
 
     def __getitem__(self, key):
         value = self.get(key)
