@@ -600,7 +600,16 @@ class Client(ScanMapping):
         self._check()
         start = None
         while True:
-            keys = [key for key, _ in self._scan(start, None, False, None, BULK_OPS)]
+            keys: list[bytes] = []
+            try:
+                for key, _ in self._scan(start, None, False, None, BULK_OPS):
+                    keys.append(key)
+            except Unavailable:
+                # A batch committed between two windows: the keys read so far are still keys to
+                # delete; the next round starts after them. (Raised with nothing read: the scan
+                # already started again as often as it does.)
+                if not keys:
+                    raise
             if not keys:
                 return
             for request in self._requests.delete_each(keys):

@@ -111,3 +111,38 @@ def test_items_and_values_are_scans_not_gets(cluster, monkeypatch):
     monkeypatch.setattr(db, "get", no_get)
     assert list(db.items()) == [(b"k%03d" % i, b"%d" % i) for i in range(300)]
     assert list(db.values()) == [b"%d" % i for i in range(300)]
+
+
+def test_clear_goes_on_while_cross_shard_batches_commit(cluster):
+    """clear() reads its keys by scans: a cross-shard batch committing between two of a scan's
+    windows ends that scan (Unavailable, as for any scan that returned items); clear() deletes
+    what it read and goes on from there instead of failing. (The batches come from another
+    thread of the same client, which the coordinator does not hold back for its scans.)"""
+    import threading
+
+    db = writer = cluster.open()
+    a, b = cross_shard_pair(writer)
+    db.put_many({b"item-%05d" % i: b"x" for i in range(20_000)})
+    stop = threading.Event()
+    commits = []
+
+    def write_batches():
+        n = 0
+        while not stop.is_set():
+            writer.put_many({a: b"%d" % n, b: b"%d" % n})
+            n += 1
+        commits.append(n)
+
+    thread = threading.Thread(target=write_batches)
+    thread.start()
+    try:
+        for _ in range(3):
+            db.clear()
+            db.put_many({b"item-%05d" % i: b"x" for i in range(20_000)})
+        db.clear()
+    finally:
+        stop.set()
+        thread.join()
+    assert commits[0] > 0
+    left = [key for key, _ in db.scan() if key.startswith(b"item-")]
+    assert left == []
