@@ -21,6 +21,7 @@ strictly (fall, in reverse), and anything unexpected means: ask the worker throu
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import chain
 import mmap
 import operator
 import os
@@ -1105,8 +1106,35 @@ def _first_or_scan(client, start, stop, reverse: bool, prefix):
         yield found
 
 
-def _scan(client, start, stop, reverse: bool, prefix, limit):
+class ScanIterator:
+    """What `scan` returns: the items of a generator of windows, chained in C by itertools
+    (no Python generator resumed per item: about 25 ns an item less), with `close()` ending
+    the scan and its snapshot as closing a generator does."""
+
+    __slots__ = ("_windows", "_items")
+
+    def __init__(self, windows):
+        self._windows = windows
+        self._items = chain.from_iterable(windows)
+
+    def __iter__(self):
+        return self._items  # a for loop runs on the chain itself
+
+    def __next__(self):
+        return next(self._items)
+
+    def close(self) -> None:
+        """End the scan now (its snapshot is released)."""
+        self._windows.close()
+
+
+def _scan(client, start, stop, reverse: bool, prefix, limit) -> ScanIterator:
     """The general path of `scan`: windows read directly or fetched as SCAN pages, merged."""
+    return ScanIterator(_windows(client, start, stop, reverse, prefix, limit))
+
+
+def _windows(client, start, stop, reverse: bool, prefix, limit):
+    """The merged windows of a scan, each an iterator of (key, value)."""
     with client._snapshot() as snapshot:
         scan = OrderedScan(view_readers(client), client.shards, start, stop, reverse, prefix, limit, snapshot)
         restarts = 0
@@ -1130,7 +1158,7 @@ def _scan(client, start, stop, reverse: bool, prefix, limit):
             if not items[0]:
                 return
             snapshot.yielded = True
-            yield from zip(*items)
+            yield zip(*items)
 
 
 def _restart(scan: OrderedScan, snapshot, restarts: int) -> int:
