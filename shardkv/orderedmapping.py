@@ -1,4 +1,4 @@
-"""`items()` and `values()` of a store as one ordered scan; `update()`'s arguments as pairs.
+"""`items()`, `values()` and `reversed()` of a store as one ordered scan; `update()`'s arguments.
 
 The `MutableMapping` defaults walk `iter(db)` and call `db[key]` for each key: one round of
 `get` per item (18x slower than `scan()` on 200k keys), and not at the scan's snapshot, so a
@@ -9,8 +9,15 @@ A store whose `scan()` yields (key, value) in key order inherits from `ScanMappi
 from __future__ import annotations
 
 import itertools
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, MutableMapping, ValuesView
 from typing import Any
+
+
+class KeysInOrder(KeysView):
+    """`db.keys()`: the keys in key order (`reversed()`: from the last)."""
+
+    def __reversed__(self) -> Iterator[Any]:
+        return (key for key, _ in self._mapping.scan(reverse=True))
 
 
 class ItemsInOrder(ItemsView):
@@ -19,6 +26,9 @@ class ItemsInOrder(ItemsView):
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return iter(self._mapping.scan())
 
+    def __reversed__(self) -> Iterator[tuple[Any, Any]]:
+        return iter(self._mapping.scan(reverse=True))
+
 
 class ValuesInOrder(ValuesView):
     """`db.values()`: the values in key order, read by one `db.scan()`."""
@@ -26,9 +36,20 @@ class ValuesInOrder(ValuesView):
     def __iter__(self) -> Iterator[Any]:
         return (value for _, value in self._mapping.scan())
 
+    def __reversed__(self) -> Iterator[Any]:
+        return (value for _, value in self._mapping.scan(reverse=True))
+
 
 class ScanMapping(MutableMapping):
     """A MutableMapping whose `items()` and `values()` come from its ordered `scan()`."""
+
+    def __reversed__(self) -> Iterator[Any]:
+        """The keys from the last to the first (one `scan(reverse=True)`), as reversed(dict)."""
+        return (key for key, _ in self.scan(reverse=True))
+
+    def keys(self) -> KeysInOrder:  # type: ignore[override]
+        """A view of the keys, in key order; `reversed()` of it goes from the last."""
+        return KeysInOrder(self)
 
     def items(self) -> ItemsInOrder:  # type: ignore[override]
         """A view of (key, value) pairs; iterating it is one `scan()`, in key order."""

@@ -21,7 +21,9 @@ def blocking(path: str) -> None:
             print(key, item)
         pairs: list[tuple[object, object]] = list(db.items())
         every: list[object] = list(db.values())
-        print(pairs, every)
+        last_first: list[object] = list(reversed(db))
+        db.update({"y": 2}, z=3)
+        print(pairs, every, last_first, list(db.keys()))
         first = db.min()
         if first is not None:
             print(first[0])
