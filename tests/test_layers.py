@@ -123,3 +123,39 @@ def test_the_lazy_names_are_the_real_ones():
     assert set(shardkv.__all__) <= set(dir(shardkv))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         shardkv.nope  # noqa: B018
+
+
+# -- the clients' transport internals --------------------------------------------------------
+# Private attributes of Client and AsyncClient (shardkv/client.py, shardkv/aio.py) that hold
+# their transport: rings, semaphores, the control block, the shared-index readers, raw calls.
+CLIENT_INTERNALS = frozenset(
+    "_index_readers _direct_get _rings _ring_bufs _wake _done _control _control_buf _info _call _call_many _probe "
+    "_channels _requester _lease_fd _pending _free _pid".split()
+)
+# Where they may be named from outside the clients: the tests' one white-box module, and the
+# ordered reads' client side (shardkv/ipc/sortedview.py, which the clients call with themselves).
+# tests/test_ordered_cluster.py still reaches in on its own (left to the ordered reads' owner).
+INTERNALS_ALLOWED = ("tests/client_support.py", "shardkv/ipc/sortedview.py", "tests/test_ordered_cluster.py")
+
+
+def _reaches_into_a_client(path: str) -> list[str]:
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    return [
+        f"{os.path.relpath(path, ROOT)}:{node.lineno} .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in CLIENT_INTERNALS and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]
+
+
+def test_only_the_clients_and_their_test_support_name_their_transport_internals():
+    """Ops tools read a cluster through the public `Client.cluster_view`; white-box tests go
+    through tests/client_support.py, so a change inside a client has one place to follow it."""
+    found = []
+    for folder in ("ops", "shardkv", "shards", "coordinator", "wal", "tests"):
+        for here, _dirs, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(here, name)
+                relative = os.path.relpath(path, ROOT)
+                if name.endswith(".py") and relative not in INTERNALS_ALLOWED and relative not in ("shardkv/client.py", "shardkv/aio.py"):
+                    found += _reaches_into_a_client(path)
+    assert found == []
