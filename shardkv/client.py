@@ -81,6 +81,7 @@ os.register_at_fork(after_in_child=_mark_forked)
 _encode_get = GET.encode
 DEFAULT_REQUEST_TIMEOUT = 20.0
 PROBE_TIMEOUT = 1.0  # health(): a process that does not answer a probe this fast is "unresponsive"
+_PROBE_OPS = (m.PING, m.STATS)  # what ClusterView.probe sends
 RETRY_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
 _UNSET = object()
@@ -699,7 +700,10 @@ class ClusterView:
     def probe(self, target: int, message: bytes) -> tuple[int, memoryview]:
         """Send `message` (a health probe: protocol.PING or STATS) to `target` (a shard;
         `shards`: the coordinator); (status, body), or transport.Unresponsive (an Unavailable)
-        unless it is answered within a second (PROBE_TIMEOUT)."""
+        unless it is answered within a second (PROBE_TIMEOUT). Any other request is a
+        ValueError: this is no way around the client's own methods."""
+        if not message or message[0] not in _PROBE_OPS:
+            raise ValueError("cluster_view.probe sends health probes only (protocol.PING, protocol.STATS)")
         return self._client._probe(target, message)
 
 

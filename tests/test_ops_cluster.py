@@ -182,6 +182,9 @@ def test_the_cluster_view_ops_tools_read(cluster):
     assert protocol.STATS.result(*view.probe(db.shard_of(b"k"), protocol.STATS.encode(0)))["keys"] == 1
     status, _ = view.probe(db.shards, protocol.PING.encode(0))  # the coordinator
     assert status == 0
+    with pytest.raises(ValueError, match="health probes only"):
+        view.probe(0, protocol.DELETE.encode(0, b"k"))  # no back door around the client
+    assert db.get(b"k") == b"v"
     db.close()
     with pytest.raises(shardkv.Closed):
         view.probe(0, protocol.PING.encode(0))
