@@ -1,18 +1,18 @@
 """What `shardkv status` and `health()` show: health, per-shard space and load.
 
 Shared by the blocking client, the asyncio client and the command line; it imports neither
-client (they hand it themselves), so that the clients can import it. Rendering lives with its
+client (they hand it themselves), so that the clients can import it; what it reads of one is
+its public `cluster_view` (shardkv/client.py `ClusterView`). Rendering lives with its
 readers: the table in `shardkv/cli/status.py`, the Prometheus exposition in `ops/metrics.py`.
 """
 
 from __future__ import annotations
 
 import time
-
-import numpy as np
+from collections.abc import Mapping
 
 from shardkv.ipc import protocol
-from shardkv.ipc.layout import PROC_STATE_NAMES, READY, SLOT_REQUEST, ControlBlock, is_own_entry, name_prefix, shm_entries_with_prefix
+from shardkv.ipc.layout import PROC_STATE_NAMES, READY, ControlBlock, is_own_entry, name_prefix, shm_entries_with_prefix
 from shardkv.ipc.transport import Unresponsive
 from shardkv.ops.exitcodes import DEGRADED as EXIT_DEGRADED
 from shardkv.ops.exitcodes import DOWN as EXIT_DOWN
@@ -32,20 +32,21 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     counted (a process counts a request before it answers it); with 0 it is the average since
     the start.
     """
+    view = client.cluster_view
     health = status_from_shared_memory(client)
     answers = {}
     for target, message in probes(health, client.shards).items():
         try:
-            answers[target] = client._probe(target, message)
+            answers[target] = view.probe(target, message)
         except Exception as exc:  # noqa: BLE001 — recorded: see record_probes
             answers[target] = exc
     record_probes(health, answers, client.shards)
     if sample_seconds > 0:
-        before = client._control.procs["requests"].copy()
+        before = view.control.procs["requests"].copy()
         started = time.monotonic()
         time.sleep(sample_seconds)
         elapsed = time.monotonic() - started
-        after = client._control.procs["requests"]
+        after = view.control.procs["requests"]
     for index, entry in enumerate([health["coordinator"], *health["shards"]]):
         if sample_seconds > 0:
             entry["ops_per_second"] = round(float(after[index] - before[index]) / elapsed, 1)
@@ -54,7 +55,7 @@ def collect_status(client, sample_seconds: float = 0.25) -> dict:
     return finish_status(health)
 
 
-def health_from_control(control: ControlBlock, info: dict) -> dict:
+def health_from_control(control: ControlBlock, info: Mapping) -> dict:
     """The health object as the control block shows it (`info`: the cluster's run/cluster.json):
     overall status, supervisor, coordinator and every shard worker."""
     now = time.time()
@@ -84,9 +85,10 @@ def health_from_control(control: ControlBlock, info: dict) -> dict:
 
 def status_from_shared_memory(client) -> dict:
     """The health object as the control block and the rings show it, before any probe."""
-    health = health_from_control(client._control, client._info)
+    view = client.cluster_view
+    health = health_from_control(view.control, view.info)
     for entry in health["shards"]:
-        entry["waiting"] = int(np.count_nonzero(client._rings[entry["shard"]].states == SLOT_REQUEST))
+        entry["waiting"] = view.waiting(entry["shard"])
     return health
 
 

@@ -16,8 +16,10 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import posix_ipc
 from crc32c import crc32c
 
@@ -45,6 +47,7 @@ from shardkv.ipc.layout import (
     PROC_QUARANTINED,
     READING_GRACE,
     READING_HOLD,
+    SLOT_REQUEST,
     STOPPING,
     ControlBlock,
     Ring,
@@ -78,6 +81,7 @@ os.register_at_fork(after_in_child=_mark_forked)
 _encode_get = GET.encode
 DEFAULT_REQUEST_TIMEOUT = 20.0
 PROBE_TIMEOUT = 1.0  # health(): a process that does not answer a probe this fast is "unresponsive"
+_PROBE_OPS = (m.PING, m.STATS)  # what ClusterView.probe sends
 RETRY_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
 _UNSET = object()
@@ -398,6 +402,13 @@ class Client(ScanMapping):
         start of a cluster on the directory picks a new one."""
         return self._info["cluster"]
 
+    @property
+    def cluster_view(self) -> "ClusterView":
+        """What ops tools read of the cluster this client is attached to (shardkv.ops.status:
+        `shardkv status`, `health()`; fault harnesses): its process table, ring queues and
+        probes. Not for applications: it shows the shared-memory layout of docs/IPC.md."""
+        return ClusterView(self)
+
     def shard_of(self, key) -> int:
         """The shard that owns `key` (through the coordinator's shard map)."""
         if self._closed:
@@ -688,6 +699,43 @@ class Client(ScanMapping):
 
     def __repr__(self) -> str:
         return f"<shardkv.Client {self.directory!r} {'closed' if self._closed else f'{self.shards} shards'}>"
+
+
+class ClusterView:
+    """A read-only look, for ops tools, at the cluster a client is attached to (see
+    `Client.cluster_view`). It sends no request but `probe`, and changes nothing."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    @property
+    def control(self) -> ControlBlock:
+        """The cluster's control block (docs/IPC.md, "Control block"): `procs` (the coordinator,
+        then each shard worker: state, pid, restarts, started_at, requests), `state`, the
+        shard map and the commit counters. Read it only: the cluster's processes write it."""
+        return self._client._control
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """The cluster's description (run/cluster.json) as read when the client attached: the
+        supervisor's "pid" and "start_time", "shards", "leases", the shared-memory "names"."""
+        return MappingProxyType(self._client._info)
+
+    def waiting(self, target: int) -> int:
+        """Requests written to `target`'s ring (a shard; `shards`: the coordinator) and not yet
+        taken by its server."""
+        return int(np.count_nonzero(self._client._rings[target].states == SLOT_REQUEST))
+
+    def probe(self, target: int, message: bytes) -> tuple[int, memoryview]:
+        """Send `message` (a health probe: protocol.PING or STATS) to `target` (a shard;
+        `shards`: the coordinator); (status, body), or transport.Unresponsive (an Unavailable)
+        unless it is answered within a second (PROBE_TIMEOUT). Any other request is a
+        ValueError: this is no way around the client's own methods."""
+        if not message or message[0] not in _PROBE_OPS:
+            raise ValueError("cluster_view.probe sends health probes only (protocol.PING, protocol.STATS)")
+        return self._client._probe(target, message)
 
 
 class _Snapshot:

@@ -1,7 +1,8 @@
 """shardkv.shards: the engine that serves one shard (log + index) in-process.
 
 `ShardEngine` and `DirectoryLocked` are imported on first use: a client that needs only the
-ordered view's layout (`shards/sortedkeys.py`) does not load the engine and its logging.
+probe's definition (`shards/probe.py`) or the batch types (`shards/uniform.py`) does not
+load the engine and its logging.
 """
 
 __all__ = ["DirectoryLocked", "ShardEngine"]

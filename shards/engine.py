@@ -6,6 +6,8 @@
 - the participant (participant.py): cross-shard batches prepared here (two-phase commit);
 - the compactor (compaction.py): rewrites sealed segments, through two calls to the store;
 - the ordered reads (ordered.py): scans, min, max, above, below, in windows of the view;
+- the batch writes (batchwrites.py): atomic batches and the two phases of cross-shard ones
+  under the lock, answered before they are indexed when a worker asks (`*_deferred`);
 - the batch checks (batchcheck.py): every batch in the engine's own terms before it is logged.
 
 The engine checks arguments and preconditions, takes the lock and answers. `get`, `get_many`
@@ -25,11 +27,11 @@ from shardkv.errors import Closed, Conflict, CorruptionError, Error, StorageErro
 from shardkv.log import get_logger
 from shardkv.limits import DEFAULT_MAX_VALUE_SIZE, MAX_KEY_LEN, check_key, check_value
 from shardkv.shards.batchcheck import MAX_BATCH_BYTES, check_expects, check_ops
+from shardkv.shards.batchwrites import BatchWrites
 from shardkv.shards.compaction import Compactor
 from shardkv.shards.expiry import ExpiryTable
 from shardkv.shards.ordered import OrderedReads
 from shardkv.shards.participant import Participant
-from shardkv.shards.prepared import batch_keys
 from shardkv.shards.recovery import recover
 from shardkv.shards.store import Store
 from shardkv.shards.uniform import UniformPuts
@@ -38,7 +40,6 @@ from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, check_durability
 
 LOCK_FILE = "LOCK"
-DEFER_MIN = 64  # apply_deferred answers before indexing from this many records of a batch
 _RETRY = object()
 
 
@@ -128,6 +129,7 @@ class ShardEngine:
         store.before_compaction = self._participant.carry
         self._compactor = Compactor(store, segment_size)
         self._ordered = OrderedReads(store, self._check_open)
+        self._batches = BatchWrites(store, self._participant, self._check_open, self._check_expects_locked, durability)
         # The parts' state the hot paths and the worker use, bound once (one attribute load
         # each, no property): the same objects for the engine's life.
         self._lock = store.lock
@@ -317,18 +319,10 @@ class ShardEngine:
                 batch.append((PUT, key, value, expires_at))
         if sum(RECORD_HEADER_SIZE + len(key) + len(value) for _, key, value, _ in batch) > MAX_BATCH_BYTES:
             raise ValueError(f"batch is over the limit of {MAX_BATCH_BYTES} encoded bytes")
-        if not batch:
-            return 0
-        with self._lock:
-            self._check_open()
-            if self._prepared.locks:
-                self._prepared.check_unlocked(batch_keys(batch))
-            end = self._store.write(batch)
-        self._store.make_durable(end)
-        return len(batch)
+        return self._batches.put_records(batch)
 
     def apply_deferred(self, ops: Iterable, expects: Iterable = ()) -> Callable[[], None] | None:
-        """`apply` for a shard worker that answers before it indexes. A batch of DEFER_MIN or
+        """`apply` for a shard worker that answers before it indexes. A batch of DEFER_MIN (64) or
         more operations without preconditions, at a durability other than "fsync", returns as
         soon as it is logged, with the engine's lock still held and the shared index's version
         odd (clients' direct reads ask the worker meanwhile); the function returned indexes it
@@ -337,46 +331,7 @@ class ShardEngine:
         return self._apply(ops, expects, defer=True)
 
     def _apply(self, ops: Iterable, expects: Iterable, defer: bool) -> Callable[[], None] | None:
-        batch = self._check_ops(ops)
-        expects = check_expects(expects)
-        self._check_open()
-        if not batch and not expects:
-            return None
-        deferred = None
-        self._lock.acquire()
-        try:
-            self._check_open()
-            if self._prepared.locks:
-                self._prepared.check_unlocked([*batch_keys(batch), *(key for key, _ in expects)])
-            self._check_expects_locked(expects)
-            if not batch:
-                return None
-            end, index = self._store.log_batch(batch)
-            if not expects and self._answers_early(defer, batch):
-                deferred = self._then_unlock(index)
-                return deferred
-            index()
-        finally:
-            if deferred is None:
-                self._lock.release()
-        self._store.make_durable(end)
-        return None
-
-    def _answers_early(self, defer: bool, batch) -> bool:
-        """Whether a deferred write may be answered before it is indexed: a big batch, unless
-        every write is fsynced before its answer."""
-        return defer and len(batch) >= DEFER_MIN and self.durability != "fsync"
-
-    def _then_unlock(self, index: Callable[[], None]) -> Callable[[], None]:
-        """`index`, then the engine's lock released (taken by the deferred write)."""
-
-        def finish() -> None:
-            try:
-                index()
-            finally:
-                self._lock.release()
-
-        return finish
+        return self._batches.apply(self._check_ops(ops), check_expects(expects), defer)
 
     def _current(self, key: bytes):
         """The value of `key` (None if absent or expired); the caller holds the lock."""
@@ -403,59 +358,24 @@ class ShardEngine:
         returns). Raises Conflict if a precondition fails or Busy if another prepared batch
         locks a key; then nothing is logged or locked. Preparing a batch twice is a no-op."""
         _check_int("txid", txid, 0, 2**64 - 1)
-        batch = self._check_ops(ops)
-        expects = check_expects(expects)
-        self._check_open()
-        with self._lock:
-            self._check_open()
-            end = self._participant.prepare(txid, batch, expects)
-        if end is not None:
-            self._store.make_durable(end)
+        self._batches.prepare(txid, self._check_ops(ops), check_expects(expects))
 
     def commit(self, txid: int) -> bool:
         """Phase two: apply prepared batch `txid` (one batch: a COMMIT record, then its writes)
         and release its locks. False if no such batch is prepared here (already settled)."""
-        return self._commit(txid, defer=False)[0]
+        return self._batches.commit(txid, defer=False)[0]
 
     def commit_deferred(self, txid: int) -> tuple[bool, Callable[[], None] | None]:
         """`commit` for a shard worker that answers before it indexes, as `apply_deferred`
         does: (settled, the function that indexes the batch and releases the lock, or None)."""
-        return self._commit(txid, defer=True)
-
-    def _commit(self, txid: int, defer: bool) -> tuple[bool, Callable[[], None] | None]:
-        deferred = None
-        self._lock.acquire()
-        try:
-            self._check_open()
-            logged = self._participant.log_commit(txid)
-            if logged is None:
-                return False, None
-            batch, end, index = logged
-            if self._answers_early(defer, batch):
-                # Its locks go now, so that the worker publishes the count before answering;
-                # clients still cannot read these keys: the version stays odd until indexed.
-                self._participant.settle(txid)
-                deferred = self._then_unlock(index)
-                return True, deferred
-            index()
-            self._participant.settle(txid)
-        finally:
-            if deferred is None:
-                self._lock.release()
-        self._store.make_durable(end)
-        return True, None
+        return self._batches.commit(txid, defer=True)
 
     def abort(self, txid: int) -> bool:
         """Drop prepared batch `txid` (logging an ABORT record) and release its locks; False if
         no such batch is prepared here. If the disk refuses the ABORT record (full), the batch
         is dropped all the same (presumed abort settles it after a restart, see
         Participant.abort)."""
-        with self._lock:
-            self._check_open()
-            found, end = self._participant.abort(txid)
-        if end is not None:
-            self._store.make_durable(end)
-        return found
+        return self._batches.abort(txid)
 
     def prepared(self) -> list[int]:
         """The ids of the batches prepared here and awaiting their decision."""

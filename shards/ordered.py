@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from shardkv.limits import check_key, check_scan_args
-from shardkv.shards.sortedkeys import BUILDING, scan_bounds
+from shardkv.ipc.sortedruns import scan_bounds
+from shardkv.shards.sortedkeys import BUILDING
 from shardkv.shards.store import Store
 
 SCAN_FIRST = 64  # a scan reads this many keys first (min(), above() need one), then 4x more each time

@@ -20,7 +20,7 @@ from crc32c import crc32c
 
 from shardkv import faults
 from shardkv.errors import Closed, CorruptionError, StorageError
-from shardkv.ipc import sortedview  # (imports shardkv.shards: used at run time only)
+from shardkv.ipc import sortedview  # read_records: the clients' checked record reader
 from shardkv.shards import sortedkeys
 from shardkv.shards.expiry import ExpiryTable
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
@@ -30,6 +30,7 @@ from shardkv.shards.probe import GOLDEN32, KEY_IN_CHECKED, checked_fields
 from shardkv.shards.recovery import Recovered, latest_state, sealed_records, unmap_all
 from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView
 from shardkv.shards.uniform import UniformPuts
+from shardkv.shards.viewpublisher import ViewPublisher
 from shardkv.wal.format import DELETE, PUT, RECORD_CRC_FROM, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
 from shardkv.wal.records import COLUMNS_MIN, encode_columns, encode_record, txid_key
@@ -82,7 +83,7 @@ class Store:
         # The ordered view, kept current by every write (sortedkeys.py); built from the index now
         # for small shards, in a background thread for big ones.
         # With a shared index, the view's runs are published beside it for clients' scans.
-        self.sorted = SortedView(KeySource(self.entry_keys, self.maps), sortedview.ViewPublisher(shared_index) if shared_index is not None else None)
+        self.sorted = SortedView(KeySource(self.entry_keys, self.maps), ViewPublisher(shared_index) if shared_index is not None else None)
         self.sorted.key_count = lambda: self.index.count
         self._open_view()
         try:

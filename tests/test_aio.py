@@ -6,6 +6,7 @@ import time
 import pytest
 
 import shardkv
+import client_support as cs
 from clock_support import still_before, until_past
 from cluster_support import cluster_fixture
 
@@ -98,10 +99,10 @@ def test_cancelled_requests_never_leave_a_slot_stuck(cluster):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             for _ in range(200):  # every slot comes back once its answer arrives
-                if all(q.qsize() == 3 for q in db._free) and not db._pending:
+                if cs.idle(db, 3):
                     break
                 await asyncio.sleep(0.01)
-            assert all(q.qsize() == 3 for q in db._free) and not db._pending
+            assert cs.idle(db, 3)
             assert await db.get(b"k") == b"v"
             await db.put(b"after", b"ok")
             assert await db.get(b"after") == b"ok"

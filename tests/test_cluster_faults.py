@@ -149,10 +149,10 @@ def test_killed_coordinator_is_restarted(cluster):
     for key in keys:
         db.put(key, key)
     before = db.health()["coordinator"]
-    shard_map = bytes(db._control.shard_map)
+    shard_map = bytes(db.cluster_view.control.shard_map)
     os.kill(before["pid"], signal.SIGKILL)
     wait_until(lambda: (e := db.health()["coordinator"])["restarts"] >= 1 and e["state"] == "up" and e["pid"] not in (None, before["pid"]), 10, message="restart of the coordinator")
-    assert bytes(db._control.shard_map) == shard_map
+    assert bytes(db.cluster_view.control.shard_map) == shard_map
     assert db.get_many(keys) == keys
     db.put(b"after", b"ok")
     assert db.get(b"after") == b"ok" and db.health()["status"] == "healthy"

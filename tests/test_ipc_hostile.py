@@ -23,6 +23,8 @@ from shardkv.ipc.layout import (
     write_frame,
 )
 
+import client_support as cs
+
 pytestmark = pytest.mark.cluster
 
 
@@ -48,14 +50,14 @@ def db(tmp_path):
 
 def raw_exchange(db, frame_state, flags, request_id, payload, total_len, write_payload=True):
     """Write one frame as a hostile client would (bypassing the client's own encoding)."""
-    slot = db._rings[0].slot(db.lease)
+    slot = cs.ring(db, 0).slot(db.lease)
     if write_payload:
         write_frame(slot, frame_state, flags, request_id, payload, total_len)
-    db._wake[0].release()
+    cs.wake(db, 0).release()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            db._done.acquire(0.1)
+            cs.answered(db).acquire(0.1)
         except posix_ipc.BusyError:
             pass
         state, _, rid, frame_len, _ = read_frame(slot)
@@ -93,8 +95,8 @@ def test_malformed_messages_get_errors_and_the_worker_keeps_serving(db):
 
 
 def test_bad_frame_headers(db):
-    capacity = db._rings[0].capacity
-    slot = db._rings[0].slot(db.lease)
+    capacity = cs.ring(db, 0).capacity
+    slot = cs.ring(db, 0).slot(db.lease)
     # frame_len larger than the slot: forge the header directly
     write_frame(slot, SLOT_REQUEST, 0, 1, b"x", 1)
     slot[16:20] = (capacity + 1).to_bytes(4, "little")
@@ -124,4 +126,4 @@ def test_random_garbage_never_stops_the_worker(db):
             raw_exchange(db, SLOT_REQUEST, 0, 5000 + i, b"", 0)  # end the message one way or another
     db.put(b"still", b"serving")
     assert db.get(b"still") == b"serving"
-    assert SLOT_STATE.unpack_from(db._rings[0].slot(db.lease), 0)[0] == SLOT_RESPONSE
+    assert SLOT_STATE.unpack_from(cs.ring(db, 0).slot(db.lease), 0)[0] == SLOT_RESPONSE

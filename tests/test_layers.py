@@ -96,6 +96,31 @@ def test_the_coordinator_does_not_reach_into_the_shards():
     assert _breaches("shardkv.coordinator", ("shardkv.shards",)) == []
 
 
+# Left of the ipc -> shards imports (issue #23): the one definition of the hash probe and record
+# check (shards/probe.py), and the decoded batch types (shards/uniform.py). Both are pure and
+# import only shardkv.wal.format; moving them below both sides removes these two lines.
+IPC_TO_SHARDS_LEFT = ("shardkv.shards.probe", "shardkv.shards.uniform")
+
+
+def test_the_ipc_layer_does_not_import_the_shards():
+    """shardkv.ipc holds what a worker and its clients share (layouts, messages, the runs of the
+    ordered view, shardkv/ipc/sortedruns.py); a worker imports it, never the reverse. The
+    clients' ordered reader importing shards.sortedkeys, while the worker's store imported that
+    reader, was a circle (issue #23); the worker's publisher is shards/viewpublisher.py now."""
+    assert _breaches("shardkv.ipc", ("shardkv.shards",), allowed=IPC_TO_SHARDS_LEFT) == []
+
+
+def test_the_clients_ordered_reads_load_no_worker_code():
+    """Scanning from a client loads the ordered view's layout and runs, not the worker's view."""
+    probe = (
+        "import sys\n"
+        "import shardkv.client, shardkv.aio, shardkv.ipc.sortedview\n"
+        f"print(sorted(m for m in sys.modules if m.startswith('shardkv.shards') and m not in {IPC_TO_SHARDS_LEFT!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() in ("[]", "['shardkv.shards']")  # the package itself comes with the two left
+
+
 def test_no_server_side_module_imports_the_client_stack():
     for layer in ("shardkv.wal", "shardkv.shards", "shardkv.coordinator", "shardkv.ipc"):
         assert _breaches(layer, CLIENT_STACK) == [], layer
@@ -123,3 +148,39 @@ def test_the_lazy_names_are_the_real_ones():
     assert set(shardkv.__all__) <= set(dir(shardkv))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         shardkv.nope  # noqa: B018
+
+
+# -- the clients' transport internals --------------------------------------------------------
+# Private attributes of Client and AsyncClient (shardkv/client.py, shardkv/aio.py) that hold
+# their transport: rings, semaphores, the control block, the shared-index readers, raw calls.
+CLIENT_INTERNALS = frozenset(
+    "_index_readers _direct_get _rings _ring_bufs _wake _done _control _control_buf _info _call _call_many _probe "
+    "_channels _requester _lease_fd _pending _free _pid".split()
+)
+# Where they may be named from outside the clients: the tests' one white-box module, and the
+# ordered reads' client side (shardkv/ipc/sortedview.py, which the clients call with themselves).
+# tests/test_ordered_cluster.py still reaches in on its own (left to the ordered reads' owner).
+INTERNALS_ALLOWED = ("tests/client_support.py", "shardkv/ipc/sortedview.py", "tests/test_ordered_cluster.py")
+
+
+def _reaches_into_a_client(path: str) -> list[str]:
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    return [
+        f"{os.path.relpath(path, ROOT)}:{node.lineno} .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in CLIENT_INTERNALS and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]
+
+
+def test_only_the_clients_and_their_test_support_name_their_transport_internals():
+    """Ops tools read a cluster through the public `Client.cluster_view`; white-box tests go
+    through tests/client_support.py, so a change inside a client has one place to follow it."""
+    found = []
+    for folder in ("ops", "shardkv", "shards", "coordinator", "wal", "tests"):
+        for here, _dirs, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(here, name)
+                relative = os.path.relpath(path, ROOT)
+                if name.endswith(".py") and relative not in INTERNALS_ALLOWED and relative not in ("shardkv/client.py", "shardkv/aio.py"):
+                    found += _reaches_into_a_client(path)
+    assert found == []

@@ -159,3 +159,32 @@ def test_shared_memory_semaphores_and_files_are_owner_only(cluster):
             assert os.stat(os.path.join(root, name)).st_mode & 0o077 == 0, os.path.join(root, name)
         for name in files:
             assert os.stat(os.path.join(root, name)).st_mode & 0o077 == 0, os.path.join(root, name)
+
+
+def test_the_cluster_view_ops_tools_read(cluster):
+    """Client.cluster_view: the process table, the supervisor, the ring queues and the probes,
+    read-only, as ops/status.py and the fault harness use them."""
+    from shardkv.ipc import protocol
+    from shardkv.ipc.layout import PROC_UP
+
+    db = cluster.open()
+    view = db.cluster_view
+    info = cluster.info()
+    assert view.info["pid"] == info["pid"] and view.info["start_time"] == info["start_time"] and view.info["shards"] == db.shards
+    with pytest.raises(TypeError):
+        view.info["pid"] = 1  # read-only: a client keeps the description it attached with
+    health = db.health()
+    procs = view.control.procs
+    assert len(procs) == 1 + db.shards and all(int(entry["state"]) == PROC_UP for entry in procs)
+    assert [int(procs[1 + s]["pid"]) for s in range(db.shards)] == [entry["pid"] for entry in health["shards"]]
+    assert [view.waiting(target) for target in range(db.shards + 1)] == [0] * (db.shards + 1)
+    db.put(b"k", b"v")
+    assert protocol.STATS.result(*view.probe(db.shard_of(b"k"), protocol.STATS.encode(0)))["keys"] == 1
+    status, _ = view.probe(db.shards, protocol.PING.encode(0))  # the coordinator
+    assert status == 0
+    with pytest.raises(ValueError, match="health probes only"):
+        view.probe(0, protocol.DELETE.encode(0, b"k"))  # no back door around the client
+    assert db.get(b"k") == b"v"
+    db.close()
+    with pytest.raises(shardkv.Closed):
+        view.probe(0, protocol.PING.encode(0))

@@ -36,6 +36,7 @@ from shardkv.ipc.sharedindex import FALLBACK, HEADER, SUPPORTED, TABLE_HEADER, t
 from shardkv.ops.metrics import render_prometheus
 from shardkv.ops.status import collect_status
 
+import client_support as cs
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
 from engine_support import key_index
 from test_shared_index import Shard
@@ -308,8 +309,8 @@ def test_garbage_in_a_workers_table_is_repaired_by_compaction_and_nothing_is_los
         for key in shard_keys[::3]:
             model[key] = b"second-" + key
             db.put(key, model[key])
-    prefix = db._index_readers[0].prefix
-    scribble(current_table(prefix, 0, db._index_readers[0]._header), "random", seed=3)
+    reader = cs.index_readers(db)[0]
+    scribble(current_table(reader.prefix, 0, cs.index_header(reader)), "random", seed=3)
     results = db.compact()
     repairs = [s.get("index_repairs") for s in db.health()["shards"]]
     prometheus = render_prometheus(collect_status(db, sample_seconds=0))
@@ -343,8 +344,8 @@ def test_a_worker_notices_a_damaged_table_by_itself_and_rebuilds_it(cluster, mod
     model = {b"k%05d" % i: b"v%d" % i * 10 for i in range(3000)}
     db.put_many(model)
     assert len(db) == len(model)  # a request to each worker: the batch is indexed (it may be answered before)
-    reader = db._index_readers[1]
-    scribble(current_table(reader.prefix, 1, reader._header), mode, seed=2)
+    reader = cs.index_readers(db)[1]
+    scribble(current_table(reader.prefix, 1, cs.index_header(reader)), mode, seed=2)
     wait_until(lambda: db.health()["shards"][1]["index_repairs"] == 1, 30, message="the repair")
     assert db.get_many(list(model)) == list(model.values())
     assert all(db.get(key) == value for key, value in list(model.items())[::7])

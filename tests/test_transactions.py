@@ -18,6 +18,7 @@ import pytest
 import shardkv
 from shardkv.ops.verify import verify_store
 
+import client_support as cs
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
 
 
@@ -38,7 +39,7 @@ def coordinator_stats(db) -> dict:
 
     from shardkv.ipc import messages as m
 
-    return json.loads(bytes(db._call(db.shards, m.request(m.STATS), read=True)[1]))
+    return json.loads(bytes(cs.call(db, db.shards, m.request(m.STATS), read=True)[1]))
 
 
 # -- the API ------------------------------------------------------------------------------------------
@@ -333,9 +334,9 @@ def test_clients_cannot_send_participant_messages_to_a_worker(cluster):
     db = cluster.open()
     for op in (m.PREPARE, m.COMMIT, m.ABORT):
         with pytest.raises(ValueError, match="only accepted from the coordinator"):
-            db._call(0, bytes((op, 0)) + m.u64(7) + m.encode_ops([(m.OP_PUT, b"k", b"v")]), read=False)
+            cs.call(db, 0, bytes((op, 0)) + m.u64(7) + m.encode_ops([(m.OP_PUT, b"k", b"v")]), read=False)
     with pytest.raises(ValueError, match="coordinator"):
-        db._call(0, bytes((m.PENDING, 0)), read=False)
+        cs.call(db, 0, bytes((m.PENDING, 0)), read=False)
     assert db.get(b"k") is None
 
 
@@ -367,15 +368,13 @@ def test_threads_sharing_a_client_run_batches_and_snapshot_reads(cluster):
         t.join(60)
     assert not errors, errors
     assert db.get_many(keys) == [b"149"] * 4
-    assert os.getpid() == db._pid
+    assert os.getpid() == cs.owner_pid(db)
 
 
 # -- rounds: batches waiting together are prepared and committed together ----------------------
 def _in_one_round(db, clients, batches: list[dict]) -> list:
     """Send batch i through clients[i] while the coordinator is stopped (SIGSTOP), so that they
     all wait in its ring, then let it go on: it finds them together. The errors raised."""
-    from shardkv.ipc.layout import SLOT_REQUEST
-
     coordinator = db.health()["coordinator"]["pid"]
     errors: list = []
 
@@ -390,8 +389,7 @@ def _in_one_round(db, clients, batches: list[dict]) -> list:
     try:
         for t in threads:
             t.start()
-        coordinator_ring = db._rings[-1]
-        wait_until(lambda: int((coordinator_ring.states == SLOT_REQUEST).sum()) == len(batches), timeout=30, message="every batch waiting")
+        wait_until(lambda: db.cluster_view.waiting(db.shards) == len(batches), timeout=30, message="every batch waiting")
     finally:
         os.kill(coordinator, signal.SIGCONT)
     for t in threads:

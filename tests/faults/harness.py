@@ -107,14 +107,14 @@ class Harness:
         return db
 
     def _kill(self, db, victim: str, end: float):
-        procs = db._control.procs
+        procs = db.cluster_view.control.procs
         if victim == "client":
             ident = self.rng.randrange(self.clients)
             self.procs[ident].kill()
             self.procs[ident].wait()
             self._spawn(ident, end)
         elif victim == "supervisor":
-            os.kill(db._info["pid"], signal.SIGKILL)
+            os.kill(db.cluster_view.info["pid"], signal.SIGKILL)
             db = self._reopen(db)
         else:
             index = 0 if victim == "coordinator" else 1 + self.rng.randrange(db.shards)
@@ -144,7 +144,8 @@ class Harness:
             except Exception:  # noqa: BLE001
                 pass
             try:
-                while process_start_time(db._info["pid"]) == db._info["start_time"] and time.monotonic() < deadline:
+                supervisor = db.cluster_view.info
+                while process_start_time(supervisor["pid"]) == supervisor["start_time"] and time.monotonic() < deadline:
                     time.sleep(0.01)  # the killed supervisor must be gone before we look again
                 return shardkv.open(self.directory, durability="process")
             except shardkv.Unavailable:
