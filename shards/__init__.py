@@ -1,8 +1,8 @@
 """shardkv.shards: the engine that serves one shard (log + index) in-process.
 
-`ShardEngine` and `DirectoryLocked` are imported on first use: a client that needs only the
-probe's definition (`shards/probe.py`) or the batch types (`shards/uniform.py`) does not
-load the engine and its logging.
+`ShardEngine` and `DirectoryLocked` are imported on first use: a tool that imports a module of
+this package (a test, the benchmarks' engine rows) loads the engine and its logging only if
+it uses them. (Clients import nothing of this package: docs/ARCHITECTURE.md, "Layers".)
 """
 
 __all__ = ["DirectoryLocked", "ShardEngine"]

@@ -6,7 +6,7 @@ logged):
 
 - `PutColumns`, plain puts of one key and one value size a worker decoded with numpy: checked
   once for the whole batch;
-- `Writes`, any other batch a worker decoded (shards/uniform.py): already in the engine's terms,
+- `Writes`, any other batch a worker decoded (ipc/uniform.py): already in the engine's terms,
   so only the sizes, which came from a ring, are checked, and each ttl becomes an instant;
 - anything else: the engine's public form, ("put", key, value[, ttl seconds]) and ("delete",
   key) tuples, as `ShardEngine.apply` documents it.
@@ -18,7 +18,7 @@ from typing import Iterable
 
 from shardkv.limits import MAX_KEY_LEN, check_key, check_value
 from shardkv.shards.expiry import ExpiryTable
-from shardkv.shards.uniform import PutColumns, UniformPuts, Writes
+from shardkv.ipc.uniform import PutColumns, UniformPuts, Writes
 from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from shardkv.wal.writer import MAX_SEGMENT_SIZE
 

@@ -34,7 +34,7 @@ from shardkv.shards.ordered import OrderedReads
 from shardkv.shards.participant import Participant
 from shardkv.shards.recovery import recover
 from shardkv.shards.store import Store
-from shardkv.shards.uniform import UniformPuts
+from shardkv.ipc.uniform import UniformPuts
 from shardkv.wal import fileio
 from shardkv.wal.format import DELETE, MAX_VALUE_LEN_FORMAT, PUT, RECORD_HEADER_SIZE
 from shardkv.wal.writer import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, check_durability

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from shardkv.ipc.sharedindex import PrivateTables
-from shardkv.shards.probe import GOLDEN32
+from shardkv.ipc.probe import GOLDEN32
 MAX_LOAD = 0.5  # linear probing: ~2.5 probes to learn a key is absent (6 at 0.7), for ~2 more bytes of slots a key
 MIN_BITS = 10
 OVERFLOW = 64
@@ -68,7 +68,7 @@ class KeyIndex:
         self._klen_v = memoryview(self.key_lens)
         self._vlen_v = memoryview(self.value_lens)
         self._seq_v = memoryview(self.seqs)
-        # What a probe reads (shards/probe.py), swapped in one assignment for lock-free readers.
+        # What a probe reads (ipc/probe.py), swapped in one assignment for lock-free readers.
         self.table = (self._shift, self._slot_v, self._hash_v, self._klen_v, self._loc_v, self._vlen_v)
         self._tables.install(arrays)
 

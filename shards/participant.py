@@ -13,7 +13,7 @@ from typing import Callable
 
 from shardkv.errors import StorageError
 from shardkv.shards.prepared import PreparedBatches, batch_keys, encode_prepare
-from shardkv.shards.uniform import UniformPuts
+from shardkv.ipc.uniform import UniformPuts
 from shardkv.wal.format import ABORT, COMMIT, PREPARE
 from shardkv.wal.records import txid_key
 

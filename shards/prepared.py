@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from shardkv.errors import Busy, CorruptionError, StorageError
-from shardkv.shards.uniform import UniformPuts
+from shardkv.ipc.uniform import UniformPuts
 from shardkv.wal.format import DELETE, PREPARE_COUNT, PREPARE_ENTRY, PREPARE_EXPECT, PREPARE_EXPECT_ABSENT, PUT
 
 EXPECT = PREPARE_EXPECT  # the key must hold the value

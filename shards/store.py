@@ -26,10 +26,10 @@ from shardkv.shards.expiry import ExpiryTable
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
 from shardkv.shards.indexheader import IndexHeader
 from shardkv.shards.keyindex import KeyIndex
-from shardkv.shards.probe import GOLDEN32, KEY_IN_CHECKED, checked_fields
+from shardkv.ipc.probe import GOLDEN32, KEY_IN_CHECKED, checked_fields
 from shardkv.shards.recovery import Recovered, latest_state, sealed_records, unmap_all
 from shardkv.shards.sortedkeys import BUILDING, READY, KeySource, SortedView
-from shardkv.shards.uniform import UniformPuts
+from shardkv.ipc.uniform import UniformPuts
 from shardkv.shards.viewpublisher import ViewPublisher
 from shardkv.wal.format import DELETE, PUT, RECORD_CRC_FROM, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, segment_name
 from shardkv.wal.reader import map_file
@@ -119,7 +119,7 @@ class Store:
     def read(self, key: bytes):
         """The value of `key` or None. Callers either hold the lock or check the version.
 
-        A flat copy of shards/probe.py's find_value (tests/test_probe.py checks they agree):
+        A flat copy of ipc/probe.py's find_value (tests/test_probe.py checks they agree):
         this is the hottest path of a shard, and a call layer costs measurably here."""
         shift, slots, hashes, key_lens, locations, value_lens = self.index.table
         h = crc32c(key)

@@ -22,7 +22,7 @@ from shardkv import batches
 from shardkv.errors import Busy
 from shardkv.ipc import messages as m
 from shardkv.shards.engine import ShardEngine
-from shardkv.shards.uniform import PutColumns, Writes
+from shardkv.ipc.uniform import PutColumns, Writes
 from shardkv.wal import records
 from shardkv.wal.format import COMMIT, DELETE, MAX_KEY_LEN, PUT, RECORD_HEADER_SIZE
 
@@ -502,7 +502,7 @@ def test_engine_checks_decoded_same_size_puts(tmp_path):
 def test_prepare_value_of_same_size_puts_matches_tuples():
     """encode_prepare of columns (one join) gives the bytes of the same puts as tuples."""
     from shardkv.shards.prepared import decode_prepare, encode_prepare
-    from shardkv.shards.uniform import UniformPuts
+    from shardkv.ipc.uniform import UniformPuts
 
     keys, values = [b"key-%04d" % i for i in range(50)], [b"v%04d" % i for i in range(50)]
     uniform = UniformPuts(keys, values, 8, 5)

@@ -96,18 +96,12 @@ def test_the_coordinator_does_not_reach_into_the_shards():
     assert _breaches("shardkv.coordinator", ("shardkv.shards",)) == []
 
 
-# Left of the ipc -> shards imports (issue #23): the one definition of the hash probe and record
-# check (shards/probe.py), and the decoded batch types (shards/uniform.py). Both are pure and
-# import only shardkv.wal.format; moving them below both sides removes these two lines.
-IPC_TO_SHARDS_LEFT = ("shardkv.shards.probe", "shardkv.shards.uniform")
-
-
 def test_the_ipc_layer_does_not_import_the_shards():
     """shardkv.ipc holds what a worker and its clients share (layouts, messages, the runs of the
     ordered view, shardkv/ipc/sortedruns.py); a worker imports it, never the reverse. The
     clients' ordered reader importing shards.sortedkeys, while the worker's store imported that
     reader, was a circle (issue #23); the worker's publisher is shards/viewpublisher.py now."""
-    assert _breaches("shardkv.ipc", ("shardkv.shards",), allowed=IPC_TO_SHARDS_LEFT) == []
+    assert _breaches("shardkv.ipc", ("shardkv.shards",)) == []
 
 
 def test_the_clients_ordered_reads_load_no_worker_code():
@@ -115,10 +109,10 @@ def test_the_clients_ordered_reads_load_no_worker_code():
     probe = (
         "import sys\n"
         "import shardkv.client, shardkv.aio, shardkv.ipc.sortedview\n"
-        f"print(sorted(m for m in sys.modules if m.startswith('shardkv.shards') and m not in {IPC_TO_SHARDS_LEFT!r}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('shardkv.shards')))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.strip() in ("[]", "['shardkv.shards']")  # the package itself comes with the two left
+    assert out.strip() == "[]"
 
 
 def test_no_server_side_module_imports_the_client_stack():

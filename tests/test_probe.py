@@ -1,4 +1,4 @@
-"""The hash probe and record check have one home (shards/probe.py `find_value`) and two flat
+"""The hash probe and record check have one home (ipc/probe.py `find_value`) and two flat
 copies on hot paths: the engine's (shards/store.py `Store.read`) and clients' direct reads'
 (shardkv/ipc/sharedindex.py `IndexReader._find`). They must agree on every table, intact or
 not - value, absent (or expired, for the reader), or damaged."""
@@ -15,7 +15,7 @@ from crc32c import crc32c
 
 from shardkv.errors import CorruptionError
 from shardkv.ipc.sharedindex import IndexReader
-from shardkv.shards.probe import GOLDEN32, DamagedRecord, find_value
+from shardkv.ipc.probe import GOLDEN32, DamagedRecord, find_value
 from shardkv.shards.store import Store
 from shardkv.wal.format import DELETE, PUT, RECORD_CHECKED, RECORD_CRC_FROM, RECORD_HEADER, RECORD_HEADER_SIZE
 from shardkv.wal.records import encode_record
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.unit  # in-memory tables and buffers: no files, no proc
 
 
 def _table(entries: list[tuple[int, int, int, int]]) -> tuple:
-    """A probe table (shards/probe.py) of (hash, key_len, location, value_len) entries placed by
+    """A probe table (ipc/probe.py) of (hash, key_len, location, value_len) entries placed by
     linear probing from their stored hash, as KeyIndex places them."""
     shift = 32 - BITS
     slots = [0] * ((1 << BITS) + len(entries) + 1)  # the last slot stays empty

@@ -14,7 +14,7 @@ from operator import add
 import numpy as np
 
 from shardkv.errors import Busy, Conflict, CorruptionError, Error, StorageError, Unavailable
-from shardkv.shards.uniform import PutColumns, Writes
+from shardkv.ipc.uniform import PutColumns, Writes
 from shardkv.wal.format import DELETE as RECORD_DELETE, PUT as RECORD_PUT  # (PUT and DELETE here are op codes)
 
 PING, GET, PUT, DELETE, CAS, APPLY, GET_MANY, SCAN, LEN, STATS, SYNC, COMPACT, PUT_TTL, TTL, EXPIRE = range(1, 16)
@@ -230,7 +230,7 @@ def ops_parts(columns: tuple) -> tuple[list, int]:
 
 def decode_ops(reader: "Reader") -> tuple[list, list]:
     """(writes, expects) of the operation list at the reader's position, which ends the
-    message: writes in the engine's native form (`shards.uniform.Writes`: (RECORD_PUT, key,
+    message: writes in the engine's native form (`ipc.uniform.Writes`: (RECORD_PUT, key,
     value, ttl_ms) and (RECORD_DELETE, key, b"", 0)), expects as (key, value or None). A
     tight loop: batches carry up to a million operations."""
     data, pos = bytes(reader.buf), reader.pos

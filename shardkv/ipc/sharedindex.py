@@ -25,7 +25,7 @@ import numpy as np
 import posix_ipc
 from crc32c import crc32c
 
-from shardkv.shards.probe import GOLDEN32, KEY_IN_CHECKED, DamagedRecord, checked_fields
+from shardkv.ipc.probe import GOLDEN32, KEY_IN_CHECKED, DamagedRecord, checked_fields
 from shardkv.wal.format import PUT, RECORD_CRC_FROM, RECORD_HEADER_SIZE, segment_name
 
 HEADER_MAGIC = b"SHKVIDX\n"
@@ -304,7 +304,7 @@ class IndexReader:
         decides); until then, every read is bounds-checked. Raises on anything unreadable (the
         worker reports corruption properly).
 
-        A flat copy of shards/probe.py `find_value` with this reader's bounds checks inline:
+        A flat copy of ipc/probe.py `find_value` with this reader's bounds checks inline:
         calling it, with a callback for the segment, costs ~10% of a direct read.
         tests/test_probe.py checks that the two agree."""
         _, shift, slots, locations, hashes, key_lens, value_lens, _ = table
@@ -400,7 +400,7 @@ class IndexReader:
             return None
         arrays = {name: memoryview(buf)[offset : offset + length * np.dtype(dtype).itemsize].cast("I" if dtype == "<u4" else "Q") for name, dtype, offset, length in layout}
         slots, locations, hashes, key_lens, value_lens = (arrays[name] for name in ("slots", "locations", "hashes", "key_lens", "value_lens"))
-        # The last item is the same arrays as shards/probe.py takes them (KeyIndex.table's order).
+        # The last item is the same arrays as ipc/probe.py takes them (KeyIndex.table's order).
         table = (number, 32 - bits, slots, locations, hashes, key_lens, value_lens, (32 - bits, slots, hashes, key_lens, locations, value_lens))
         self._table = table
         return table
