@@ -73,7 +73,7 @@ from shardkv.ipc.layout import (
     worker_ring_slots,
 )
 from shardkv.ipc.sharedindex import HEADER_SIZE, create_header, mark_not_serving, unlink_tables
-from shardkv.ipc.sortedview import unlink_views
+from shardkv.ipc.viewlayout import unlink_views
 from shardkv.coordinator.membership import EXIT_CORRUPT
 from shardkv.log import configure_service_logging, get_logger
 from shardkv.wal import fileio

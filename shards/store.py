@@ -20,7 +20,7 @@ from crc32c import crc32c
 
 from shardkv import faults
 from shardkv.errors import Closed, CorruptionError, StorageError
-from shardkv.ipc import sortedview  # read_records: the clients' checked record reader
+from shardkv.ipc.bulkread import read_records
 from shardkv.shards import sortedkeys
 from shardkv.shards.expiry import ExpiryTable
 from shardkv.shards.hints import ActiveRecords, SegmentRecords, write_hint
@@ -440,7 +440,7 @@ class Store:
             self.header.bump()
 
     def entry_items(self, eids: list) -> tuple[list, list]:
-        """(keys, values) of index entries `eids`, checked (sortedview.read_records: numpy, one
+        """(keys, values) of index entries `eids`, checked (ipc/bulkread.py read_records: numpy, one
         CRC-32C call per run of records of one length)."""
         if len(eids) < 8 or not self.verify_checksums:
             return [list(t) for t in zip(*map(self._entry_item, eids))] or ([], [])
@@ -450,7 +450,7 @@ class Store:
         segments = (locations >> np.uint64(32)).astype(np.int64)
         buffers = {int(segment): self.maps[int(segment)] for segment in np.unique(segments).tolist()}
         try:
-            items = sortedview.read_records(buffers, segments, (locations & np.uint64(0xFFFFFFFF)).astype(np.int64), index.key_lens[e].astype(np.int64), index.value_lens[e].astype(np.int64), 0)
+            items = read_records(buffers, segments, (locations & np.uint64(0xFFFFFFFF)).astype(np.int64), index.key_lens[e].astype(np.int64), index.value_lens[e].astype(np.int64), 0)
         except ValueError:
             return [list(t) for t in zip(*map(self._entry_item, eids))]  # one by one: names the damaged record
         return items.lists()

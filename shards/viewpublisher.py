@@ -1,9 +1,10 @@
 """The worker's side of the ordered view in shared memory (docs/IPC.md, "Ordered view"):
 `ViewPublisher`, the `storage` of a shard's SortedView (shards/sortedkeys.py), writes its runs
-into shared objects laid out as shardkv/ipc/sortedview.py reads them in clients.
+into shared objects laid out as shardkv/ipc/viewlayout.py says (clients read them with
+shardkv/ipc/sortedview.py).
 
 It lives on the worker's side so that the clients' reader imports nothing of shardkv.shards:
-the worker imports the layout it publishes (shardkv/ipc/sortedview.py, sortedruns.py), never
+the worker imports the layout it publishes (shardkv/ipc/viewlayout.py, sortedruns.py), never
 the reverse.
 """
 
@@ -17,7 +18,7 @@ import posix_ipc
 from shardkv.ipc.messages import BATCH_RING
 from shardkv.ipc.sharedindex import U32, _map
 from shardkv.ipc.sortedruns import LEVELS
-from shardkv.ipc.sortedview import (
+from shardkv.ipc.viewlayout import (
     BATCH_ENTRY,
     BATCHES_AT,
     HEADER_BYTES,

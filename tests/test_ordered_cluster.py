@@ -18,7 +18,7 @@ import pytest
 import shardkv
 import test_ipc_layout as ipc_doc
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
-from shardkv.ipc import messages, sortedview
+from shardkv.ipc import messages, sortedview, viewlayout
 from shardkv.ipc.layout import PROC_UP
 from shardkv.ipc.sharedindex import SUPPORTED, U32
 
@@ -271,8 +271,8 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
         return buf
 
     header = writable(f"{prefix}-idx0")
-    view = writable(sortedview.view_name(prefix, 0, U32.unpack_from(header, sortedview.VIEW_FIELD)[0]))
-    levels = [sortedview.LEVEL_ENTRY.unpack_from(view, sortedview.LEVELS_AT + 16 * level) for level in range(sortedview.LEVELS)]
+    view = writable(viewlayout.view_name(prefix, 0, U32.unpack_from(header, viewlayout.VIEW_FIELD)[0]))
+    levels = [viewlayout.LEVEL_ENTRY.unpack_from(view, viewlayout.LEVELS_AT + 16 * level) for level in range(viewlayout.LEVELS)]
     level, (number, count, _, capacity) = max(enumerate(levels), key=lambda lv: lv[1][1])
     assert count > 1000
     rng = np.random.default_rng(5)
@@ -298,11 +298,11 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
         return run
 
     shared = {
-        "counts": (view, sortedview.LEVELS_AT, rng.integers(0, 256, 16 * sortedview.LEVELS, dtype=np.uint8).tobytes()),
-        "count past capacity": (view, sortedview.LEVELS_AT + 16 * level + 4, (capacity + 1).to_bytes(4, "little")),
-        "level number": (view, sortedview.LEVELS_AT + 16 * level, (999).to_bytes(4, "little")),
+        "counts": (view, viewlayout.LEVELS_AT, rng.integers(0, 256, 16 * viewlayout.LEVELS, dtype=np.uint8).tobytes()),
+        "count past capacity": (view, viewlayout.LEVELS_AT + 16 * level + 4, (capacity + 1).to_bytes(4, "little")),
+        "level number": (view, viewlayout.LEVELS_AT + 16 * level, (999).to_bytes(4, "little")),
         "view object magic": (view, 0, b"garbage!"),
-        "view number": (header, sortedview.VIEW_FIELD, (12345).to_bytes(4, "little")),
+        "view number": (header, viewlayout.VIEW_FIELD, (12345).to_bytes(4, "little")),
     }
     cases = list(shared) + ["entry ids", "entry ids shuffled", "prefixes", "prefixes zero"]
     # A run searched 4 times is checked whole (ViewReader.check_run): garbage must fail that too.
@@ -381,12 +381,12 @@ def test_without_direct_reads_every_window_is_a_page(cluster, monkeypatch):
 @pytest.mark.unit
 def test_doc_tables_match_the_layout():
     rows = ipc_doc.table_after("**View object**")
-    assert ipc_doc.contiguous_total(rows) == sortedview.HEADER_BYTES
-    assert [int(r[1]) for r in rows[:4]] == [8, 4, 4, 8] and sortedview.VIEW_HEADER.size == 24
-    assert rows[0][3] == "`SHKVORD\\n`" and sortedview.VIEW_MAGIC == b"SHKVORD\n"
-    assert sortedview.LEVEL_ENTRY.size == 16 and sortedview.BATCH_ENTRY.size == 24 and sortedview.BATCH_RING == 8
+    assert ipc_doc.contiguous_total(rows) == viewlayout.HEADER_BYTES
+    assert [int(r[1]) for r in rows[:4]] == [8, 4, 4, 8] and viewlayout.VIEW_HEADER.size == 24
+    assert rows[0][3] == "`SHKVORD\\n`" and viewlayout.VIEW_MAGIC == b"SHKVORD\n"
+    assert viewlayout.LEVEL_ENTRY.size == 16 and viewlayout.BATCH_ENTRY.size == 24 and viewlayout.BATCH_RING == 8
     assert "level entries of 16 bytes" in ipc_doc.DOC and "8 batch entries of 24 bytes" in ipc_doc.DOC
-    assert sortedview.VIEW_BYTES == 64 + 16 * sortedview.LEVELS + 24 * 8 == 352 and "(352 bytes used)" in ipc_doc.DOC
+    assert viewlayout.VIEW_BYTES == 64 + 16 * viewlayout.LEVELS + 24 * 8 == 352 and "(352 bytes used)" in ipc_doc.DOC
     header = {r[2]: (int(r[0]), int(r[1])) for r in ipc_doc.table_after("**Header** (`<prefix>-idx<S>`")}
-    assert header["view"] == (sortedview.VIEW_FIELD, 4)
-    assert "`magic` `SHKVRUN\\n`" in ipc_doc.DOC and sortedview.RUN_MAGIC == b"SHKVRUN\n"
+    assert header["view"] == (viewlayout.VIEW_FIELD, 4)
+    assert "`magic` `SHKVRUN\\n`" in ipc_doc.DOC and viewlayout.RUN_MAGIC == b"SHKVRUN\n"

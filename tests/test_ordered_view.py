@@ -344,17 +344,17 @@ def test_no_ordered_read_sorts_the_whole_shard(tmp_path, tiny, monkeypatch):
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), key_len=st.integers(1, 40), value_len=st.integers(0, 60), data=st.data())
 def test_records_are_checked_together_by_crc(n, key_len, value_len, data):
-    """sortedview._check_crcs: the CRC-32C of a window's rows computed from their stored CRCs
+    """bulkread._check_crcs: the CRC-32C of a window's rows computed from their stored CRCs
     (one tree, zeros in front up to a power of two) matches the rows' own when every record is
     intact, and not when any byte of any record is changed."""
-    from shardkv.ipc import sortedview
+    from shardkv.ipc import bulkread
     from shardkv.wal.records import encode_record
 
     rng = random.Random(data.draw(st.integers(0, 2**32)))
     records = b"".join(encode_record(1, rng.randbytes(key_len), rng.randbytes(value_len), rng.randrange(2**40)) for _ in range(n))
     length = len(records) // n
     rows = np.frombuffer(records, dtype=np.uint8).reshape(n, length).copy()
-    assert sortedview._check_crcs(rows, length)
+    assert bulkread._check_crcs(rows, length)
     row, column = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, length - 1))
     rows[row, column] ^= 1 << data.draw(st.integers(0, 7))
-    assert not sortedview._check_crcs(rows, length)
+    assert not bulkread._check_crcs(rows, length)
