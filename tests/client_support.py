@@ -32,6 +32,18 @@ def call(db, target: int, message: bytes, read: bool) -> tuple:
     return db._call(target, message, read=read)
 
 
+def watch_calls(db, monkeypatch, seen) -> None:
+    """From now on (until the test ends), call `seen(target, message)` before each request
+    `db` sends through its rings (Client._call), then send it as before."""
+    original = db._call
+
+    def call(target, message, read, timeout=None):
+        seen(target, message)
+        return original(target, message, read, timeout)
+
+    monkeypatch.setattr(db, "_call", call)
+
+
 def ring(db, target: int):
     """`target`'s ring (shardkv/ipc/layout.py Ring; `db.shards`: the coordinator's)."""
     return db._rings[target]

@@ -66,6 +66,21 @@ def index_header(engine: ShardEngine):
     return engine._store.header
 
 
+def holds_write_lock(engine: ShardEngine) -> bool:
+    """Whether a writer holds the engine's lock now (a lock-free read must not need it)."""
+    return engine._lock.locked()
+
+
+def prepared_locks(engine: ShardEngine) -> int:
+    """How many keys the engine's prepared batches lock (what its worker publishes)."""
+    return len(engine._prepared.locks)
+
+
+def check_ops(engine: ShardEngine, ops):
+    """The engine's check of a batch's operations (shards/batchcheck.py), as `apply` runs it."""
+    return engine._check_ops(ops)
+
+
 def store(engine: ShardEngine):
     """The engine's store (shards/store.py): segments, writer, index and ordered view."""
     return engine._store

@@ -26,6 +26,8 @@ from shardkv.ipc.uniform import PutColumns, Writes
 from shardkv.wal import records
 from shardkv.wal.format import COMMIT, DELETE, MAX_KEY_LEN, PUT, RECORD_HEADER_SIZE
 
+from engine_support import check_ops
+
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _crc32c_reference = crcmod.predefined.mkCrcFun("crc-32c")
 _U32 = struct.Struct("<I")
@@ -364,7 +366,7 @@ def test_put_many_errors_match_reference(pairs):
 def test_engine_check_ops_big_batches(tmp_path):
     with ShardEngine.open(str(tmp_path / "a"), max_value_size=50) as engine:
         ops = [("put", b"k%d" % i, b"v" * (i % 40)) for i in range(40)]
-        fast = engine._check_ops(ops)
+        fast = check_ops(engine, ops)
         assert fast == [(PUT, k, v, 0) for _, k, v in ops]
         for bad, error in [
             (("put", b"", b"v"), ValueError),
@@ -376,9 +378,9 @@ def test_engine_check_ops_big_batches(tmp_path):
         ]:
             slow = ops[:20] + [bad] + ops[20:]
             with pytest.raises(error) as info:
-                engine._check_ops(slow)
+                check_ops(engine, slow)
             with pytest.raises(error) as expected:
-                engine._check_ops(iter(slow))  # not a list: the loop
+                check_ops(engine, iter(slow))  # not a list: the loop
             assert str(info.value) == str(expected.value)
 
 

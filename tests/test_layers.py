@@ -155,8 +155,7 @@ CLIENT_INTERNALS = frozenset(
 )
 # Where they may be named from outside the clients: the tests' one white-box module, and the
 # ordered reads' client side (shardkv/ipc/sortedview.py, which the clients call with themselves).
-# tests/test_ordered_cluster.py still reaches in on its own (left to the ordered reads' owner).
-INTERNALS_ALLOWED = ("tests/client_support.py", "shardkv/ipc/sortedview.py", "tests/test_ordered_cluster.py")
+INTERNALS_ALLOWED = ("tests/client_support.py", "shardkv/ipc/sortedview.py")
 
 
 def _reaches_into_a_client(path: str) -> list[str]:

@@ -17,6 +17,7 @@ import pytest
 
 import shardkv
 import test_ipc_layout as ipc_doc
+from client_support import watch_calls
 from cluster_support import cluster_fixture, keys_by_shard, wait_until
 from shardkv.ipc import messages, sortedview, viewlayout
 from shardkv.ipc.layout import PROC_UP
@@ -74,7 +75,7 @@ def check_against(db, model, rng, rounds=6):
 
 
 def worker_pid(db, shard):
-    entry = db._control.procs[1 + shard]
+    entry = db.cluster_view.control.procs[1 + shard]
     return int(entry["pid"]), int(entry["state"])
 
 
@@ -173,14 +174,12 @@ def test_a_worker_sorting_its_view_goes_on_serving(cluster, monkeypatch, tmp_pat
     hold.touch()
     restart_worker(db, 0)
     sent = threading.Event()
-    original_call = scanner._call
 
-    def call(shard, message, read, timeout=None):
+    def seen(shard, message):
         if shard == 0 and message[0] == messages.SCAN:
             sent.set()
-        return original_call(shard, message, read, timeout)
 
-    monkeypatch.setattr(scanner, "_call", call)
+    watch_calls(scanner, monkeypatch, seen)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("items", list(scanner.scan())))
     thread.start()
@@ -261,7 +260,7 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
     for key in list(model)[:4000:3]:  # keys in two levels
         db.put(key + b"x", b"w")
         model[key + b"x"] = b"w"
-    prefix = db._info["names"]["prefix"]
+    prefix = db.cluster_view.info["names"]["prefix"]
     reader = sortedview.view_readers(db)[0]
 
     def writable(name):

@@ -32,7 +32,7 @@ from shardkv.ipc.sharedindex import (
 from shardkv.shards.engine import ShardEngine
 
 from clock_support import FakeClock
-from engine_support import index_header, key_index, store
+from engine_support import holds_write_lock, index_header, key_index, prepared_locks, store
 
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(not SUPPORTED, reason="direct reads are x86-64 only (docs/IPC.md)")]
 
@@ -150,10 +150,10 @@ def test_prepared_batch_locks_reads_through_the_worker_in_a_cluster_like_sequenc
     here the same calls in sequence, with the engine's own lock set as the source."""
     shard.engine.put(b"a", b"old")
     shard.engine.prepare(7, [("put", b"a", b"new")])
-    shard.publisher.set_locked(len(shard.engine._prepared.locks))
+    shard.publisher.set_locked(prepared_locks(shard.engine))
     assert shard.read(b"a") is FALLBACK
     shard.engine.commit(7)
-    shard.publisher.set_locked(len(shard.engine._prepared.locks))
+    shard.publisher.set_locked(prepared_locks(shard.engine))
     assert shard.read(b"a") == b"new"
 
 
@@ -350,12 +350,12 @@ def test_a_batch_answered_before_it_is_indexed_is_never_read_half_done(shard):
     finish = engine.apply_deferred([("put", b"k%04d" % i, b"new") for i in range(100)])
     assert finish is not None
     try:
-        assert engine._lock.locked()
+        assert holds_write_lock(engine)
         seen = [shard.read(b"k0000"), shard.read(b"k0099"), shard.read(b"absent")]
     finally:
         finish()  # (also when an assertion failed: the fixture's close needs the lock)
     assert seen == [FALLBACK] * 3
-    assert not engine._lock.locked()
+    assert not holds_write_lock(engine)
     assert [shard.read(b"k%04d" % i) for i in range(100)] == [b"new"] * 100
     engine.prepare(9, [("put", b"t%04d" % i, b"tx") for i in range(100)])
     assert engine.commit_deferred(10) == (False, None)  # not prepared here: nothing to do
@@ -366,7 +366,7 @@ def test_a_batch_answered_before_it_is_indexed_is_never_read_half_done(shard):
     finally:
         finish()
     assert settled and seen is FALLBACK
-    assert shard.read(b"t0050") == b"tx" and not engine._lock.locked()
+    assert shard.read(b"t0050") == b"tx" and not holds_write_lock(engine)
 
 
 def _applied_at_once(finish) -> bool:
@@ -385,7 +385,7 @@ def test_batches_that_are_not_answered_early(tmp_path, shard):
 
     engine = shard.engine
     assert _applied_at_once(engine.apply_deferred([("put", b"small%d" % i, b"v") for i in range(10)]))
-    assert shard.read(b"small9") == b"v" and not engine._lock.locked()
+    assert shard.read(b"small9") == b"v" and not holds_write_lock(engine)
     assert _applied_at_once(engine.apply_deferred([("put", b"x%03d" % i, b"v") for i in range(100)], [(b"small0", b"v")]))
     assert shard.read(b"x099") == b"v"
     with pytest.raises(Conflict):
@@ -393,7 +393,7 @@ def test_batches_that_are_not_answered_early(tmp_path, shard):
     engine.prepare(3, [("put", b"locked", b"v")])
     with pytest.raises(Busy):
         engine.apply_deferred([("put", b"z%03d" % i, b"v") for i in range(100)] + [("put", b"locked", b"w")])
-    assert not engine._lock.locked() and shard.read(b"z000") is None
+    assert not holds_write_lock(engine) and shard.read(b"z000") is None
     with ShardEngine.open(str(tmp_path / "fsync"), durability="fsync") as synced:
         assert _applied_at_once(synced.apply_deferred([("put", b"f%03d" % i, b"v") for i in range(100)]))
         assert synced.get(b"f099") == b"v"
@@ -430,7 +430,7 @@ def test_an_index_that_fails_to_take_a_logged_batch_stops_the_engine_until_reope
         else:
             with pytest.raises(MemoryError):
                 engine.apply(batch)
-        assert not engine._lock.locked() and index_header(engine).version % 2 == 0
+        assert not holds_write_lock(engine) and index_header(engine).version % 2 == 0
         assert "index failed" in engine.write_failure()
         with pytest.raises(StorageError):
             engine.put(b"later", b"x")
