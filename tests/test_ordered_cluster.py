@@ -338,6 +338,35 @@ def test_garbage_in_shared_memory_sends_scans_to_the_ring(cluster, monkeypatch):
     header.close()
 
 
+@pytest.mark.parametrize("segment", [0xFFFF_FFF0, 70_000])
+def test_a_location_in_a_far_segment_sends_the_scan_to_the_ring(cluster, monkeypatch, segment):
+    """A table entry (shared memory, untrusted) naming a segment number far past any real one:
+    the window goes to the ring, at once. (The reader counted its windows' segments with
+    np.bincount, which for segment 2**32 - 16 made a 32 GB array of counts.)"""
+    counter = PageCounter(monkeypatch)
+    db = cluster.open(durability="process")
+    model = {b"f%05d" % i: b"v%d" % i for i in range(3000)}
+    db.put_many(model)
+    original_state = sortedview.ViewReader.state
+    forged_states = set()
+
+    def forging_state(self):
+        found = original_state(self)
+        if found is None or id(found) in forged_states:
+            return found
+        locations = found.locations.copy()
+        live = np.flatnonzero(locations)
+        locations[live[: len(live) // 2]] |= np.uint64(segment << 32)
+        found.locations = locations
+        forged_states.add(id(found))
+        return found
+
+    monkeypatch.setattr(sortedview.ViewReader, "state", forging_state)
+    assert list(db.scan()) == sorted(model.items())
+    assert list(db.scan(reverse=True)) == sorted(model.items(), reverse=True)
+    assert counter.pages > 0, "the forged locations went unnoticed"
+
+
 def test_the_asyncio_client_scans_directly(cluster, monkeypatch):
     counter = PageCounter(monkeypatch)
     db = cluster.open(durability="process")

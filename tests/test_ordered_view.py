@@ -358,3 +358,19 @@ def test_records_are_checked_together_by_crc(n, key_len, value_len, data):
     row, column = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, length - 1))
     rows[row, column] ^= 1 << data.draw(st.integers(0, 7))
     assert not bulkread._check_crcs(rows, length)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.integers(65_000, 70_000), st.integers(2**32 - 8, 2**32 - 1)), min_size=1, max_size=300))
+def test_by_segment_groups_every_position_once(segments):
+    """bulkread.by_segment: each segment named, with exactly the positions that name it, in
+    order; close numbers by a radix sort, numbers far apart (untrusted) by sorting."""
+    from shardkv.ipc.bulkread import by_segment
+
+    array = np.array(segments, dtype=np.int64)
+    expected: dict = {}
+    for position, segment in enumerate(segments):
+        expected.setdefault(segment, []).append(position)
+    found = {segment: np.arange(len(segments))[picked].tolist() for segment, picked in by_segment(array)}
+    assert found == expected
+    assert [segment for segment, _ in by_segment(array)] == sorted(expected)

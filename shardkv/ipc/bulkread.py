@@ -200,6 +200,30 @@ def read_records(buffers: dict, segments: np.ndarray, offsets: np.ndarray, key_l
     return _unexpired(items, expires, now_ms)
 
 
+def by_segment(segments: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
+    """(segment, positions in `segments` that name it: a slice if all do) for each segment
+    named, in one pass whatever their number (a radix sort of 16-bit offsets, not a comparison
+    of every entry per segment). Segment numbers come from shared memory: numbers far apart are
+    grouped by sorting, never by an array as long as their span."""
+    first, last = int(segments.min()), int(segments.max())
+    if first == last:
+        return [(first, slice(None))]
+    if last - first < 1 << 16:
+        relative = (segments - first).astype(np.uint16)
+        order = np.argsort(relative, kind="stable")  # radix sort for 16-bit keys
+        counts = np.bincount(relative)
+        named = np.flatnonzero(counts)
+        ends = np.cumsum(counts[named])
+        numbers = (named + first).tolist()
+    else:
+        found, inverse, counts = np.unique(segments, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        ends = np.cumsum(counts)
+        numbers = found.tolist()
+    starts = [0, *ends[:-1].tolist()]
+    return [(number, order[a:b]) for number, a, b in zip(numbers, starts, ends.tolist())]
+
+
 def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segment: bool) -> np.ndarray:
     """The records (rows of `length` bytes) at the offsets of `group` (None: all)."""
     where = offsets if group is None else offsets[group]
@@ -207,11 +231,8 @@ def _gather_rows(buffers: dict, segments, offsets, group, length: int, one_segme
         (buf,) = buffers.values()
         return _row_reader(buf, length)[where].view(np.uint8).reshape(len(where), length)
     rows = np.empty(len(where), dtype=f"V{length}")
-    of_group = segments if group is None else segments[group]
-    for segment, buf in buffers.items():
-        picked = np.flatnonzero(of_group == segment)
-        if len(picked):
-            rows[picked] = _row_reader(buf, length)[where[picked]]
+    for segment, picked in by_segment(segments if group is None else segments[group]):
+        rows[picked] = _row_reader(buffers[segment], length)[where[picked]]
     return rows.view(np.uint8).reshape(len(where), length)
 
 
