@@ -286,7 +286,7 @@ def test_clear_deletes_in_batches_not_a_scan_per_key(cluster, monkeypatch):
     assert list(db.items()) == [(b"after", b"1")]
 
 
-def test_clear_with_codecs_and_after_a_restart_of_the_scan(cluster):
+def test_clear_with_codecs(cluster):
     db = cluster.open(key_codec="str", value_codec="json")
     db.update({f"key-{i}": {"n": i} for i in range(3000)})
     db.clear()
@@ -327,8 +327,12 @@ def test_update_sends_batches_and_takes_what_dict_update_takes(cluster, monkeypa
 
 
 def test_update_of_more_than_one_batch_and_many_bytes(cluster):
-    db = cluster.open()
+    """update() cuts its batches by size too: 80 pairs of 1 MiB with max_batch_bytes 8 MiB
+    (one batch of them all is a ValueError naming the limit)."""
+    db = cluster.open(max_batch_bytes=8 << 20)
     big = b"x" * (1 << 20)
-    db.update((b"big-%02d" % i, big) for i in range(80))  # 80 MiB: more than one batch's worth
+    with pytest.raises(ValueError, match="max_batch_bytes"):
+        db.put_many((b"big-%02d" % i, big) for i in range(80))
+    db.update((b"big-%02d" % i, big) for i in range(80))
     db.update({b"small-%05d" % i: b"s" for i in range(12_000)})
     assert len(db) == 12_080 and db[b"big-79"] == big
