@@ -17,7 +17,7 @@ class KeysInOrder(KeysView):
     """`db.keys()`: the keys in key order (`reversed()`: from the last)."""
 
     def __reversed__(self) -> Iterator[Any]:
-        return (key for key, _ in self._mapping.scan(reverse=True))
+        return reversed(self._mapping)
 
 
 class ItemsInOrder(ItemsView):

@@ -219,11 +219,16 @@ class Requests:
             items = items.items()
         elif isinstance(items, (str, bytes, bytearray, memoryview)) or not isinstance(items, Iterable):
             raise TypeError(f"put_many takes a mapping or (key, value) pairs, not {type(items).__name__}")
+        return self._pairs_through_codecs(islice(items, self.max_batch_ops + 1), "put_many")
+
+    def _pairs_through_codecs(self, pairs: Iterable, caller: str) -> Iterator[tuple[bytes, bytes]]:
+        """Each (key, value) of `pairs` through the store's codecs (a TypeError naming `caller`
+        for anything but a pair)."""
         key_encode = (lambda k: k) if self.key_codec is None else self.key_codec.encode
         value_encode = (lambda v: v) if self.value_codec is None else self.value_codec.encode
-        for pair in islice(items, self.max_batch_ops + 1):
+        for pair in pairs:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"put_many takes (key, value) pairs, not {pair!r:.80}")
+                raise TypeError(f"{caller} takes (key, value) pairs, not {pair!r:.80}")
             yield key_encode(pair[0]), value_encode(pair[1])
 
     def batch(self, submit: Callable[[list], Any], batch_class: type = Batch) -> Batch:
@@ -246,15 +251,11 @@ class Requests:
         """dict.update's (key, value) pairs through the codecs as batches of checked puts, each
         of at most BULK_OPS pairs and about BULK_BYTES (one pair alone may be larger, up to the
         limits); a bad pair raises TypeError or ValueError once the batches before it are sent."""
-        key_encode = (lambda k: k) if self.key_codec is None else self.key_codec.encode
-        value_encode = (lambda v: v) if self.value_codec is None else self.value_codec.encode
         max_ops, max_bytes = min(BULK_OPS, self.max_batch_ops), min(BULK_BYTES, self.max_batch_bytes)
         batch: list = []
         size = 0
-        for pair in pairs:
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"update takes a mapping or (key, value) pairs, not {pair!r:.80}")
-            op = check_op(("put", key_encode(pair[0]), value_encode(pair[1])))
+        for key, value in self._pairs_through_codecs(pairs, "update"):
+            op = check_op(("put", key, value))
             if batch and (len(batch) >= max_ops or size + len(op[1]) + len(op[2]) > max_bytes):
                 yield batch
                 batch, size = [], 0

@@ -18,23 +18,7 @@ import posix_ipc
 from shardkv.ipc.messages import BATCH_RING
 from shardkv.ipc.sharedindex import U32, _map
 from shardkv.ipc.sortedruns import LEVELS
-from shardkv.ipc.viewlayout import (
-    BATCH_ENTRY,
-    BATCHES_AT,
-    HEADER_BYTES,
-    LEVEL_ENTRY,
-    LEVELS_AT,
-    REWRITES,
-    REWRITES_AT,
-    RUN_HEADER,
-    RUN_MAGIC,
-    VIEW_BYTES,
-    VIEW_FIELD,
-    VIEW_HEADER,
-    VIEW_MAGIC,
-    run_layout,
-    view_name,
-)
+from shardkv.ipc import viewlayout as layout
 from shardkv.shards.sortedkeys import PrivateRuns
 
 
@@ -52,23 +36,23 @@ class ViewPublisher(PrivateRuns):
         self.names = [None] * LEVELS  # the shared object of each level
         self.runs = [None] * LEVELS  # ... and its mapping
         self._next = 1
-        made = self._create(VIEW_BYTES) if index.enabled else None
+        made = self._create(layout.VIEW_BYTES) if index.enabled else None
         if made is not None:
             self.buf, number, self.name = made
-            VIEW_HEADER.pack_into(self.buf, 0, VIEW_MAGIC, 0, LEVELS, 0)
-            U32.pack_into(index.header, VIEW_FIELD, number)
+            layout.VIEW_HEADER.pack_into(self.buf, 0, layout.VIEW_MAGIC, 0, LEVELS, 0)
+            U32.pack_into(index.header, layout.VIEW_FIELD, number)
 
     def allocate(self, level, capacity):
         if self.buf is None or not capacity:
             return super().allocate(level, capacity)
-        prefixes_at, size = run_layout(capacity)
+        prefixes_at, size = layout.run_layout(capacity)
         made = self._create(size)
         if made is None:
             self._disable()
             return super().allocate(level, capacity)
         buf, number, name = made
-        RUN_HEADER.pack_into(buf, 0, RUN_MAGIC, capacity, 0)
-        eids = np.frombuffer(buf, dtype="<u4", count=capacity, offset=HEADER_BYTES)
+        layout.RUN_HEADER.pack_into(buf, 0, layout.RUN_MAGIC, capacity, 0)
+        eids = np.frombuffer(buf, dtype="<u4", count=capacity, offset=layout.HEADER_BYTES)
         prefixes = np.frombuffer(buf, dtype="<u8", count=capacity, offset=prefixes_at)
         return eids, prefixes, (number, name, capacity, buf)
 
@@ -76,7 +60,7 @@ class ViewPublisher(PrivateRuns):
         if self.buf is None:
             return
         number, name, capacity, buf = token if token is not None else (0, None, 0, None)
-        LEVEL_ENTRY.pack_into(self.buf, LEVELS_AT + LEVEL_ENTRY.size * level, number, count, dead, capacity)
+        layout.LEVEL_ENTRY.pack_into(self.buf, layout.LEVELS_AT + layout.LEVEL_ENTRY.size * level, number, count, dead, capacity)
         self.runs[level] = buf
         previous, self.names[level] = self.names[level], name
         if previous is not None:
@@ -84,11 +68,11 @@ class ViewPublisher(PrivateRuns):
 
     def set_count(self, level, count, dead, rewritten=True):
         if self.buf is not None:
-            struct.pack_into("<II", self.buf, LEVELS_AT + LEVEL_ENTRY.size * level + 4, count, dead)
+            struct.pack_into("<II", self.buf, layout.LEVELS_AT + layout.LEVEL_ENTRY.size * level + 4, count, dead)
             run = self.runs[level]
             if rewritten and run is not None:
                 # Readers keep what they checked of a run for as long as `rewrites` stays.
-                REWRITES.pack_into(run, REWRITES_AT, (REWRITES.unpack_from(run, REWRITES_AT)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+                layout.REWRITES.pack_into(run, layout.REWRITES_AT, (layout.REWRITES.unpack_from(run, layout.REWRITES_AT)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def set_ready(self, ready):
         if self.buf is not None:
@@ -96,7 +80,7 @@ class ViewPublisher(PrivateRuns):
 
     def note_batch(self, batch, first, last):
         if self.buf is not None:
-            BATCH_ENTRY.pack_into(self.buf, BATCHES_AT + BATCH_ENTRY.size * (batch % BATCH_RING), batch, first, last)
+            layout.BATCH_ENTRY.pack_into(self.buf, layout.BATCHES_AT + layout.BATCH_ENTRY.size * (batch % BATCH_RING), batch, first, last)
             struct.pack_into("<Q", self.buf, 16, batch)
 
     def _create(self, size: int):
@@ -105,7 +89,7 @@ class ViewPublisher(PrivateRuns):
         while True:
             number = self._next
             self._next += 1
-            name = view_name(self.index.prefix, self.index.shard, number)
+            name = layout.view_name(self.index.prefix, self.index.shard, number)
             try:
                 return _map(name, create_size=size), number, name
             except posix_ipc.ExistentialError:
@@ -115,7 +99,7 @@ class ViewPublisher(PrivateRuns):
 
     def _disable(self) -> None:
         """No shared memory for a run: clients scan through the ring from now on."""
-        U32.pack_into(self.index.header, VIEW_FIELD, 0)
+        U32.pack_into(self.index.header, layout.VIEW_FIELD, 0)
         self.close()
 
     def close(self):

@@ -348,17 +348,17 @@ def test_a_location_in_a_far_segment_sends_the_scan_to_the_ring(cluster, monkeyp
     model = {b"f%05d" % i: b"v%d" % i for i in range(3000)}
     db.put_many(model)
     original_state = sortedview.ViewReader.state
-    forged_states = set()
+    forged_states: list = []  # kept alive, so that no new state can be taken for a forged one
 
     def forging_state(self):
         found = original_state(self)
-        if found is None or id(found) in forged_states:
+        if found is None or any(found is forged for forged in forged_states):
             return found
         locations = found.locations.copy()
         live = np.flatnonzero(locations)
         locations[live[: len(live) // 2]] |= np.uint64(segment << 32)
         found.locations = locations
-        forged_states.add(id(found))
+        forged_states.append(found)
         return found
 
     monkeypatch.setattr(sortedview.ViewReader, "state", forging_state)
